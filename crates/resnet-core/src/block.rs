@@ -1,0 +1,250 @@
+//! Residual blocks: basic and bottleneck as one type, and the three shortcut options.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+
+use crate::batch_norm::BatchNorm2d;
+use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
+
+/// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
+#[derive(Debug, Clone)]
+pub struct ConvBn {
+    conv: Conv2d,
+    bn: BatchNorm2d,
+}
+
+/// Shape of one convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConvSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub groups: usize,
+}
+
+impl ConvBn {
+    /// Reads the convolution `conv_vb` ("conv1") and the BatchNorm `bn_vb` ("bn1").
+    pub(crate) fn new(
+        spec: ConvSpec,
+        bn_eps: f64,
+        conv_vb: VarBuilder,
+        bn_vb: VarBuilder,
+    ) -> Result<Self> {
+        let config = Conv2dConfig {
+            padding: spec.kernel / 2,
+            stride: spec.stride,
+            groups: spec.groups,
+            ..Default::default()
+        };
+        let conv = candle_nn::conv2d_no_bias(
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel,
+            config,
+            conv_vb,
+        )?;
+        let bn = BatchNorm2d::new(spec.out_channels, bn_eps, bn_vb)?;
+        Ok(Self { conv, bn })
+    }
+
+    /// The convolution.
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
+    /// The BatchNorm.
+    pub fn bn(&self) -> &BatchNorm2d {
+        &self.bn
+    }
+
+    pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.bn.forward_t(&self.conv.forward(xs)?, train)
+    }
+}
+
+/// How a block's input is carried to its output.
+#[derive(Debug, Clone)]
+pub enum Shortcut {
+    /// The input itself.
+    Identity,
+    /// Option A: subsample by `stride`, then zero-pad channels before and after.
+    ZeroPad {
+        /// Spatial subsampling step.
+        stride: usize,
+        /// Zero channels put before the input's channels.
+        pad_before: usize,
+        /// Zero channels put after the input's channels.
+        pad_after: usize,
+    },
+    /// Options B and C: a strided 1x1 convolution and BatchNorm (`downsample.0`, `.1`).
+    Projection(ConvBn),
+}
+
+impl Shortcut {
+    fn new(
+        config: &ResNetConfig,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let shape_changes = stride != 1 || in_channels != out_channels;
+        let projection = || -> Result<Self> {
+            let spec = ConvSpec {
+                in_channels,
+                out_channels,
+                kernel: 1,
+                stride,
+                groups: 1,
+            };
+            let vb = vb.pp("downsample");
+            Ok(Self::Projection(ConvBn::new(
+                spec,
+                config.bn_eps,
+                vb.pp("0"),
+                vb.pp("1"),
+            )?))
+        };
+        match config.shortcut {
+            ShortcutKind::ProjectionAll => projection(),
+            _ if !shape_changes => Ok(Self::Identity),
+            ShortcutKind::Projection => projection(),
+            ShortcutKind::ZeroPad => {
+                // validate() guarantees out_channels >= in_channels here.
+                let added = out_channels - in_channels;
+                Ok(Self::ZeroPad {
+                    stride,
+                    pad_before: added / 2,
+                    pad_after: added - added / 2,
+                })
+            }
+        }
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Identity => Ok(xs.clone()),
+            Self::ZeroPad {
+                stride,
+                pad_before,
+                pad_after,
+            } => {
+                // A 1x1 average pool with stride s is exactly `x[:, :, ::s, ::s]`.
+                let subsampled = if *stride == 1 {
+                    xs.clone()
+                } else {
+                    xs.avg_pool2d_with_stride(1, *stride)?
+                };
+                subsampled.pad_with_zeros(1, *pad_before, *pad_after)
+            }
+            Self::Projection(conv_bn) => conv_bn.forward_t(xs, train),
+        }
+    }
+}
+
+/// One residual block: a chain of conv-BN units with ReLU between them, the shortcut
+/// added to the last one, and a final ReLU (paper figure 5).
+///
+/// A basic block's chain is 3x3, 3x3; a bottleneck's is 1x1, 3x3 (strided, grouped), 1x1.
+/// Tensors are named `conv1`/`bn1`, `conv2`/`bn2`, ... and `downsample.0`/`.1`.
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    chain: Vec<ConvBn>,
+    shortcut: Shortcut,
+}
+
+impl ResidualBlock {
+    /// Builds block reading `in_channels` channels, of stage width `planes`.
+    pub(crate) fn new(
+        config: &ResNetConfig,
+        in_channels: usize,
+        planes: usize,
+        stride: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let out_channels = planes * config.block.expansion();
+        let specs = match config.block {
+            BlockKind::Basic => vec![
+                ConvSpec {
+                    in_channels,
+                    out_channels: planes,
+                    kernel: 3,
+                    stride,
+                    groups: 1,
+                },
+                ConvSpec {
+                    in_channels: planes,
+                    out_channels,
+                    kernel: 3,
+                    stride: 1,
+                    groups: 1,
+                },
+            ],
+            BlockKind::Bottleneck => {
+                let width = config.bottleneck_width(planes);
+                vec![
+                    ConvSpec {
+                        in_channels,
+                        out_channels: width,
+                        kernel: 1,
+                        stride: 1,
+                        groups: 1,
+                    },
+                    ConvSpec {
+                        in_channels: width,
+                        out_channels: width,
+                        kernel: 3,
+                        stride,
+                        groups: config.groups,
+                    },
+                    ConvSpec {
+                        in_channels: width,
+                        out_channels,
+                        kernel: 1,
+                        stride: 1,
+                        groups: 1,
+                    },
+                ]
+            }
+        };
+        let chain = specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let n = i + 1;
+                ConvBn::new(
+                    spec,
+                    config.bn_eps,
+                    vb.pp(format!("conv{n}")),
+                    vb.pp(format!("bn{n}")),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shortcut = Shortcut::new(config, in_channels, out_channels, stride, vb)?;
+        Ok(Self { chain, shortcut })
+    }
+
+    /// The conv-BN units in order.
+    pub fn chain(&self) -> &[ConvBn] {
+        &self.chain
+    }
+
+    /// The shortcut.
+    pub fn shortcut(&self) -> &Shortcut {
+        &self.shortcut
+    }
+
+    pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let shortcut = self.shortcut.forward_t(xs, train)?;
+        let (last, inner) = match self.chain.split_last() {
+            Some(split) => split,
+            None => candle_core::bail!("residual block without convolutions"),
+        };
+        let mut ys = xs.clone();
+        for unit in inner {
+            ys = unit.forward_t(&ys, train)?.relu()?;
+        }
+        (last.forward_t(&ys, train)? + shortcut)?.relu()
+    }
+}

@@ -1,0 +1,479 @@
+//! [`ResNetConfig`]: one description for every network of the family, and its presets.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{bail, Result};
+
+/// The residual block a stage is built from (paper section 3.3 and figure 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BlockKind {
+    /// Two 3x3 convolutions; output channels = stage width (expansion 1).
+    Basic,
+    /// 1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand; output channels = 4 x stage
+    /// width. The stride sits on the 3x3, as in torchvision's "ResNet v1.5".
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// How many times the stage width the block's output channels are.
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// The layers before the first stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StemKind {
+    /// 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool (paper Table 1): stride 4.
+    ImageNet,
+    /// 3x3/1 convolution, BatchNorm, ReLU, no pooling (paper section 4.2): stride 1.
+    Cifar,
+}
+
+impl StemKind {
+    /// Spatial reduction of the stem's output against the input.
+    pub fn stride(self) -> usize {
+        match self {
+            StemKind::ImageNet => 4,
+            StemKind::Cifar => 1,
+        }
+    }
+}
+
+/// How a block's input reaches its output (paper section 4.1, options A, B and C).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ShortcutKind {
+    /// Option A, parameter-free: identity, or where the shape changes, subsample by the
+    /// stride (`x[:, :, ::2, ::2]`) and zero-pad the new channels, half before and half
+    /// after the identity channels (the convention of the pretrained CIFAR ResNets).
+    ZeroPad,
+    /// Option B: identity, or a 1x1 projection + BatchNorm where the shape changes
+    /// (torchvision and timm).
+    Projection,
+    /// Option C: a 1x1 projection + BatchNorm on every block.
+    ProjectionAll,
+}
+
+/// Everything that tells one ResNet from another.
+///
+/// Stage `i` has `blocks_per_stage[i]` blocks of width `stage_widths[i]`; the first stage
+/// keeps the stem's resolution and every later one halves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResNetConfig {
+    /// Basic or bottleneck blocks.
+    pub block: BlockKind,
+    /// Number of residual blocks in each stage; any number of stages.
+    pub blocks_per_stage: Vec<usize>,
+    /// Width ("planes") of each stage; its output has `width * block.expansion()` channels.
+    pub stage_widths: Vec<usize>,
+    /// The layers before the first stage.
+    pub stem: StemKind,
+    /// Output channels of the stem.
+    pub stem_width: usize,
+    /// Shortcut option A, B or C.
+    pub shortcut: ShortcutKind,
+    /// Groups of the bottleneck's 3x3 convolution (ResNeXt cardinality).
+    pub groups: usize,
+    /// Channels per group of the bottleneck's 3x3 at width 64 (64 for ResNet, 128 for
+    /// Wide ResNet, 4 for ResNeXt-32x4d).
+    pub width_per_group: usize,
+    /// Channels of the input image.
+    pub in_channels: usize,
+    /// Classes of the linear head; 0 means headless (the pooled features are the output).
+    pub num_classes: usize,
+    /// BatchNorm epsilon (PyTorch's default 1e-5).
+    pub bn_eps: f64,
+}
+
+/// Every preset name, in the order of the paper and torchvision.
+pub const PRESET_NAMES: &[&str] = &[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+    "resnet1202",
+];
+
+impl ResNetConfig {
+    /// An ImageNet ResNet as in torchvision: 7x7 stem of 64 channels, stages of width
+    /// 64, 128, 256, 512, option B shortcuts, 1000 classes.
+    pub fn imagenet(block: BlockKind, blocks_per_stage: [usize; 4]) -> Self {
+        Self {
+            block,
+            blocks_per_stage: blocks_per_stage.to_vec(),
+            stage_widths: vec![64, 128, 256, 512],
+            stem: StemKind::ImageNet,
+            stem_width: 64,
+            shortcut: ShortcutKind::Projection,
+            groups: 1,
+            width_per_group: 64,
+            in_channels: 3,
+            num_classes: 1000,
+            bn_eps: 1e-5,
+        }
+    }
+
+    /// A CIFAR ResNet of paper section 4.2: depth 6n + 2, three stages of `n` basic blocks
+    /// of width 16, 32, 64, option A shortcuts, 10 classes.
+    pub fn cifar(n: usize) -> Self {
+        Self {
+            block: BlockKind::Basic,
+            blocks_per_stage: vec![n; 3],
+            stage_widths: vec![16, 32, 64],
+            stem: StemKind::Cifar,
+            stem_width: 16,
+            shortcut: ShortcutKind::ZeroPad,
+            groups: 1,
+            width_per_group: 64,
+            in_channels: 3,
+            num_classes: 10,
+            bn_eps: 1e-5,
+        }
+    }
+
+    /// ResNet-18 (paper Table 1).
+    pub fn resnet18() -> Self {
+        Self::imagenet(BlockKind::Basic, [2, 2, 2, 2])
+    }
+    /// ResNet-34 (paper Table 1).
+    pub fn resnet34() -> Self {
+        Self::imagenet(BlockKind::Basic, [3, 4, 6, 3])
+    }
+    /// ResNet-50 (paper Table 1, stride on the 3x3 as torchvision).
+    pub fn resnet50() -> Self {
+        Self::imagenet(BlockKind::Bottleneck, [3, 4, 6, 3])
+    }
+    /// ResNet-101 (paper Table 1).
+    pub fn resnet101() -> Self {
+        Self::imagenet(BlockKind::Bottleneck, [3, 4, 23, 3])
+    }
+    /// ResNet-152 (paper Table 1).
+    pub fn resnet152() -> Self {
+        Self::imagenet(BlockKind::Bottleneck, [3, 8, 36, 3])
+    }
+    /// Wide ResNet-50-2 (torchvision): bottleneck inner width doubled.
+    pub fn wide_resnet50_2() -> Self {
+        Self::resnet50().with_groups(1, 128)
+    }
+    /// Wide ResNet-101-2 (torchvision).
+    pub fn wide_resnet101_2() -> Self {
+        Self::resnet101().with_groups(1, 128)
+    }
+    /// ResNeXt-50 32x4d (torchvision).
+    pub fn resnext50_32x4d() -> Self {
+        Self::resnet50().with_groups(32, 4)
+    }
+    /// ResNeXt-101 32x8d (torchvision).
+    pub fn resnext101_32x8d() -> Self {
+        Self::resnet101().with_groups(32, 8)
+    }
+    /// ResNeXt-101 64x4d (torchvision).
+    pub fn resnext101_64x4d() -> Self {
+        Self::resnet101().with_groups(64, 4)
+    }
+    /// CIFAR ResNet-20 (n = 3, about 0.27M parameters).
+    pub fn resnet20() -> Self {
+        Self::cifar(3)
+    }
+    /// CIFAR ResNet-32 (n = 5).
+    pub fn resnet32() -> Self {
+        Self::cifar(5)
+    }
+    /// CIFAR ResNet-44 (n = 7).
+    pub fn resnet44() -> Self {
+        Self::cifar(7)
+    }
+    /// CIFAR ResNet-56 (n = 9).
+    pub fn resnet56() -> Self {
+        Self::cifar(9)
+    }
+    /// CIFAR ResNet-110 (n = 18).
+    pub fn resnet110() -> Self {
+        Self::cifar(18)
+    }
+    /// CIFAR ResNet-1202 (n = 200).
+    pub fn resnet1202() -> Self {
+        Self::cifar(200)
+    }
+
+    /// The preset of that name (one of [`PRESET_NAMES`]), if there is one.
+    pub fn preset(name: &str) -> Option<Self> {
+        let config = match name {
+            "resnet18" => Self::resnet18(),
+            "resnet34" => Self::resnet34(),
+            "resnet50" => Self::resnet50(),
+            "resnet101" => Self::resnet101(),
+            "resnet152" => Self::resnet152(),
+            "wide_resnet50_2" => Self::wide_resnet50_2(),
+            "wide_resnet101_2" => Self::wide_resnet101_2(),
+            "resnext50_32x4d" => Self::resnext50_32x4d(),
+            "resnext101_32x8d" => Self::resnext101_32x8d(),
+            "resnext101_64x4d" => Self::resnext101_64x4d(),
+            "resnet20" => Self::resnet20(),
+            "resnet32" => Self::resnet32(),
+            "resnet44" => Self::resnet44(),
+            "resnet56" => Self::resnet56(),
+            "resnet110" => Self::resnet110(),
+            "resnet1202" => Self::resnet1202(),
+            _ => return None,
+        };
+        Some(config)
+    }
+
+    /// The same network with other groups and channels per group (ResNeXt, Wide ResNet).
+    pub fn with_groups(mut self, groups: usize, width_per_group: usize) -> Self {
+        self.groups = groups;
+        self.width_per_group = width_per_group;
+        self
+    }
+
+    /// The same network with another number of classes (0: headless).
+    pub fn with_num_classes(mut self, num_classes: usize) -> Self {
+        self.num_classes = num_classes;
+        self
+    }
+
+    /// The same network for images of another channel count.
+    pub fn with_in_channels(mut self, in_channels: usize) -> Self {
+        self.in_channels = in_channels;
+        self
+    }
+
+    /// The same network with another shortcut option.
+    pub fn with_shortcut(mut self, shortcut: ShortcutKind) -> Self {
+        self.shortcut = shortcut;
+        self
+    }
+
+    /// Output channels of stage `stage`.
+    pub fn stage_out_channels(&self, stage: usize) -> usize {
+        self.stage_widths[stage] * self.block.expansion()
+    }
+
+    /// Stride of stage `stage`'s first block: the first stage keeps the stem's resolution.
+    pub fn stage_stride(&self, stage: usize) -> usize {
+        if stage == 0 {
+            1
+        } else {
+            2
+        }
+    }
+
+    /// Inner width of a bottleneck block of stage width `planes` (torchvision's
+    /// `int(planes * (width_per_group / 64)) * groups`).
+    pub fn bottleneck_width(&self, planes: usize) -> usize {
+        planes * self.width_per_group / 64 * self.groups
+    }
+
+    /// Channels of the final feature map (the input of the head).
+    pub fn num_features(&self) -> usize {
+        self.stage_widths
+            .last()
+            .map_or(self.stem_width, |&w| w * self.block.expansion())
+    }
+
+    /// Total reduction from the input to the final feature map.
+    pub fn output_stride(&self) -> usize {
+        (0..self.stage_widths.len()).fold(self.stem.stride(), |s, i| s * self.stage_stride(i))
+    }
+
+    /// Checks that the configuration describes a network that can be built.
+    pub fn validate(&self) -> Result<()> {
+        if self.blocks_per_stage.is_empty() {
+            bail!("invalid ResNet config: expected at least one stage, found none");
+        }
+        if self.blocks_per_stage.len() != self.stage_widths.len() {
+            bail!(
+                "invalid ResNet config: blocks_per_stage has {} stages but stage_widths has {}",
+                self.blocks_per_stage.len(),
+                self.stage_widths.len()
+            );
+        }
+        if let Some(stage) = self.blocks_per_stage.iter().position(|&n| n == 0) {
+            bail!("invalid ResNet config: stage {stage} has zero blocks, expected at least one");
+        }
+        if let Some(stage) = self.stage_widths.iter().position(|&w| w == 0) {
+            bail!("invalid ResNet config: stage {stage} has width 0, expected at least 1");
+        }
+        for (name, value) in [
+            ("stem_width", self.stem_width),
+            ("in_channels", self.in_channels),
+            ("groups", self.groups),
+            ("width_per_group", self.width_per_group),
+        ] {
+            if value == 0 {
+                bail!("invalid ResNet config: {name} is 0, expected at least 1");
+            }
+        }
+        if !(self.bn_eps > 0.0 && self.bn_eps.is_finite()) {
+            bail!(
+                "invalid ResNet config: bn_eps must be positive and finite, found {}",
+                self.bn_eps
+            );
+        }
+        match self.block {
+            BlockKind::Basic => {
+                if self.groups != 1 || self.width_per_group != 64 {
+                    bail!(
+                        "invalid ResNet config: basic blocks support only groups = 1 and \
+                         width_per_group = 64 (as torchvision), found groups = {} and \
+                         width_per_group = {}",
+                        self.groups,
+                        self.width_per_group
+                    );
+                }
+            }
+            BlockKind::Bottleneck => {
+                for &planes in &self.stage_widths {
+                    let width = self.bottleneck_width(planes);
+                    if width == 0 {
+                        bail!(
+                            "invalid ResNet config: stage width {planes} with width_per_group \
+                             {} gives a bottleneck of 0 channels",
+                            self.width_per_group
+                        );
+                    }
+                }
+            }
+        }
+        if self.shortcut == ShortcutKind::ZeroPad {
+            // Option A can only add channels: zero-padding cannot remove any.
+            let mut in_channels = self.stem_width;
+            for stage in 0..self.stage_widths.len() {
+                let out_channels = self.stage_out_channels(stage);
+                if out_channels < in_channels {
+                    bail!(
+                        "invalid ResNet config: zero-padding shortcuts (option A) cannot reduce \
+                         channels, but stage {stage} goes from {in_channels} to {out_channels}"
+                    );
+                }
+                in_channels = out_channels;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ResNetConfig {
+    type Err = candle_core::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        let normalized = name.trim().to_ascii_lowercase().replace('-', "_");
+        match Self::preset(&normalized) {
+            Some(config) => Ok(config),
+            None => bail!(
+                "unknown ResNet architecture '{name}', expected one of: {}",
+                PRESET_NAMES.join(", ")
+            ),
+        }
+    }
+}
+
+impl fmt::Display for BlockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BlockKind::Basic => "basic",
+            BlockKind::Bottleneck => "bottleneck",
+        })
+    }
+}
+
+impl fmt::Display for ShortcutKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ShortcutKind::ZeroPad => "A (zero-pad)",
+            ShortcutKind::Projection => "B (projection where the shape changes)",
+            ShortcutKind::ProjectionAll => "C (projection on every block)",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for name in PRESET_NAMES {
+            let config: ResNetConfig = name.parse().unwrap();
+            config.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn cifar_depth_is_6n_plus_2() {
+        for (name, depth) in [("resnet20", 20), ("resnet56", 56), ("resnet1202", 1202)] {
+            let config = ResNetConfig::preset(name).unwrap();
+            let convs: usize = config.blocks_per_stage.iter().sum::<usize>() * 2;
+            assert_eq!(convs + 2, depth, "{name}");
+        }
+    }
+
+    #[test]
+    fn unknown_name_lists_the_presets() {
+        let err = "resnet19".parse::<ResNetConfig>().unwrap_err().to_string();
+        assert!(err.contains("resnet19") && err.contains("resnext50_32x4d"), "{err}");
+    }
+
+    #[test]
+    fn nonsense_configs_are_rejected_with_a_reason() {
+        let cases: Vec<(ResNetConfig, &str)> = vec![
+            (
+                ResNetConfig {
+                    blocks_per_stage: vec![],
+                    stage_widths: vec![],
+                    ..ResNetConfig::resnet18()
+                },
+                "at least one stage",
+            ),
+            (
+                ResNetConfig {
+                    blocks_per_stage: vec![2, 0, 2, 2],
+                    ..ResNetConfig::resnet18()
+                },
+                "stage 1 has zero blocks",
+            ),
+            (
+                ResNetConfig::resnet18().with_groups(32, 4),
+                "basic blocks support only groups = 1",
+            ),
+            (ResNetConfig::resnet50().with_groups(1, 0), "width_per_group"),
+            (
+                ResNetConfig {
+                    stage_widths: vec![64, 128],
+                    ..ResNetConfig::resnet18()
+                },
+                "4 stages but stage_widths has 2",
+            ),
+            (
+                ResNetConfig {
+                    stem_width: 64,
+                    ..ResNetConfig::resnet20()
+                },
+                "cannot reduce channels",
+            ),
+        ];
+        for (config, expected) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "expected '{expected}' in '{err}'");
+        }
+    }
+}

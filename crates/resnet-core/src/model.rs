@@ -1,0 +1,373 @@
+//! The network: stem, stages of residual blocks, head.
+
+use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::block::{ConvBn, ConvSpec, ResidualBlock};
+use crate::config::{ResNetConfig, StemKind};
+
+/// The layers before the first stage (`conv1`, `bn1`, and the max-pool of ImageNet stems).
+#[derive(Debug, Clone)]
+pub struct Stem {
+    kind: StemKind,
+    conv_bn: ConvBn,
+}
+
+impl Stem {
+    fn new(config: &ResNetConfig, vb: &VarBuilder) -> Result<Self> {
+        let (kernel, stride) = match config.stem {
+            StemKind::ImageNet => (7, 2),
+            StemKind::Cifar => (3, 1),
+        };
+        let spec = ConvSpec {
+            in_channels: config.in_channels,
+            out_channels: config.stem_width,
+            kernel,
+            stride,
+            groups: 1,
+        };
+        let conv_bn = ConvBn::new(spec, config.bn_eps, vb.pp("conv1"), vb.pp("bn1"))?;
+        Ok(Self {
+            kind: config.stem,
+            conv_bn,
+        })
+    }
+
+    /// The stem's convolution and BatchNorm.
+    pub fn conv_bn(&self) -> &ConvBn {
+        &self.conv_bn
+    }
+
+    /// Conv, BN, ReLU: the stem's feature map before any pooling.
+    fn forward_activation(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.conv_bn.forward_t(xs, train)?.relu()
+    }
+
+    fn pool(&self, xs: &Tensor) -> Result<Tensor> {
+        match self.kind {
+            // 3x3/2 max-pool with padding 1. Zero padding equals PyTorch's -inf padding
+            // here because the input comes straight out of a ReLU.
+            StemKind::ImageNet => xs
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2),
+            StemKind::Cifar => Ok(xs.clone()),
+        }
+    }
+}
+
+/// A stage: residual blocks at one width, the first of which may downsample.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    blocks: Vec<ResidualBlock>,
+}
+
+impl Stage {
+    /// The blocks in order.
+    pub fn blocks(&self) -> &[ResidualBlock] {
+        &self.blocks
+    }
+
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for block in &self.blocks {
+            xs = block.forward_t(&xs, train)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// One feature map of the backbone, as a detection or segmentation neck consumes it.
+#[derive(Debug, Clone)]
+pub struct FeatureMap {
+    /// Where it comes from: `stem`, `layer1`, `layer2`, ...
+    pub name: String,
+    /// Reduction against the input (2 for an ImageNet stem, 4 for `layer1`, ...).
+    pub stride: usize,
+    /// The map, `(N, C, H / stride, W / stride)`.
+    pub tensor: Tensor,
+}
+
+/// Where a feature map comes from and its shape, without computing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureInfo {
+    /// `stem`, `layer1`, `layer2`, ...
+    pub name: String,
+    /// Channels of the map.
+    pub channels: usize,
+    /// Reduction against the input.
+    pub stride: usize,
+}
+
+/// A ResNet: stem, stages, global average pool and an optional linear head.
+///
+/// Tensor names are torchvision's (`conv1`, `bn1`, `layer1.0.conv1`,
+/// `layer1.0.downsample.0`, `fc`), so torchvision and timm checkpoints load through a
+/// plain [`VarBuilder`].
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    config: ResNetConfig,
+    stem: Stem,
+    stages: Vec<Stage>,
+    head: Option<Linear>,
+    dtype: DType,
+    device: Device,
+}
+
+impl ResNet {
+    /// Builds the network described by `config` from the tensors of `vb`.
+    pub fn new(config: &ResNetConfig, vb: VarBuilder) -> Result<Self> {
+        config.validate()?;
+        let stem = Stem::new(config, &vb)?;
+        let mut in_channels = config.stem_width;
+        let mut stages = Vec::with_capacity(config.blocks_per_stage.len());
+        for (index, (&blocks, &planes)) in config
+            .blocks_per_stage
+            .iter()
+            .zip(&config.stage_widths)
+            .enumerate()
+        {
+            let stage_vb = vb.pp(format!("layer{}", index + 1));
+            let stride = config.stage_stride(index);
+            let blocks = (0..blocks)
+                .map(|b| {
+                    let block = ResidualBlock::new(
+                        config,
+                        in_channels,
+                        planes,
+                        if b == 0 { stride } else { 1 },
+                        stage_vb.pp(b.to_string()),
+                    );
+                    in_channels = config.stage_out_channels(index);
+                    block
+                })
+                .collect::<Result<Vec<_>>>()?;
+            stages.push(Stage { blocks });
+        }
+        let head = match config.num_classes {
+            0 => None,
+            classes => Some(candle_nn::linear(
+                config.num_features(),
+                classes,
+                vb.pp("fc"),
+            )?),
+        };
+        Ok(Self {
+            config: config.clone(),
+            stem,
+            stages,
+            head,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration the network was built from.
+    pub fn config(&self) -> &ResNetConfig {
+        &self.config
+    }
+
+    /// The stem.
+    pub fn stem(&self) -> &Stem {
+        &self.stem
+    }
+
+    /// The stages in order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// The linear classifier, absent for a headless network.
+    pub fn head(&self) -> Option<&Linear> {
+        self.head.as_ref()
+    }
+
+    /// The dtype of the parameters (and of the inputs it expects).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device of the parameters.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Checks that `xs` is a batch this network can take, with a message naming what
+    /// was expected and what was found.
+    pub fn check_input(&self, xs: &Tensor) -> Result<()> {
+        let dims = xs.dims();
+        let expected_channels = self.config.in_channels;
+        let &[_, channels, height, width] = dims else {
+            bail!(
+                "ResNet input must be a 4-D batch (N, {expected_channels}, H, W), found shape {dims:?}"
+            );
+        };
+        if dims[0] == 0 {
+            bail!("ResNet input batch is empty: shape {dims:?}");
+        }
+        if channels != expected_channels {
+            bail!(
+                "ResNet input must have {expected_channels} channels, found {channels} (shape {dims:?})"
+            );
+        }
+        let min = self.config.output_stride();
+        if height < min || width < min {
+            bail!(
+                "ResNet input {height}x{width} is too small: this network reduces its input \
+                 {min}x, so it needs at least {min}x{min}"
+            );
+        }
+        if xs.dtype() != self.dtype {
+            bail!(
+                "ResNet input has dtype {:?} but the model's parameters are {:?}; convert \
+                 the input with to_dtype",
+                xs.dtype(),
+                self.dtype
+            );
+        }
+        if !xs.device().same_device(&self.device) {
+            bail!(
+                "ResNet input is on {:?} but the model is on {:?}",
+                xs.device().location(),
+                self.device.location()
+            );
+        }
+        Ok(())
+    }
+
+    /// Shapes of the feature maps [`ResNet::feature_maps`] returns.
+    pub fn feature_info(&self) -> Vec<FeatureInfo> {
+        let mut stride = match self.config.stem {
+            StemKind::ImageNet => 2,
+            StemKind::Cifar => 1,
+        };
+        let mut info = vec![FeatureInfo {
+            name: "stem".to_string(),
+            channels: self.config.stem_width,
+            stride,
+        }];
+        stride = self.config.stem.stride();
+        for index in 0..self.stages.len() {
+            stride *= self.config.stage_stride(index);
+            info.push(FeatureInfo {
+                name: format!("layer{}", index + 1),
+                channels: self.config.stage_out_channels(index),
+                stride,
+            });
+        }
+        info
+    }
+
+    /// The stem's activation (before pooling) and every stage's output, with their
+    /// strides: the backbone of a detection or segmentation network. Inference mode.
+    pub fn feature_maps(&self, xs: &Tensor) -> Result<Vec<FeatureMap>> {
+        self.check_input(xs)?;
+        let info = self.feature_info();
+        let stem = self.stem.forward_activation(xs, false)?;
+        let mut tensors = vec![stem.clone()];
+        let mut current = self.stem.pool(&stem)?;
+        for stage in &self.stages {
+            current = stage.forward_t(&current, false)?;
+            tensors.push(current.clone());
+        }
+        Ok(info
+            .into_iter()
+            .zip(tensors)
+            .map(|(info, tensor)| FeatureMap {
+                name: info.name,
+                stride: info.stride,
+                tensor,
+            })
+            .collect())
+    }
+
+    /// The last feature map, before pooling, `(N, num_features, H / 32, W / 32)` for an
+    /// ImageNet network; `train` selects BatchNorm's batch statistics.
+    pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_input(xs)?;
+        let mut xs = self
+            .stem
+            .pool(&self.stem.forward_activation(xs, train)?)?;
+        for stage in &self.stages {
+            xs = stage.forward_t(&xs, train)?;
+        }
+        Ok(xs)
+    }
+
+    /// [`ResNet::forward_features_t`] in inference mode.
+    pub fn forward_features(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_features_t(xs, false)
+    }
+
+    /// Global average pool and, unless `pre_logits` or headless, the linear classifier.
+    pub fn forward_head(&self, features: &Tensor, pre_logits: bool) -> Result<Tensor> {
+        let (_, channels, _, _) = features.dims4()?;
+        if channels != self.config.num_features() {
+            bail!(
+                "forward_head expects {} channels, found {channels}",
+                self.config.num_features()
+            );
+        }
+        let pooled = features.mean(D::Minus1)?.mean(D::Minus1)?;
+        match (&self.head, pre_logits) {
+            (Some(fc), false) => fc.forward(&pooled),
+            _ => Ok(pooled),
+        }
+    }
+
+    /// Logits `(N, num_classes)` in inference mode, or the pooled features
+    /// `(N, num_features)` for a headless network.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.forward_t(xs, false)
+    }
+
+    /// A view of the network that implements [`Module`] (inference), for APIs that take
+    /// one. `ResNet` itself implements [`ModuleT`]; candle's blanket
+    /// `impl<M: Module> ModuleT for M` forbids a type having both.
+    pub fn inference(&self) -> Inference<'_> {
+        Inference(self)
+    }
+
+    /// Number of learned parameters (BatchNorm running statistics excluded), as
+    /// PyTorch's `sum(p.numel() for p in model.parameters())`.
+    pub fn num_parameters(&self) -> usize {
+        let conv_bn = |unit: &ConvBn| {
+            unit.conv().weight().elem_count()
+                + unit.conv().bias().map_or(0, Tensor::elem_count)
+                + 2 * unit.bn().channels()
+        };
+        let blocks: usize = self
+            .stages
+            .iter()
+            .flat_map(|stage| stage.blocks())
+            .map(|block| {
+                let shortcut = match block.shortcut() {
+                    crate::block::Shortcut::Projection(unit) => conv_bn(unit),
+                    _ => 0,
+                };
+                block.chain().iter().map(conv_bn).sum::<usize>() + shortcut
+            })
+            .sum();
+        let head = self.head.as_ref().map_or(0, |fc| {
+            fc.weight().elem_count() + fc.bias().map_or(0, Tensor::elem_count)
+        });
+        conv_bn(self.stem.conv_bn()) + blocks + head
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let features = self.forward_features_t(xs, train)?;
+        self.forward_head(&features, false)
+    }
+}
+
+/// [`ResNet`] in inference mode as a [`Module`]; see [`ResNet::inference`].
+#[derive(Debug, Clone, Copy)]
+pub struct Inference<'a>(&'a ResNet);
+
+impl Module for Inference<'_> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.0.forward_t(xs, false)
+    }
+}
