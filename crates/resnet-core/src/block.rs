@@ -1,6 +1,6 @@
 //! Residual blocks: basic and bottleneck as one type, and the three shortcut options.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::batch_norm::BatchNorm2d;
@@ -59,9 +59,45 @@ impl ConvBn {
     }
 
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(xs)?, train)
+        self.bn.forward_t(&self.convolve(xs)?, train)
+    }
+
+    fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
+        // candle's CPU convolution has no bf16 kernel: convolve in f32 and round the
+        // result back to bf16, as a GPU accumulates bf16 products in f32.
+        if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
+            let weight = self.conv.weight().to_dtype(DType::F32)?;
+            let bias = match self.conv.bias() {
+                Some(bias) => Some(bias.to_dtype(DType::F32)?),
+                None => None,
+            };
+            let conv = Conv2d::new(weight, bias, *self.conv.config());
+            return conv
+                .forward(&xs.to_dtype(DType::F32)?)?
+                .to_dtype(DType::BF16);
+        }
+        self.conv.forward(xs)
+    }
+
+    /// Appends this unit's tensors, named `{conv}.weight`, `{bn}.weight`, ... to `out`.
+    pub(crate) fn push_named_tensors(&self, conv: &str, bn: &str, out: &mut NamedTensors) {
+        out.push((format!("{conv}.weight"), self.conv.weight().clone()));
+        if let Some(bias) = self.conv.bias() {
+            out.push((format!("{conv}.bias"), bias.clone()));
+        }
+        for (name, tensor) in [
+            ("weight", self.bn.weight()),
+            ("bias", self.bn.bias()),
+            ("running_mean", self.bn.running_mean()),
+            ("running_var", self.bn.running_var()),
+        ] {
+            out.push((format!("{bn}.{name}"), tensor.clone()));
+        }
     }
 }
+
+/// Tensors with their checkpoint names, in network order.
+pub type NamedTensors = Vec<(String, Tensor)>;
 
 /// How a block's input is carried to its output.
 #[derive(Debug, Clone)]
@@ -233,6 +269,21 @@ impl ResidualBlock {
     /// The shortcut.
     pub fn shortcut(&self) -> &Shortcut {
         &self.shortcut
+    }
+
+    pub(crate) fn push_named_tensors(&self, prefix: &str, out: &mut NamedTensors) {
+        for (i, unit) in self.chain.iter().enumerate() {
+            let n = i + 1;
+            unit.push_named_tensors(
+                &format!("{prefix}.conv{n}"),
+                &format!("{prefix}.bn{n}"),
+                out,
+            );
+        }
+        if let Shortcut::Projection(unit) = &self.shortcut {
+            let downsample = format!("{prefix}.downsample");
+            unit.push_named_tensors(&format!("{downsample}.0"), &format!("{downsample}.1"), out);
+        }
     }
 
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {

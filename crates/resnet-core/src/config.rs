@@ -430,7 +430,10 @@ mod tests {
     #[test]
     fn unknown_name_lists_the_presets() {
         let err = "resnet19".parse::<ResNetConfig>().unwrap_err().to_string();
-        assert!(err.contains("resnet19") && err.contains("resnext50_32x4d"), "{err}");
+        assert!(
+            err.contains("resnet19") && err.contains("resnext50_32x4d"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -455,7 +458,10 @@ mod tests {
                 ResNetConfig::resnet18().with_groups(32, 4),
                 "basic blocks support only groups = 1",
             ),
-            (ResNetConfig::resnet50().with_groups(1, 0), "width_per_group"),
+            (
+                ResNetConfig::resnet50().with_groups(1, 0),
+                "width_per_group",
+            ),
             (
                 ResNetConfig {
                     stage_widths: vec![64, 128],

@@ -31,6 +31,6 @@ mod config;
 mod model;
 
 pub use batch_norm::BatchNorm2d;
-pub use block::{ConvBn, ResidualBlock, Shortcut};
+pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{BlockKind, ResNetConfig, ShortcutKind, StemKind, PRESET_NAMES};
 pub use model::{FeatureInfo, FeatureMap, Inference, ResNet, Stage, Stem};

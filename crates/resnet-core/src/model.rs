@@ -3,7 +3,7 @@
 use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::block::{ConvBn, ConvSpec, ResidualBlock};
+use crate::block::{ConvBn, ConvSpec, NamedTensors, ResidualBlock};
 use crate::config::{ResNetConfig, StemKind};
 
 /// The layers before the first stage (`conv1`, `bn1`, and the max-pool of ImageNet stems).
@@ -285,9 +285,7 @@ impl ResNet {
     /// ImageNet network; `train` selects BatchNorm's batch statistics.
     pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
-        let mut xs = self
-            .stem
-            .pool(&self.stem.forward_activation(xs, train)?)?;
+        let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
         for stage in &self.stages {
             xs = stage.forward_t(&xs, train)?;
         }
@@ -328,30 +326,35 @@ impl ResNet {
         Inference(self)
     }
 
+    /// Every tensor of the network (parameters and BatchNorm running statistics) with
+    /// its torchvision name, in network order: what a checkpoint of it holds.
+    pub fn named_tensors(&self) -> NamedTensors {
+        let mut out = Vec::new();
+        self.stem
+            .conv_bn
+            .push_named_tensors("conv1", "bn1", &mut out);
+        for (s, stage) in self.stages.iter().enumerate() {
+            for (b, block) in stage.blocks.iter().enumerate() {
+                block.push_named_tensors(&format!("layer{}.{b}", s + 1), &mut out);
+            }
+        }
+        if let Some(fc) = &self.head {
+            out.push(("fc.weight".to_string(), fc.weight().clone()));
+            if let Some(bias) = fc.bias() {
+                out.push(("fc.bias".to_string(), bias.clone()));
+            }
+        }
+        out
+    }
+
     /// Number of learned parameters (BatchNorm running statistics excluded), as
     /// PyTorch's `sum(p.numel() for p in model.parameters())`.
     pub fn num_parameters(&self) -> usize {
-        let conv_bn = |unit: &ConvBn| {
-            unit.conv().weight().elem_count()
-                + unit.conv().bias().map_or(0, Tensor::elem_count)
-                + 2 * unit.bn().channels()
-        };
-        let blocks: usize = self
-            .stages
+        self.named_tensors()
             .iter()
-            .flat_map(|stage| stage.blocks())
-            .map(|block| {
-                let shortcut = match block.shortcut() {
-                    crate::block::Shortcut::Projection(unit) => conv_bn(unit),
-                    _ => 0,
-                };
-                block.chain().iter().map(conv_bn).sum::<usize>() + shortcut
-            })
-            .sum();
-        let head = self.head.as_ref().map_or(0, |fc| {
-            fc.weight().elem_count() + fc.bias().map_or(0, Tensor::elem_count)
-        });
-        conv_bn(self.stem.conv_bn()) + blocks + head
+            .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
+            .map(|(_, tensor)| tensor.elem_count())
+            .sum()
     }
 }
 

@@ -1,0 +1,202 @@
+//! Numerical parity with the reference implementations (torchvision, timm, and the
+//! reference code of the pretrained CIFAR ResNets), on fixtures that
+//! `fixtures/generate_parity.py` produced with the real libraries.
+//!
+//! Tolerance, stated up front: max |Δ| ≤ 1e-4 · max |reference| in f32; in f16 and bf16,
+//! where the arithmetic itself rounds to 11 and 8 bits, 2e-2 and 6e-2.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::VarBuilder;
+use resnet_core::{BlockKind, ResNet, ResNetConfig, ShortcutKind};
+use resnet_tests::{
+    assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir,
+    F32_RELATIVE_TOLERANCE,
+};
+
+fn load_fixture(name: &str) -> Result<HashMap<String, Tensor>> {
+    let path = parity_fixture(name);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// The narrow timm networks of the fixtures: widths 8, 16, 24, 32 after a 64-channel stem.
+fn narrow(block: BlockKind, blocks_per_stage: [usize; 4], num_classes: usize) -> ResNetConfig {
+    ResNetConfig {
+        stage_widths: vec![8, 16, 24, 32],
+        ..ResNetConfig::imagenet(block, blocks_per_stage).with_num_classes(num_classes)
+    }
+}
+
+/// Builds `config` from the fixture's weights in `dtype` and compares to `expected`.
+fn check_timm_case(name: &str, config: ResNetConfig, dtype: DType, tolerance: f64) -> Result<()> {
+    let tensors = load_fixture(name)?;
+    let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
+    let model = ResNet::new(&config, vb)?;
+    let input = tensors["input"].to_dtype(dtype)?;
+    let output = model.forward(&input)?;
+    assert_close(&output, &tensors["expected"], tolerance, name)
+}
+
+#[test]
+fn timm_basic_blocks() -> Result<()> {
+    let config = narrow(BlockKind::Basic, [2, 1, 1, 2], 5);
+    check_timm_case("timm_basic", config, DType::F32, F32_RELATIVE_TOLERANCE)
+}
+
+#[test]
+fn timm_bottleneck_blocks() -> Result<()> {
+    let config = narrow(BlockKind::Bottleneck, [1, 2, 1, 1], 7);
+    check_timm_case(
+        "timm_bottleneck",
+        config,
+        DType::F32,
+        F32_RELATIVE_TOLERANCE,
+    )
+}
+
+#[test]
+fn timm_resnext_groups() -> Result<()> {
+    let config = narrow(BlockKind::Bottleneck, [1, 1, 2, 1], 6).with_groups(4, 16);
+    check_timm_case("timm_resnext", config, DType::F32, F32_RELATIVE_TOLERANCE)
+}
+
+#[test]
+fn timm_wide_bottleneck() -> Result<()> {
+    let config = narrow(BlockKind::Bottleneck, [1, 1, 1, 1], 4).with_groups(1, 128);
+    check_timm_case("timm_wide", config, DType::F32, F32_RELATIVE_TOLERANCE)
+}
+
+#[test]
+fn timm_headless_one_channel_input() -> Result<()> {
+    let config = narrow(BlockKind::Basic, [1, 1, 1, 1], 0).with_in_channels(1);
+    check_timm_case(
+        "timm_headless_gray",
+        config,
+        DType::F32,
+        F32_RELATIVE_TOLERANCE,
+    )
+}
+
+#[test]
+fn timm_half_precision() -> Result<()> {
+    let config = narrow(BlockKind::Basic, [2, 1, 1, 2], 5);
+    check_timm_case("timm_basic", config.clone(), DType::F16, 2e-2)?;
+    check_timm_case("timm_basic", config, DType::BF16, 6e-2)
+}
+
+#[test]
+fn timm_train_mode_batch_norm() -> Result<()> {
+    let tensors = load_fixture("timm_train_mode")?;
+    let config = narrow(BlockKind::Bottleneck, [1, 1, 1, 1], 5);
+    let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    let model = ResNet::new(&config, vb)?;
+    let output = model.forward_t(&tensors["input"], true)?;
+    assert_close(
+        &output,
+        &tensors["expected"],
+        F32_RELATIVE_TOLERANCE,
+        "train-mode output",
+    )?;
+
+    let mut compared = 0;
+    for (name, tensor) in model.named_tensors() {
+        if let Some(expected) = tensors.get(&format!("after_train.{name}")) {
+            assert_close(&tensor, expected, F32_RELATIVE_TOLERANCE, &name)?;
+            compared += 1;
+        }
+    }
+    // 4 bottleneck blocks of 3 BNs, 4 downsample BNs, the stem's: 17 BNs, 2 stats each.
+    assert_eq!(compared, 34, "running statistics compared");
+    Ok(())
+}
+
+/// A full-size torchvision network with the seeded weights both sides generate.
+fn check_torchvision(fixture: &str, config: &ResNetConfig) -> Result<()> {
+    let expected = load_fixture(fixture)?
+        .remove("expected")
+        .context("expected")?;
+    let model = ResNet::new(config, hashed_var_builder(DType::F32, &Device::Cpu))?;
+    let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
+    assert_close(
+        &model.forward(&input)?,
+        &expected,
+        F32_RELATIVE_TOLERANCE,
+        fixture,
+    )
+}
+
+#[test]
+fn torchvision_resnet18() -> Result<()> {
+    check_torchvision("tv_resnet18", &ResNetConfig::resnet18())
+}
+
+#[test]
+fn torchvision_resnet50() -> Result<()> {
+    check_torchvision("tv_resnet50", &ResNetConfig::resnet50())
+}
+
+#[test]
+fn torchvision_resnext50_32x4d() -> Result<()> {
+    check_torchvision("tv_resnext50_32x4d", &ResNetConfig::resnext50_32x4d())
+}
+
+#[test]
+fn torchvision_wide_resnet50_2() -> Result<()> {
+    check_torchvision("tv_wide_resnet50_2", &ResNetConfig::wide_resnet50_2())
+}
+
+#[test]
+fn option_c_projection_on_every_block() -> Result<()> {
+    let config = ResNetConfig::resnet18().with_shortcut(ShortcutKind::ProjectionAll);
+    check_torchvision("tv_resnet18_option_c", &config)
+}
+
+/// The CIFAR reference names its head `linear`; resnet-core asks for torchvision's `fc`.
+fn cifar_names(vb: VarBuilder<'static>) -> VarBuilder<'static> {
+    vb.rename_f(|name: &str| name.replacen("fc.", "linear.", 1))
+}
+
+#[test]
+fn option_a_cifar_resnet44() -> Result<()> {
+    let expected = load_fixture("cifar_resnet44")?
+        .remove("expected")
+        .context("expected")?;
+    let vb = cifar_names(hashed_var_builder(DType::F32, &Device::Cpu));
+    let model = ResNet::new(&ResNetConfig::resnet44(), vb)?;
+    let input = hashed_tensor("input", &[2, 3, 32, 32], &Device::Cpu)?;
+    assert_close(
+        &model.forward(&input)?,
+        &expected,
+        F32_RELATIVE_TOLERANCE,
+        "resnet44",
+    )
+}
+
+#[test]
+fn option_a_pretrained_cifar_weights() -> Result<()> {
+    let Some(shared) = shared_dir("option_a_pretrained_cifar_weights") else {
+        return Ok(());
+    };
+    for depth in [20, 32] {
+        let fixture = format!("cifar_pretrained_resnet{depth}");
+        let expected = load_fixture(&fixture)?
+            .remove("expected")
+            .context("expected")?;
+        let weights = shared.join(format!("weights/cifar10/resnet{depth}.safetensors"));
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
+        let vb = cifar_names(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu));
+        let config: ResNetConfig = format!("resnet{depth}").parse()?;
+        let model = ResNet::new(&config, vb)?;
+        let input = hashed_tensor("input", &[2, 3, 32, 32], &Device::Cpu)?;
+        assert_close(
+            &model.forward(&input)?,
+            &expected,
+            F32_RELATIVE_TOLERANCE,
+            &fixture,
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,139 @@
+//! Helpers shared by the workspace tests: fixture paths, `../shared`, the seeded tensor
+//! generator that `fixtures/generate_parity.py` reproduces, and the parity tolerance.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::{Init, VarBuilder};
+
+/// Parity tolerance in f32, stated up front: max |Δ| ≤ 1e-4 · max |reference|.
+pub const F32_RELATIVE_TOLERANCE: f64 = 1e-4;
+
+/// A committed fixture of `fixtures/parity/`.
+pub fn parity_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("parity")
+        .join(format!("{name}.safetensors"))
+}
+
+/// `../shared` beside the repository, or `None` with a message saying the test skips.
+pub fn shared_dir(test: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");
+    if dir.join("README.md").exists() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED {test}: ../shared is absent (expected at {})",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn fnv1a64(name: &str) -> u64 {
+    name.bytes().fold(0xCBF2_9CE4_8422_2325, |h, byte| {
+        (h ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3)
+    })
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// `(low, width)` of the values of tensor `name`: the rule of `generate_parity.py`.
+fn hashed_range(name: &str, dims: &[usize]) -> (f64, f64) {
+    if name.ends_with("running_var") {
+        (0.5, 1.0)
+    } else if name.ends_with("running_mean") {
+        (-0.2, 0.4)
+    } else if name == "input" {
+        (-1.0, 2.0)
+    } else if name.ends_with("bias") {
+        (-0.1, 0.2)
+    } else if dims.len() == 1 {
+        (0.5, 1.0)
+    } else {
+        let fan_in: usize = dims[1..].iter().product();
+        let s = (3.0 / fan_in as f64).sqrt();
+        (-s, 2.0 * s)
+    }
+}
+
+/// The seeded tensor `name` of shape `dims`, bit-identical to `hashed_tensor` in
+/// `fixtures/generate_parity.py`.
+pub fn hashed_tensor(name: &str, dims: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let (low, width) = hashed_range(name, dims);
+    let seed = fnv1a64(name);
+    let count: usize = dims.iter().product();
+    let values: Vec<f32> = (0..count as u64)
+        .map(|i| {
+            let u = (splitmix64(seed.wrapping_add(i)) >> 40) as f64 / (1u64 << 24) as f64;
+            (low + width * u) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, dims, device)
+}
+
+/// A `VarBuilder` backend that makes every tensor with [`hashed_tensor`].
+struct HashedBackend;
+
+impl candle_nn::var_builder::SimpleBackend for HashedBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        hashed_tensor(name, shape.dims(), device)?.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("hashed weights need a shape, none given for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A `VarBuilder` whose tensors come from [`hashed_tensor`].
+pub fn hashed_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(HashedBackend), dtype, device.clone())
+}
+
+/// Largest absolute value of a tensor, in f64.
+pub fn max_abs(tensor: &Tensor) -> Result<f64> {
+    Ok(tensor
+        .to_dtype(DType::F64)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()?)
+}
+
+/// Asserts max |actual − expected| ≤ `relative` · max |expected|, shapes equal.
+pub fn assert_close(actual: &Tensor, expected: &Tensor, relative: f64, what: &str) -> Result<()> {
+    ensure!(
+        actual.dims() == expected.dims(),
+        "{what}: shape {:?}, expected {:?}",
+        actual.dims(),
+        expected.dims()
+    );
+    let actual = actual.to_dtype(DType::F64)?.to_device(&Device::Cpu)?;
+    let expected = expected.to_dtype(DType::F64)?;
+    let scale = max_abs(&expected)?;
+    let diff = max_abs(&(actual - &expected)?).context("difference")?;
+    ensure!(
+        diff <= relative * scale,
+        "{what}: max |Δ| = {diff:.3e} exceeds {relative:.0e} · max |reference| = {:.3e}",
+        relative * scale
+    );
+    Ok(())
+}
