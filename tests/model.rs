@@ -206,3 +206,19 @@ fn half_precisions_run_on_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn expected_tensors_lists_every_checkpoint_tensor() -> Result<()> {
+    let expected = ResNet::expected_tensors(&ResNetConfig::resnet50())?;
+    let model = zeros_model(&ResNetConfig::resnet50())?;
+    let built: Vec<(String, Vec<usize>)> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.dims().to_vec()))
+        .collect();
+    assert_eq!(expected, built);
+    // torchvision's resnet50 state_dict has 267 tensors besides num_batches_tracked.
+    assert_eq!(expected.len(), 267);
+    assert!(expected.contains(&("layer1.0.downsample.0.weight".into(), vec![256, 64, 1, 1])));
+    Ok(())
+}

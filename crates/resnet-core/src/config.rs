@@ -4,9 +4,11 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::{bail, Result};
+use serde::{Deserialize, Serialize};
 
 /// The residual block a stage is built from (paper section 3.3 and figure 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum BlockKind {
     /// Two 3x3 convolutions; output channels = stage width (expansion 1).
@@ -27,7 +29,8 @@ impl BlockKind {
 }
 
 /// The layers before the first stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum StemKind {
     /// 7x7/2 convolution, BatchNorm, ReLU, 3x3/2 max-pool (paper Table 1): stride 4.
@@ -47,7 +50,8 @@ impl StemKind {
 }
 
 /// How a block's input reaches its output (paper section 4.1, options A, B and C).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum ShortcutKind {
     /// Option A, parameter-free: identity, or where the shape changes, subsample by the
@@ -65,7 +69,7 @@ pub enum ShortcutKind {
 ///
 /// Stage `i` has `blocks_per_stage[i]` blocks of width `stage_widths[i]`; the first stage
 /// keeps the stem's resolution and every later one halves it.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResNetConfig {
     /// Basic or bottleneck blocks.
     pub block: BlockKind,

@@ -162,6 +162,18 @@ impl ResNet {
         })
     }
 
+    /// Name and shape of every tensor a checkpoint of `config` holds, in torchvision
+    /// naming, without allocating the weights: what a loader checks a file against.
+    pub fn expected_tensors(config: &ResNetConfig) -> Result<Vec<(String, Vec<usize>)>> {
+        let vb = VarBuilder::from_backend(Box::new(ShapeOnly), DType::F32, Device::Cpu);
+        let model = Self::new(config, vb)?;
+        Ok(model
+            .named_tensors()
+            .into_iter()
+            .map(|(name, tensor)| (name, tensor.dims().to_vec()))
+            .collect())
+    }
+
     /// The configuration the network was built from.
     pub fn config(&self) -> &ResNetConfig {
         &self.config
@@ -362,6 +374,31 @@ impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let features = self.forward_features_t(xs, train)?;
         self.forward_head(&features, false)
+    }
+}
+
+/// A `VarBuilder` backend handing out zero-strided views of one scalar: shapes without
+/// memory, for [`ResNet::expected_tensors`].
+struct ShapeOnly;
+
+impl candle_nn::var_builder::SimpleBackend for ShapeOnly {
+    fn get(
+        &self,
+        shape: candle_core::Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
+        bail!("no shape given for {name}")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
     }
 }
 
