@@ -18,6 +18,14 @@ pub fn parity_fixture(name: &str) -> PathBuf {
         .join(format!("{name}.safetensors"))
 }
 
+/// A committed model directory (or file) of `fixtures/models/`.
+pub fn model_fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("models")
+        .join(name)
+}
+
 /// `../shared` beside the repository, or `None` with a message saying the test skips.
 pub fn shared_dir(test: &str) -> Option<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared");

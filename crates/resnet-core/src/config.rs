@@ -242,6 +242,52 @@ impl ResNetConfig {
         Some(config)
     }
 
+    /// The name of the preset this configuration equals, if any.
+    pub fn preset_name(&self) -> Option<&'static str> {
+        PRESET_NAMES
+            .iter()
+            .copied()
+            .find(|name| Self::preset(name).as_ref() == Some(self))
+    }
+
+    /// A short description: the preset name, with what differs from it (classes, input
+    /// channels), or the block kind and stage layout.
+    pub fn describe(&self) -> String {
+        let base = Self {
+            num_classes: 0,
+            in_channels: 3,
+            ..self.clone()
+        };
+        let preset = PRESET_NAMES
+            .iter()
+            .copied()
+            .find(|name| Self::preset(name).map(|p| p.with_num_classes(0)).as_ref() == Some(&base));
+        let mut text = match preset {
+            Some(name) => name.to_string(),
+            None => format!(
+                "custom ResNet ({} blocks {:?}, widths {:?}, {:?} stem of {}, groups {}x{}, shortcut {})",
+                self.block,
+                self.blocks_per_stage,
+                self.stage_widths,
+                self.stem,
+                self.stem_width,
+                self.groups,
+                self.width_per_group,
+                self.shortcut
+            ),
+        };
+        let default_classes = preset
+            .and_then(Self::preset)
+            .map_or(usize::MAX, |p| p.num_classes);
+        if self.num_classes != default_classes {
+            text += &format!(", {} classes", self.num_classes);
+        }
+        if self.in_channels != 3 {
+            text += &format!(", {} input channels", self.in_channels);
+        }
+        text
+    }
+
     /// The same network with other groups and channels per group (ResNeXt, Wide ResNet).
     pub fn with_groups(mut self, groups: usize, width_per_group: usize) -> Self {
         self.groups = groups;
@@ -299,8 +345,42 @@ impl ResNetConfig {
         (0..self.stage_widths.len()).fold(self.stem.stride(), |s, i| s * self.stage_stride(i))
     }
 
-    /// Checks that the configuration describes a network that can be built.
+    /// Checks that the configuration describes a network that can be built, within
+    /// sane bounds: configurations may come from untrusted files, and a billion blocks
+    /// must be an error, not an attempt.
     pub fn validate(&self) -> Result<()> {
+        const MAX_CHANNELS: usize = 1 << 16;
+        const MAX_BLOCKS: usize = 10_000;
+        const MAX_CLASSES: usize = 1 << 24;
+        let total_blocks = self
+            .blocks_per_stage
+            .iter()
+            .try_fold(0usize, |acc, &n| acc.checked_add(n))
+            .unwrap_or(usize::MAX);
+        if total_blocks > MAX_BLOCKS {
+            bail!("invalid ResNet config: {total_blocks} blocks, at most {MAX_BLOCKS} supported");
+        }
+        for (name, value) in self
+            .stage_widths
+            .iter()
+            .map(|&w| ("a stage width", w.saturating_mul(self.block.expansion())))
+            .chain([
+                ("stem_width", self.stem_width),
+                ("in_channels", self.in_channels),
+                ("groups", self.groups),
+                ("width_per_group", self.width_per_group),
+            ])
+        {
+            if value > MAX_CHANNELS {
+                bail!("invalid ResNet config: {name} of {value} channels, at most {MAX_CHANNELS} supported");
+            }
+        }
+        if self.num_classes > MAX_CLASSES {
+            bail!(
+                "invalid ResNet config: {} classes, at most {MAX_CLASSES} supported",
+                self.num_classes
+            );
+        }
         if self.blocks_per_stage.is_empty() {
             bail!("invalid ResNet config: expected at least one stage, found none");
         }
@@ -429,6 +509,17 @@ mod tests {
             let convs: usize = config.blocks_per_stage.iter().sum::<usize>() * 2;
             assert_eq!(convs + 2, depth, "{name}");
         }
+    }
+
+    #[test]
+    fn descriptions_name_the_preset() {
+        assert_eq!(ResNetConfig::resnet50().preset_name(), Some("resnet50"));
+        assert_eq!(ResNetConfig::resnet50().describe(), "resnet50");
+        let headless = ResNetConfig::resnet20()
+            .with_num_classes(0)
+            .with_in_channels(1);
+        assert_eq!(headless.preset_name(), None);
+        assert_eq!(headless.describe(), "resnet20, 0 classes, 1 input channels");
     }
 
     #[test]

@@ -1,0 +1,141 @@
+//! Reading the architecture off a checkpoint's tensor shapes (torchvision names).
+
+use std::collections::HashMap;
+
+use resnet_core::{BlockKind, ResNetConfig, ShortcutKind, StemKind};
+
+/// Tensor shapes by torchvision name.
+pub type Shapes = HashMap<String, Vec<usize>>;
+
+fn shape<'a>(shapes: &'a Shapes, name: &str) -> Result<&'a [usize], String> {
+    shapes
+        .get(name)
+        .map(Vec::as_slice)
+        .ok_or_else(|| format!("tensor {name} is missing"))
+}
+
+fn conv_shape<'a>(shapes: &'a Shapes, name: &str) -> Result<&'a [usize], String> {
+    let dims = shape(shapes, name)?;
+    if dims.len() != 4 {
+        return Err(format!(
+            "{name} has shape {dims:?}, expected a 4-D convolution weight"
+        ));
+    }
+    Ok(dims)
+}
+
+/// The configuration whose tensors these are: block kind, blocks per stage, widths,
+/// groups, stem, shortcut option, classes and input channels.
+pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
+    let stem = conv_shape(shapes, "conv1.weight")?;
+    let (stem_width, in_channels, kernel) = (stem[0], stem[1], stem[2]);
+    let stem_kind = match kernel {
+        7 => StemKind::ImageNet,
+        3 => StemKind::Cifar,
+        k => {
+            return Err(format!(
+                "conv1.weight has a {k}x{k} kernel; expected 7x7 (ImageNet) or 3x3 (CIFAR)"
+            ))
+        }
+    };
+    let block = if shapes.contains_key("layer1.0.conv3.weight") {
+        BlockKind::Bottleneck
+    } else {
+        BlockKind::Basic
+    };
+    let mut blocks_per_stage = Vec::new();
+    let mut stage_widths = Vec::new();
+    let mut groups_per_stage = Vec::new();
+    let mut projections = 0;
+    while shapes.contains_key(&format!(
+        "layer{}.0.conv1.weight",
+        blocks_per_stage.len() + 1
+    )) {
+        let stage = blocks_per_stage.len() + 1;
+        let blocks = (0..)
+            .take_while(|b| shapes.contains_key(&format!("layer{stage}.{b}.conv1.weight")))
+            .count();
+        projections += (0..blocks)
+            .filter(|b| shapes.contains_key(&format!("layer{stage}.{b}.downsample.0.weight")))
+            .count();
+        let planes = match block {
+            BlockKind::Basic => conv_shape(shapes, &format!("layer{stage}.0.conv1.weight"))?[0],
+            _ => {
+                let out = conv_shape(shapes, &format!("layer{stage}.0.conv3.weight"))?[0];
+                if out % 4 != 0 {
+                    return Err(format!(
+                        "layer{stage}.0.conv3.weight has {out} output channels, not a multiple of the bottleneck expansion 4"
+                    ));
+                }
+                let width = conv_shape(shapes, &format!("layer{stage}.0.conv2.weight"))?;
+                if width[1] == 0 || width[0] % width[1] != 0 {
+                    return Err(format!(
+                        "layer{stage}.0.conv2.weight has shape {width:?}: its input channels do not divide its output channels"
+                    ));
+                }
+                groups_per_stage.push((width[0] / width[1], width[0], out / 4));
+                out / 4
+            }
+        };
+        blocks_per_stage.push(blocks);
+        stage_widths.push(planes);
+    }
+    if blocks_per_stage.is_empty() {
+        return Err("no residual stage found (expected layer1.0.conv1.weight)".into());
+    }
+    let (groups, width_per_group) = match groups_per_stage.first() {
+        None => (1, 64),
+        Some(&(groups, width, planes)) => {
+            if (width * 64) % (planes * groups) != 0 {
+                return Err(format!(
+                    "layer1's bottleneck width {width} is not a whole number of channels per group for {groups} groups"
+                ));
+            }
+            (groups, width * 64 / (planes * groups))
+        }
+    };
+    let total_blocks: usize = blocks_per_stage.iter().sum();
+    let shortcut = if projections == 0 {
+        ShortcutKind::ZeroPad
+    } else {
+        ShortcutKind::Projection // refined below, once the config can be built
+    };
+    let num_classes = match shapes.get("fc.weight") {
+        Some(dims) if dims.len() == 2 => dims[0],
+        Some(dims) => return Err(format!("fc.weight has shape {dims:?}, expected 2-D")),
+        None => 0,
+    };
+    let mut config = ResNetConfig {
+        block,
+        blocks_per_stage,
+        stage_widths,
+        stem: stem_kind,
+        stem_width,
+        shortcut,
+        groups,
+        width_per_group,
+        in_channels,
+        num_classes,
+        bn_eps: 1e-5,
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    if shortcut == ShortcutKind::Projection && projections == total_blocks {
+        // Option C if B would project fewer blocks than the file does.
+        let b_projections = resnet_core::ResNet::expected_tensors(&config)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .filter(|(name, _)| name.ends_with("downsample.0.weight"))
+            .count();
+        if b_projections < projections {
+            config.shortcut = ShortcutKind::ProjectionAll;
+        }
+    }
+    for &(g, width, planes) in &groups_per_stage {
+        if g != groups || config.bottleneck_width(planes) != width {
+            return Err(format!(
+                "stages disagree on groups and width per group ({g} groups of {width} channels at width {planes})"
+            ));
+        }
+    }
+    Ok(config)
+}

@@ -1,0 +1,49 @@
+//! Loading and saving ResNet checkpoints for [`resnet_core`], from files that are not
+//! trusted.
+//!
+//! - [`Checkpoint`] reads a safetensors file defensively: the whole header is checked
+//!   before any data is read, data is read (never memory-mapped) one tensor at a time,
+//!   and only regular files are opened.
+//! - [`NamingScheme`] recognises torchvision/timm, HF transformers and CIFAR names and
+//!   maps them to torchvision's in one place.
+//! - [`inspect`] infers the architecture and reports loaded / missing / unexpected /
+//!   mismatched tensors without failing; [`load_resnet`] fails on any of them.
+//! - [`resolve_model`] finds a file, a model directory or a hub id in the local
+//!   Hugging Face cache; [`PreprocessConfig`] turns images into inputs as timm does.
+//!
+//! ```no_run
+//! use candle_core::{DType, Device};
+//!
+//! # fn main() -> resnet_io::Result<()> {
+//! let loaded = resnet_io::load_file("resnet20.safetensors", None, &Device::Cpu, DType::F32)?;
+//! println!("{} ({} scheme)", loaded.config.describe(), loaded.scheme);
+//! # Ok(())
+//! # }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs)]
+
+mod checkpoint;
+mod error;
+mod infer;
+mod labels;
+mod load;
+mod model_dir;
+mod naming;
+mod preprocess;
+mod report;
+mod save;
+
+pub use checkpoint::{Checkpoint, TensorInfo, MAX_HEADER_BYTES};
+pub use error::{Error, Result};
+pub use infer::{infer_config, Shapes};
+pub use labels::{builtin_labels, read_labels, CIFAR10};
+pub use load::{
+    inspect, load_file, load_resnet, safetensors_paths, Inspection, LoadedModel, WeightFiles,
+};
+pub use model_dir::{hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, ModelSource};
+pub use naming::{is_ignored, NamingScheme};
+pub use preprocess::{batch, Interpolation, PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
+pub use report::{LoadReport, ShapeMismatch};
+pub use safetensors::Dtype;
+pub use save::{config_from_metadata, convert, save, CONFIG_METADATA_KEY};

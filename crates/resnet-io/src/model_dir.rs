@@ -1,0 +1,459 @@
+//! Model directories (`config.json` + `model.safetensors`) as timm, transformers'
+//! `save_pretrained` and the Hugging Face hub lay them out, and the local hub cache.
+
+use std::path::{Path, PathBuf};
+
+use resnet_core::{BlockKind, ResNetConfig, ShortcutKind, StemKind};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+use crate::labels::builtin_labels;
+use crate::load::{load_resnet, read_small_text, safetensors_paths, LoadedModel, WeightFiles};
+use crate::preprocess::{Interpolation, PreprocessConfig};
+
+/// Where a model's files are and what its config says.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The safetensors shard(s).
+    pub weights: Vec<PathBuf>,
+    /// The architecture named by `config.json`, when there is one.
+    pub config: Option<ResNetConfig>,
+    /// Label names by class index, when the config has them.
+    pub labels: Option<Vec<String>>,
+    /// Preprocessing from the config, when it says.
+    pub preprocess: Option<PreprocessConfig>,
+}
+
+impl ModelSource {
+    /// Loads the weights for the architecture `arch`, else the one `config.json` gives,
+    /// else the one inferred from the tensors (see [`load_resnet`]).
+    pub fn load(
+        &self,
+        arch: Option<&ResNetConfig>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<LoadedModel> {
+        let files = WeightFiles::open(&self.weights)?;
+        load_resnet(&files, arch.or(self.config.as_ref()), device, dtype)
+    }
+
+    /// The label names: the config's, else the built-in ones for the class count.
+    pub fn labels(&self, num_classes: usize) -> Option<Vec<String>> {
+        self.labels
+            .clone()
+            .filter(|l| l.len() == num_classes)
+            .or_else(|| builtin_labels(num_classes))
+    }
+
+    /// The preprocessing: the config's, else CIFAR's for a CIFAR stem, else ImageNet's.
+    pub fn preprocess(&self, config: &ResNetConfig) -> PreprocessConfig {
+        match (&self.preprocess, config.stem) {
+            (Some(p), _) => p.clone(),
+            (None, StemKind::Cifar) => PreprocessConfig::cifar(),
+            (None, _) => PreprocessConfig::imagenet(),
+        }
+    }
+}
+
+/// Resolves what a user gave as `--model`: a `.safetensors` file (or shard index), a
+/// model directory, or a hub id (`timm/resnet50.a1_in1k`, `microsoft/resnet-50`) found in
+/// the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+/// `~/.cache/huggingface/hub`). With the `hub` feature a hub id not in the cache is
+/// downloaded.
+pub fn resolve_model(model: &str) -> Result<ModelSource> {
+    resolve_model_in(model, &hub_cache_dir())
+}
+
+/// [`resolve_model`] with hub ids looked up in the cache at `cache_dir`.
+pub fn resolve_model_in(model: &str, cache_dir: &Path) -> Result<ModelSource> {
+    let path = Path::new(model);
+    if path.exists() {
+        if path.is_dir() {
+            return read_model_dir(path);
+        }
+        return Ok(ModelSource {
+            weights: safetensors_paths(path)?,
+            config: None,
+            labels: None,
+            preprocess: None,
+        });
+    }
+    if looks_like_hub_id(model) {
+        return resolve_hub_id(model, cache_dir);
+    }
+    Err(Error::NotFound {
+        id: model.to_string(),
+        reason: "no such file or directory, and not a hub id of the form owner/name".into(),
+    })
+}
+
+fn looks_like_hub_id(model: &str) -> bool {
+    let mut parts = model.split('/');
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    matches!((parts.next(), parts.next(), parts.next()), (Some(owner), Some(name), None) if valid(owner) && valid(name))
+}
+
+/// The hub cache directory this process uses.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
+        return PathBuf::from(dir);
+    }
+    hf_hub::Cache::from_env().path().clone()
+}
+
+fn resolve_hub_id(id: &str, cache_dir: &Path) -> Result<ModelSource> {
+    let cache = hf_hub::Cache::new(cache_dir.to_path_buf());
+    let repo = cache.model(id.to_string());
+    let snapshot_file = |name: &str| repo.get(name);
+    let weights = snapshot_file("model.safetensors");
+    let index = snapshot_file("model.safetensors.index.json");
+    match (weights.or(index), snapshot_file("config.json")) {
+        (Some(weights), config) => {
+            let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let mut source = match config {
+                Some(config_path) => read_config(&config_path, &dir)?,
+                None => ModelSource {
+                    weights: vec![],
+                    config: None,
+                    labels: None,
+                    preprocess: None,
+                },
+            };
+            source.weights = safetensors_paths(&weights)?;
+            Ok(source)
+        }
+        (None, _) => download(id, cache_dir).map_err(|reason| Error::NotFound {
+            id: id.to_string(),
+            reason: format!(
+                "no model.safetensors for it in the Hugging Face cache at {} ({reason})",
+                cache_dir.display()
+            ),
+        }),
+    }
+}
+
+#[cfg(feature = "hub")]
+fn download(id: &str, cache_dir: &Path) -> std::result::Result<ModelSource, String> {
+    if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v != "0") {
+        return Err("HF_HUB_OFFLINE is set".into());
+    }
+    let api =
+        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
+            .build()
+            .map_err(|e| e.to_string())?;
+    let repo = api.model(id.to_string());
+    let weights = repo.get("model.safetensors").map_err(|e| e.to_string())?;
+    let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let mut source = match repo.get("config.json") {
+        Ok(config) => read_config(&config, &dir).map_err(|e| e.to_string())?,
+        Err(_) => ModelSource {
+            weights: vec![],
+            config: None,
+            labels: None,
+            preprocess: None,
+        },
+    };
+    source.weights = vec![weights];
+    Ok(source)
+}
+
+#[cfg(not(feature = "hub"))]
+fn download(_: &str, _: &Path) -> std::result::Result<ModelSource, String> {
+    Err("this build has no `hub` feature to download it".into())
+}
+
+/// Reads a model directory: `config.json` and `model.safetensors` (or its shard index,
+/// or the only `*.safetensors` file there).
+pub fn read_model_dir(dir: &Path) -> Result<ModelSource> {
+    let weights = ["model.safetensors", "model.safetensors.index.json"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file());
+    let weights = match weights {
+        Some(path) => safetensors_paths(&path)?,
+        None => {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+                .map_err(|source| Error::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            found.sort();
+            if found.is_empty() {
+                return Err(Error::NotFound {
+                    id: dir.display().to_string(),
+                    reason: "the directory has no model.safetensors".into(),
+                });
+            }
+            found
+        }
+    };
+    let config_path = dir.join("config.json");
+    let mut source = if config_path.is_file() {
+        read_config(&config_path, dir)?
+    } else {
+        ModelSource {
+            weights: vec![],
+            config: None,
+            labels: None,
+            preprocess: None,
+        }
+    };
+    source.weights = weights;
+    Ok(source)
+}
+
+fn usize_of(value: &Value) -> Option<usize> {
+    value.as_u64().and_then(|v| usize::try_from(v).ok())
+}
+
+fn f32_triple(value: &Value) -> Option<[f32; 3]> {
+    let values: Vec<f32> = value
+        .as_array()?
+        .iter()
+        .map(|v| v.as_f64().map(|f| f as f32))
+        .collect::<Option<_>>()?;
+    values.try_into().ok()
+}
+
+/// Label names from an `id2label` map or a `label_names` list.
+fn labels_of(config: &Value, num_classes: usize) -> Option<Vec<String>> {
+    if let Some(names) = config.get("label_names").and_then(Value::as_array) {
+        let names: Vec<String> = names
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        return (names.len() == num_classes).then_some(names);
+    }
+    let map = config.get("id2label")?.as_object()?;
+    let mut labels = vec![String::new(); num_classes];
+    for (key, value) in map {
+        let index: usize = key.parse().ok()?;
+        *labels.get_mut(index)? = value.as_str()?.to_string();
+    }
+    labels.iter().all(|l| !l.is_empty()).then_some(labels)
+}
+
+/// Reads `config.json` (timm or transformers) of the model in `dir`.
+pub fn read_config(path: &Path, dir: &Path) -> Result<ModelSource> {
+    let error = |reason: String| Error::Config {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let config: Value = serde_json::from_str(&read_small_text(path)?)
+        .map_err(|e| error(format!("invalid JSON ({e})")))?;
+    if config.get("model_type").and_then(Value::as_str) == Some("resnet") {
+        let mut source = transformers_config(&config).map_err(error)?;
+        let processor = dir.join("preprocessor_config.json");
+        if processor.is_file() {
+            let text = read_small_text(&processor)?;
+            let value: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
+                path: processor.clone(),
+                reason: format!("invalid JSON ({e})"),
+            })?;
+            source.preprocess = Some(transformers_preprocess(&value));
+        }
+        return Ok(source);
+    }
+    if let Some(architecture) = config.get("architecture").and_then(Value::as_str) {
+        return timm_config(&config, architecture).map_err(error);
+    }
+    Err(error(
+        "expected a timm config (\"architecture\") or a transformers config (\"model_type\": \"resnet\")".into(),
+    ))
+}
+
+fn timm_config(config: &Value, architecture: &str) -> std::result::Result<ModelSource, String> {
+    // "resnet50.a1_in1k": the part before the dot is the architecture, the rest the tag.
+    let name = architecture.split('.').next().unwrap_or(architecture);
+    let mut resnet = ResNetConfig::preset(name).ok_or_else(|| {
+        format!(
+            "timm architecture '{architecture}' is not supported; expected one of: {}",
+            resnet_core::PRESET_NAMES.join(", ")
+        )
+    })?;
+    if let Some(classes) = config.get("num_classes").and_then(usize_of) {
+        resnet.num_classes = classes;
+    }
+    if let Some(channels) = config.get("in_chans").and_then(usize_of) {
+        resnet.in_channels = channels;
+    }
+    // The arguments the model was created with (timm records them since 1.0).
+    if let Some(args) = config.get("model_args").and_then(Value::as_object) {
+        for (key, value) in args {
+            let number = || {
+                usize_of(value)
+                    .ok_or_else(|| format!("model_args.{key} must be a non-negative integer"))
+            };
+            match key.as_str() {
+                "num_classes" => resnet.num_classes = number()?,
+                "in_chans" => resnet.in_channels = number()?,
+                "cardinality" => resnet.groups = number()?,
+                "base_width" => resnet.width_per_group = number()?,
+                "channels" => {
+                    resnet.stage_widths = value
+                        .as_array()
+                        .and_then(|a| a.iter().map(usize_of).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| "model_args.channels must be a list of integers".to_string())?;
+                }
+                "layers" => {
+                    resnet.blocks_per_stage = value
+                        .as_array()
+                        .and_then(|a| a.iter().map(usize_of).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| "model_args.layers must be a list of integers".to_string())?;
+                }
+                // No effect on inference or on the tensors.
+                "global_pool" | "drop_rate" | "drop_path_rate" | "drop_block_rate" | "zero_init_last" => {}
+                // stem_width only matters for deep stems, which are not supported.
+                "stem_width" => {}
+                other => {
+                    return Err(format!(
+                        "timm model argument '{other}' = {value} is not supported (ResNet-D, deep stems and anti-aliasing are not yet)"
+                    ))
+                }
+            }
+        }
+    }
+    resnet.validate().map_err(|e| e.to_string())?;
+    let pretrained = config.get("pretrained_cfg").unwrap_or(&Value::Null);
+    let mut preprocess = PreprocessConfig::imagenet();
+    if let Some(size) = pretrained.get("input_size").and_then(Value::as_array) {
+        let dims: Vec<usize> = size.iter().filter_map(usize_of).collect();
+        if let [_, h, w] = dims[..] {
+            preprocess.size = (h, w);
+        }
+    }
+    if let Some(crop) = pretrained.get("crop_pct").and_then(Value::as_f64) {
+        preprocess.crop_pct = crop;
+    }
+    if let Some(mean) = pretrained.get("mean").and_then(f32_triple) {
+        preprocess.mean = mean;
+    }
+    if let Some(std) = pretrained.get("std").and_then(f32_triple) {
+        preprocess.std = std;
+    }
+    if let Some(interpolation) = pretrained.get("interpolation").and_then(Value::as_str) {
+        preprocess.interpolation = interpolation.parse()?;
+    }
+    let labels =
+        labels_of(config, resnet.num_classes).or_else(|| labels_of(pretrained, resnet.num_classes));
+    Ok(ModelSource {
+        weights: vec![],
+        config: Some(resnet),
+        labels,
+        preprocess: Some(preprocess),
+    })
+}
+
+fn transformers_config(config: &Value) -> std::result::Result<ModelSource, String> {
+    let list = |key: &str| -> std::result::Result<Vec<usize>, String> {
+        config
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(usize_of).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| format!("\"{key}\" must be a list of non-negative integers"))
+    };
+    let depths = list("depths")?;
+    let hidden_sizes = list("hidden_sizes")?;
+    let block = match config
+        .get("layer_type")
+        .and_then(Value::as_str)
+        .unwrap_or("bottleneck")
+    {
+        "basic" => BlockKind::Basic,
+        "bottleneck" => BlockKind::Bottleneck,
+        other => {
+            return Err(format!(
+                "layer_type '{other}' is not supported; expected basic or bottleneck"
+            ))
+        }
+    };
+    let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
+    if flag("downsample_in_first_stage") {
+        return Err(
+            "downsample_in_first_stage = true is not supported (torchvision layout only)".into(),
+        );
+    }
+    if flag("downsample_in_bottleneck") {
+        return Err(
+            "downsample_in_bottleneck = true (stride on the first 1x1) is not supported yet".into(),
+        );
+    }
+    if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
+        if act != "relu" {
+            return Err(format!(
+                "hidden_act '{act}' is not supported; expected relu"
+            ));
+        }
+    }
+    let expansion = block.expansion();
+    if let Some(size) = hidden_sizes.iter().find(|&&s| s % expansion != 0) {
+        return Err(format!(
+            "hidden size {size} is not a multiple of the block expansion {expansion}"
+        ));
+    }
+    let num_classes = match config.get("id2label").and_then(Value::as_object) {
+        Some(map) => map.len(),
+        None => config.get("num_labels").and_then(usize_of).unwrap_or(0),
+    };
+    let resnet = ResNetConfig {
+        block,
+        blocks_per_stage: depths,
+        stage_widths: hidden_sizes.iter().map(|s| s / expansion).collect(),
+        stem: StemKind::ImageNet,
+        stem_width: config
+            .get("embedding_size")
+            .and_then(usize_of)
+            .unwrap_or(64),
+        shortcut: ShortcutKind::Projection,
+        groups: 1,
+        width_per_group: 64,
+        in_channels: config.get("num_channels").and_then(usize_of).unwrap_or(3),
+        num_classes,
+        bn_eps: 1e-5,
+    };
+    resnet.validate().map_err(|e| e.to_string())?;
+    Ok(ModelSource {
+        weights: vec![],
+        labels: labels_of(config, num_classes),
+        config: Some(resnet),
+        preprocess: Some(PreprocessConfig::imagenet()),
+    })
+}
+
+/// transformers' `ConvNextImageProcessor` as ResNet checkpoints use it.
+fn transformers_preprocess(value: &Value) -> PreprocessConfig {
+    let mut preprocess = PreprocessConfig::imagenet();
+    if let Some(mean) = value.get("image_mean").and_then(f32_triple) {
+        preprocess.mean = mean;
+    }
+    if let Some(std) = value.get("image_std").and_then(f32_triple) {
+        preprocess.std = std;
+    }
+    if let Some(crop) = value.get("crop_pct").and_then(Value::as_f64) {
+        preprocess.crop_pct = crop;
+    }
+    if let Some(edge) = value
+        .get("size")
+        .and_then(|s| s.get("shortest_edge"))
+        .and_then(usize_of)
+    {
+        preprocess.size = (edge, edge);
+    }
+    preprocess.interpolation = match value.get("resample").and_then(Value::as_u64) {
+        Some(0) => Interpolation::Nearest,
+        Some(2) => Interpolation::Bilinear,
+        _ => Interpolation::Bicubic,
+    };
+    preprocess
+}

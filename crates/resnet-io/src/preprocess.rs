@@ -1,0 +1,193 @@
+//! Image preprocessing as timm's eval transform does it: resize the shorter side to
+//! `size / crop_pct`, center-crop `size`, scale to [0, 1], normalise.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use candle_core::{DType, Device, Tensor};
+use image::imageops::FilterType;
+use image::{DynamicImage, RgbImage};
+
+use crate::error::{Error, Result};
+
+/// Resampling filter of the resize.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interpolation {
+    /// Nearest neighbour.
+    Nearest,
+    /// Bilinear (with antialiasing when shrinking, as PIL).
+    Bilinear,
+    /// Bicubic, a = -0.5 (with antialiasing when shrinking, as PIL).
+    Bicubic,
+}
+
+impl FromStr for Interpolation {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "nearest" => Ok(Self::Nearest),
+            "bilinear" => Ok(Self::Bilinear),
+            "bicubic" => Ok(Self::Bicubic),
+            _ => Err(format!(
+                "unknown interpolation '{s}', expected nearest, bilinear or bicubic"
+            )),
+        }
+    }
+}
+
+impl Interpolation {
+    fn filter(self) -> FilterType {
+        match self {
+            Self::Nearest => FilterType::Nearest,
+            Self::Bilinear => FilterType::Triangle,
+            Self::Bicubic => FilterType::CatmullRom,
+        }
+    }
+}
+
+/// How images become input tensors.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreprocessConfig {
+    /// Output (height, width).
+    pub size: (usize, usize),
+    /// Fraction of the resized image the crop keeps (timm's `crop_pct`).
+    pub crop_pct: f64,
+    /// Resampling filter.
+    pub interpolation: Interpolation,
+    /// Per-channel mean, subtracted after scaling to [0, 1].
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation.
+    pub std: [f32; 3],
+    /// Resize and crop at all; `false` only checks the image already has `size`
+    /// (CIFAR models, which are fed their 32x32 images as they are).
+    pub resize: bool,
+}
+
+/// ImageNet mean, as torchvision and timm use it.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet standard deviation.
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+impl PreprocessConfig {
+    /// timm's default: 224x224, crop_pct 0.875, bilinear, ImageNet mean/std.
+    pub fn imagenet() -> Self {
+        Self {
+            size: (224, 224),
+            crop_pct: 0.875,
+            interpolation: Interpolation::Bilinear,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            resize: true,
+        }
+    }
+
+    /// The CIFAR ResNets: 32x32 as they are, ImageNet mean/std (as they were trained).
+    pub fn cifar() -> Self {
+        Self {
+            size: (32, 32),
+            crop_pct: 1.0,
+            interpolation: Interpolation::Bilinear,
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+            resize: false,
+        }
+    }
+
+    /// Decodes and preprocesses an image file to a `(3, H, W)` f32 tensor.
+    pub fn load_image(&self, path: &Path) -> Result<Tensor> {
+        let error = |reason: String| Error::Image {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let image = image::ImageReader::open(path)
+            .map_err(|e| error(e.to_string()))?
+            .with_guessed_format()
+            .map_err(|e| error(e.to_string()))?
+            .decode()
+            .map_err(|e| error(format!("cannot decode ({e})")))?;
+        self.apply(&image).map_err(|e| error(e.to_string()))
+    }
+
+    /// Preprocesses a decoded image to a `(3, H, W)` f32 tensor on the CPU.
+    pub fn apply(&self, image: &DynamicImage) -> Result<Tensor> {
+        let (height, width) = self.size;
+        let rgb = image.to_rgb8();
+        let rgb = if self.resize {
+            self.resize_and_crop(rgb)
+        } else if (rgb.height() as usize, rgb.width() as usize) == self.size {
+            rgb
+        } else {
+            image::imageops::resize(
+                &rgb,
+                width as u32,
+                height as u32,
+                self.interpolation.filter(),
+            )
+        };
+        let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+        let mut data = vec![0f32; 3 * h * w];
+        for (i, pixel) in rgb.pixels().enumerate() {
+            for c in 0..3 {
+                data[c * h * w + i] = (f32::from(pixel[c]) / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
+    }
+
+    /// timm's `Resize(int(size / crop_pct))` on the shorter side, then `CenterCrop(size)`.
+    fn resize_and_crop(&self, rgb: RgbImage) -> RgbImage {
+        let (height, width) = self.size;
+        let crop_pct = if self.crop_pct > 0.0 {
+            self.crop_pct
+        } else {
+            1.0
+        };
+        let scale_size = ((height.max(width) as f64) / crop_pct).floor() as u32;
+        let (w, h) = (rgb.width().max(1), rgb.height().max(1));
+        // torchvision's Resize(int): the shorter side becomes scale_size, the longer one
+        // int(scale_size * long / short).
+        let (new_w, new_h) = if w <= h {
+            (
+                scale_size,
+                (f64::from(scale_size) * f64::from(h) / f64::from(w)) as u32,
+            )
+        } else {
+            (
+                (f64::from(scale_size) * f64::from(w) / f64::from(h)) as u32,
+                scale_size,
+            )
+        };
+        let resized = if (new_w, new_h) == (w, h) {
+            rgb
+        } else {
+            image::imageops::resize(
+                &rgb,
+                new_w.max(1),
+                new_h.max(1),
+                self.interpolation.filter(),
+            )
+        };
+        // torchvision's CenterCrop: offsets round((size_in - size_out) / 2).
+        let crop = |outer: u32, inner: usize| -> u32 {
+            ((f64::from(outer) - inner as f64) / 2.0).round().max(0.0) as u32
+        };
+        let (top, left) = (crop(resized.height(), height), crop(resized.width(), width));
+        let mut out = RgbImage::new(width as u32, height as u32);
+        for y in 0..height as u32 {
+            for x in 0..width as u32 {
+                let (sx, sy) = (left + x, top + y);
+                if sx < resized.width() && sy < resized.height() {
+                    out.put_pixel(x, y, *resized.get_pixel(sx, sy));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Stacks `(3, H, W)` images into a batch in `dtype` on `device`.
+pub fn batch(images: &[Tensor], device: &Device, dtype: DType) -> Result<Tensor> {
+    Ok(Tensor::stack(images, 0)?
+        .to_dtype(dtype)?
+        .to_device(device)?)
+}

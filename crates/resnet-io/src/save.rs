@@ -1,0 +1,81 @@
+//! Writing models and converting checkpoints.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use resnet_core::{ResNet, ResNetConfig};
+
+use crate::error::{Error, Result};
+use crate::load::{load_resnet, WeightFiles};
+use crate::naming::NamingScheme;
+
+/// Metadata key under which the architecture is stored as JSON.
+pub const CONFIG_METADATA_KEY: &str = "resnet_config";
+
+/// The architecture stored in a checkpoint's metadata by [`save`], if any.
+pub fn config_from_metadata(
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> Option<ResNetConfig> {
+    serde_json::from_str(metadata.get(CONFIG_METADATA_KEY)?).ok()
+}
+
+/// Writes every tensor of `model` (parameters and BatchNorm statistics) to `path` in
+/// `scheme`'s naming and `dtype`, with the architecture in the metadata. Loading it back
+/// gives the same network (bit for bit in the same dtype).
+pub fn save(
+    model: &ResNet,
+    path: impl AsRef<Path>,
+    scheme: NamingScheme,
+    dtype: DType,
+) -> Result<()> {
+    let path = path.as_ref();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, tensor) in model.named_tensors() {
+        let file_name = scheme
+            .from_torchvision(&name)
+            .ok_or_else(|| Error::InvalidTensor {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                reason: format!("has no name in the {scheme} scheme"),
+            })?;
+        let tensor = tensor
+            .to_dtype(dtype)?
+            .to_device(&Device::Cpu)?
+            .contiguous()?;
+        tensors.insert(file_name, tensor);
+    }
+    let config = serde_json::to_string(model.config()).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let metadata = HashMap::from([
+        (CONFIG_METADATA_KEY.to_string(), config),
+        ("format".to_string(), "pt".to_string()),
+        ("naming".to_string(), scheme.to_string()),
+    ]);
+    let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    safetensors::serialize_to_file(
+        views.iter().map(|(n, t)| (n.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+/// Converts a checkpoint of any naming scheme and dtype to `scheme` and `dtype`: loads it
+/// (fully validated) on the CPU and writes it back. Returns the architecture.
+pub fn convert(
+    input: &WeightFiles,
+    output: impl AsRef<Path>,
+    scheme: NamingScheme,
+    dtype: DType,
+) -> Result<ResNetConfig> {
+    let stored = config_from_metadata(&input.metadata());
+    let loaded = load_resnet(input, stored.as_ref(), &Device::Cpu, dtype)?;
+    save(&loaded.model, output, scheme, dtype)?;
+    Ok(loaded.config)
+}

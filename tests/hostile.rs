@@ -1,0 +1,1 @@
+//! Hostile safetensors files.

@@ -1,0 +1,215 @@
+//! resnet-io on real checkpoints: tiny model directories written by timm and
+//! transformers themselves (fixtures/generate_checkpoints.py), a Hugging Face cache
+//! layout, the pretrained CIFAR ResNets of ../shared, saving and converting.
+//!
+//! Tolerance as in resnet-core: max |Δ| ≤ 1e-4 · max |reference| in f32.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use resnet_core::{ResNetConfig, ShortcutKind};
+use resnet_io::{
+    inspect, load_file, resolve_model, resolve_model_in, save, Interpolation, NamingScheme,
+    WeightFiles,
+};
+use resnet_tests::{assert_close, model_fixture, shared_dir, F32_RELATIVE_TOLERANCE};
+
+fn expected(name: &str) -> Result<(Tensor, Tensor)> {
+    let path = model_fixture(&format!("{name}.expected.safetensors"));
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    Ok((
+        tensors.remove("input").context("input")?,
+        tensors.remove("expected").context("expected")?,
+    ))
+}
+
+fn check_model_dir(model: &str, fixture: &str) -> Result<resnet_io::ModelSource> {
+    let source = resolve_model(model)?;
+    let loaded = source.load(None, &Device::Cpu, DType::F32)?;
+    let (input, reference) = expected(fixture)?;
+    assert_close(
+        &loaded.model.forward(&input)?,
+        &reference,
+        F32_RELATIVE_TOLERANCE,
+        fixture,
+    )?;
+    Ok(source)
+}
+
+#[test]
+fn timm_model_directory() -> Result<()> {
+    let dir = model_fixture("timm_resnet18_tiny");
+    let source = check_model_dir(dir.to_str().context("path")?, "timm_resnet18_tiny")?;
+    assert_eq!(
+        source.labels(4).context("labels")?,
+        ["cat", "dog", "bird", "fish"]
+    );
+    let config = source.config.clone().context("config")?;
+    let preprocess = source.preprocess(&config);
+    assert_eq!(preprocess.interpolation, Interpolation::Bicubic);
+    assert_eq!(preprocess.crop_pct, 0.95);
+    assert_eq!(config.stage_widths, [8, 16, 24, 32]);
+    Ok(())
+}
+
+#[test]
+fn transformers_model_directories() -> Result<()> {
+    for name in ["transformers_bottleneck_tiny", "transformers_basic_tiny"] {
+        let dir = model_fixture(name);
+        let source = check_model_dir(dir.to_str().context("path")?, name)?;
+        assert_eq!(
+            source.labels(3).context("labels")?,
+            ["red", "green", "blue"]
+        );
+        let config = source.config.clone().context("config")?;
+        assert_eq!(source.preprocess(&config).mean, [0.5, 0.5, 0.5]);
+    }
+    Ok(())
+}
+
+#[test]
+fn inferred_architecture_equals_the_configured_one() -> Result<()> {
+    for name in [
+        "timm_resnet18_tiny",
+        "transformers_bottleneck_tiny",
+        "transformers_basic_tiny",
+    ] {
+        let source = resnet_io::read_model_dir(&model_fixture(name))?;
+        let files = WeightFiles::open(&source.weights)?;
+        let inferred = inspect(&files, None)?;
+        assert_eq!(Some(inferred.config), source.config, "{name}");
+        assert!(inferred.report.is_ok(), "{name}: {}", inferred.report);
+        assert!(
+            !inferred.report.ignored.is_empty(),
+            "{name}: num_batches_tracked ignored"
+        );
+    }
+    Ok(())
+}
+
+/// Lays `dir` out as the hub cache does: models--owner--name/{refs/main, snapshots/REV}.
+fn add_to_hub_cache(cache: &Path, id: &str, dir: &Path) -> Result<()> {
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(revision);
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs").join("main"), revision)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+#[test]
+fn hub_ids_resolve_through_the_local_cache() -> Result<()> {
+    let cache = tempfile::tempdir()?;
+    for (id, fixture) in [
+        ("timm/resnet18_tiny.test", "timm_resnet18_tiny"),
+        ("tiny-org/resnet-tiny", "transformers_bottleneck_tiny"),
+    ] {
+        add_to_hub_cache(cache.path(), id, &model_fixture(fixture))?;
+        let source = resolve_model_in(id, cache.path())?;
+        let loaded = source.load(None, &Device::Cpu, DType::F32)?;
+        let (input, reference) = expected(fixture)?;
+        assert_close(
+            &loaded.model.forward(&input)?,
+            &reference,
+            F32_RELATIVE_TOLERANCE,
+            id,
+        )?;
+    }
+    let err = resolve_model_in("nobody/nothing", cache.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("nobody/nothing") && err.contains("cache"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn pretrained_cifar_weights_load_through_auto() -> Result<()> {
+    let Some(shared) = shared_dir("pretrained_cifar_weights_load_through_auto") else {
+        return Ok(());
+    };
+    for depth in [20, 32] {
+        let path = shared.join(format!("weights/cifar10/resnet{depth}.safetensors"));
+        let loaded = load_file(&path, None, &Device::Cpu, DType::F32)?;
+        assert_eq!(loaded.scheme, NamingScheme::Cifar);
+        assert_eq!(
+            loaded.config,
+            format!("resnet{depth}").parse::<ResNetConfig>()?
+        );
+        assert_eq!(loaded.config.shortcut, ShortcutKind::ZeroPad);
+    }
+    Ok(())
+}
+
+#[test]
+fn save_and_load_back_is_exact_in_every_scheme_and_dtype() -> Result<()> {
+    let source = resnet_io::read_model_dir(&model_fixture("transformers_bottleneck_tiny"))?;
+    let original = source.load(None, &Device::Cpu, DType::F32)?;
+    let dir = tempfile::tempdir()?;
+    for scheme in [NamingScheme::Torchvision, NamingScheme::Transformers] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let path = dir.path().join(format!("{scheme}-{dtype:?}.safetensors"));
+            save(&original.model, &path, scheme, dtype)?;
+            let back = load_file(&path, None, &Device::Cpu, dtype)?;
+            assert_eq!(back.scheme, scheme);
+            assert_eq!(back.config, original.config);
+            let saved = original.model.named_tensors();
+            let loaded = back.model.named_tensors();
+            assert_eq!(saved.len(), loaded.len());
+            for ((name, a), (_, b)) in saved.iter().zip(&loaded) {
+                let a = a
+                    .to_dtype(dtype)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                assert_eq!(a, b, "{scheme} {dtype:?} {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_checkpoint_for_another_architecture_gets_a_full_report() -> Result<()> {
+    let source = resnet_io::read_model_dir(&model_fixture("timm_resnet18_tiny"))?;
+    let files = WeightFiles::open(&source.weights)?;
+    let resnet34 = ResNetConfig::resnet34().with_num_classes(4);
+    let inspection = inspect(&files, Some(&resnet34))?;
+    let report = &inspection.report;
+    assert!(!report.is_ok());
+    // resnet34 has 3+4+6+3 blocks where the file has 2 per stage, and wider stages.
+    assert!(
+        report
+            .missing
+            .iter()
+            .any(|(n, _)| n == "layer3.5.conv1.weight"),
+        "{report}"
+    );
+    assert!(report
+        .mismatched
+        .iter()
+        .any(|m| m.name == "layer1.0.conv1.weight"
+            && m.expected == [64, 64, 3, 3]
+            && m.found == [8, 64, 3, 3]));
+    let err = resnet_io::load_resnet(&files, Some(&resnet34), &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("resnet34, 4 classes"),
+        "{err}"
+    );
+    assert!(
+        err.contains("layer1.0.conv1.weight: expected [64, 64, 3, 3], found [8, 64, 3, 3]"),
+        "{err}"
+    );
+    Ok(())
+}
