@@ -28,9 +28,11 @@
 mod batch_norm;
 mod block;
 mod config;
+mod device;
 mod model;
 
 pub use batch_norm::BatchNorm2d;
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{BlockKind, ResNetConfig, ShortcutKind, StemKind, PRESET_NAMES};
+pub use device::{device, device_name};
 pub use model::{FeatureInfo, FeatureMap, Inference, ResNet, Stage, Stem};

@@ -43,7 +43,10 @@ pub use load::{
 };
 pub use model_dir::{hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, ModelSource};
 pub use naming::{is_ignored, NamingScheme};
-pub use preprocess::{batch, Interpolation, PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD};
+pub use preprocess::{
+    batch, decode_image, Interpolation, PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD,
+    MAX_IMAGE_PIXELS,
+};
 pub use report::{LoadReport, ShapeMismatch};
 pub use safetensors::Dtype;
 pub use save::{config_from_metadata, convert, save, CONFIG_METADATA_KEY};

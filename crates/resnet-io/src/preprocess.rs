@@ -95,17 +95,11 @@ impl PreprocessConfig {
 
     /// Decodes and preprocesses an image file to a `(3, H, W)` f32 tensor.
     pub fn load_image(&self, path: &Path) -> Result<Tensor> {
-        let error = |reason: String| Error::Image {
+        let image = decode_image(path)?;
+        self.apply(&image).map_err(|e| Error::Image {
             path: path.to_path_buf(),
-            reason,
-        };
-        let image = image::ImageReader::open(path)
-            .map_err(|e| error(e.to_string()))?
-            .with_guessed_format()
-            .map_err(|e| error(e.to_string()))?
-            .decode()
-            .map_err(|e| error(format!("cannot decode ({e})")))?;
-        self.apply(&image).map_err(|e| error(e.to_string()))
+            reason: e.to_string(),
+        })
     }
 
     /// Preprocesses a decoded image to a `(3, H, W)` f32 tensor on the CPU.
@@ -183,6 +177,77 @@ impl PreprocessConfig {
         }
         out
     }
+}
+
+/// Largest image accepted, in pixels: a decompression bomb is refused before decoding.
+pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
+
+/// Decodes a JPEG or PNG file to RGB. JPEGs go through libjpeg-turbo's algorithms (as
+/// mozjpeg), bit-exact with Pillow, so predictions match PyTorch references made with it;
+/// other formats through the `image` crate.
+pub fn decode_image(path: &Path) -> Result<DynamicImage> {
+    let error = |reason: String| Error::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| error(format!("cannot read ({e})")))?;
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return decode_jpeg(&bytes).map_err(error);
+    }
+    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| error(e.to_string()))?;
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| error(format!("cannot decode ({e})")))?;
+    check_pixels(width, height).map_err(error)?;
+    image::load_from_memory(&bytes).map_err(|e| error(format!("cannot decode ({e})")))
+}
+
+fn check_pixels(width: u32, height: u32) -> std::result::Result<(), String> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels == 0 || pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "image of {width}x{height} pixels; expected between 1 and {MAX_IMAGE_PIXELS} pixels"
+        ));
+    }
+    Ok(())
+}
+
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
+    // libjpeg reports fatal errors by unwinding (without the panic hook); catch them.
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<(u32, u32, Vec<u8>)>> {
+        let decompress = mozjpeg::Decompress::new_mem(bytes)?;
+        let (width, height) = (decompress.width() as u32, decompress.height() as u32);
+        if check_pixels(width, height).is_err() {
+            return Ok(Some((width, height, Vec::new())));
+        }
+        let mut rgb = decompress.rgb()?;
+        let pixels: Vec<[u8; 3]> = rgb.read_scanlines()?;
+        rgb.finish()?;
+        Ok(Some((
+            width,
+            height,
+            pixels.into_iter().flatten().collect(),
+        )))
+    });
+    let (width, height, data) = match decoded {
+        Ok(Ok(Some(image))) => image,
+        Ok(Ok(None)) => return Err("cannot decode JPEG".into()),
+        Ok(Err(e)) => return Err(format!("cannot decode JPEG ({e})")),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg error".into());
+            return Err(format!("cannot decode JPEG ({message})"));
+        }
+    };
+    check_pixels(width, height)?;
+    RgbImage::from_raw(width, height, data)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| "truncated JPEG data".to_string())
 }
 
 /// Stacks `(3, H, W)` images into a batch in `dtype` on `device`.

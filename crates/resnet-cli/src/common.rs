@@ -1,0 +1,116 @@
+//! Options every command shares, and loading a model as the user named it.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use clap::Args;
+use resnet_core::{ResNet, ResNetConfig};
+use resnet_io::{inspect, ModelSource, PreprocessConfig, WeightFiles};
+
+/// Device, dtype and threads, accepted before or after the command.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalOptions {
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, global = true, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, global = true, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+}
+
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(format!("unknown dtype '{s}', expected f32, f16 or bf16")),
+    }
+}
+
+impl GlobalOptions {
+    /// Sets the thread count candle and rayon use; must run before either starts.
+    pub fn apply_threads(&self) {
+        if let Some(threads) = self.threads.filter(|&t| t > 0) {
+            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        }
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        Ok(resnet_core::device(&self.device)?)
+    }
+}
+
+/// `--arch`: `auto` or a preset name.
+pub fn parse_arch(arch: &str) -> Result<Option<ResNetConfig>> {
+    if arch.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    Ok(Some(arch.parse()?))
+}
+
+/// A model ready to run, with how to feed it and name its outputs.
+pub struct Model {
+    pub model: ResNet,
+    pub config: ResNetConfig,
+    pub labels: Option<Vec<String>>,
+    pub preprocess: PreprocessConfig,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+/// Loads `--model` (file, directory or hub id) for `--arch` (auto or a preset; a preset
+/// takes its class and input-channel counts from the checkpoint).
+pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Model> {
+    let device = global.device()?;
+    let dtype = global.dtype;
+    let source: ModelSource = resnet_io::resolve_model(model)?;
+    let mut config = parse_arch(arch)?;
+    if let Some(preset) = config.as_mut() {
+        let files = WeightFiles::open(&source.weights)?;
+        if let Ok(found) = inspect(&files, None) {
+            preset.num_classes = found.config.num_classes;
+            preset.in_channels = found.config.in_channels;
+        }
+    }
+    let loaded = source
+        .load(config.as_ref(), &device, dtype)
+        .with_context(|| format!("loading model '{model}'"))?;
+    let labels = source.labels(loaded.config.num_classes);
+    let preprocess = source.preprocess(&loaded.config);
+    Ok(Model {
+        model: loaded.model,
+        config: loaded.config,
+        labels,
+        preprocess,
+        device,
+        dtype,
+    })
+}
+
+/// A network of architecture `arch` with candle's random initialisation.
+pub fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
+    let Some(config) = parse_arch(arch)? else {
+        bail!("--arch auto needs --model to infer the architecture from");
+    };
+    let varmap = candle_nn::VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
+    Ok(ResNet::new(&config, vb)?)
+}
+
+/// Softmax probabilities and indices of the `k` most likely classes of each row.
+pub fn top_k(logits: &candle_core::Tensor, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
+    let probabilities = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+    let rows: Vec<Vec<f32>> = probabilities.to_device(&Device::Cpu)?.to_vec2()?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let mut indexed: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
+            indexed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            indexed.truncate(k);
+            indexed
+        })
+        .collect())
+}

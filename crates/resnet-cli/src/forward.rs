@@ -1,0 +1,85 @@
+//! `resnet forward`: the article's shape test, and tensor in, tensor out.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+
+use crate::common::{load_model, random_model, GlobalOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Architecture name (resnet18 ... resnet1202), or auto with --model.
+    #[arg(long)]
+    arch: String,
+    /// Weights (file, directory or hub id); without it the network is randomly initialised.
+    #[arg(long)]
+    model: Option<String>,
+    /// Random input of this shape, N,C,H,W.
+    #[arg(long, conflicts_with = "input", value_parser = parse_shape)]
+    shape: Option<[usize; 4]>,
+    /// A .safetensors file whose tensor `input` is the batch.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// Write the output tensor (`logits`, or `features`) to this .safetensors file.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Output the pooled features instead of the logits.
+    #[arg(long)]
+    features: bool,
+}
+
+fn parse_shape(s: &str) -> std::result::Result<[usize; 4], String> {
+    let dims: Vec<usize> = s
+        .split(',')
+        .map(|d| d.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| format!("invalid shape '{s}', expected four positive integers N,C,H,W"))?;
+    match dims[..] {
+        [n, c, h, w] if dims.iter().all(|&d| d > 0) => Ok([n, c, h, w]),
+        _ => Err(format!(
+            "invalid shape '{s}', expected four positive integers N,C,H,W"
+        )),
+    }
+}
+
+pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
+    let (model, device, dtype) = match &args.model {
+        Some(path) => {
+            let loaded = load_model(global, path, &args.arch)?;
+            (loaded.model, loaded.device, loaded.dtype)
+        }
+        None => {
+            let device = global.device()?;
+            let model = random_model(&args.arch, &device, global.dtype)?;
+            (model, device, global.dtype)
+        }
+    };
+    let input = match (&args.shape, &args.input) {
+        (Some(shape), _) => Tensor::randn(0f32, 1.0, shape.as_slice(), &device)?.to_dtype(dtype)?,
+        (None, Some(path)) => {
+            let checkpoint = resnet_io::Checkpoint::open(path)?;
+            checkpoint
+                .load("input", &device, dtype)
+                .with_context(|| format!("{}: expected a tensor named 'input'", path.display()))?
+        }
+        (None, None) => bail!("give --shape N,C,H,W or --input FILE.safetensors"),
+    };
+    let features = model.forward_features(&input)?;
+    let output = model.forward_head(&features, args.features)?;
+    let name = if args.features || model.head().is_none() {
+        "features"
+    } else {
+        "logits"
+    };
+    println!("input {:?} -> {name} {:?}", input.dims(), output.dims());
+    if let Some(path) = &args.output {
+        let output = output.to_device(&Device::Cpu)?;
+        let tensors = HashMap::from([(name.to_string(), output)]);
+        candle_core::safetensors::save(&tensors, path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! `resnet inspect` and `resnet convert`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::DType;
+use resnet_io::{NamingScheme, WeightFiles};
+use serde_json::json;
+
+use crate::common::{parse_arch, GlobalOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A .safetensors file, a model directory or a hub id in the local cache.
+    model: String,
+    /// Check against this architecture instead of the inferred one.
+    #[arg(long, default_value = "auto")]
+    arch: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
+    let source = resnet_io::resolve_model(&args.model)?;
+    let files = WeightFiles::open(&source.weights)?;
+    let arch = parse_arch(&args.arch)?;
+    let inspection = resnet_io::inspect(&files, arch.as_ref().or(source.config.as_ref()))?;
+    let report = &inspection.report;
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    for info in files.tensors() {
+        *dtypes.entry(info.dtype.to_string()).or_default() += 1;
+    }
+    let parameters: usize = files
+        .tensors()
+        .filter(|t| !t.name.contains("running_") && !resnet_io::is_ignored(&t.name))
+        .map(|t| t.elem_count())
+        .sum();
+    if args.json {
+        let summary = json!({
+            "files": source.weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "naming": inspection.scheme.to_string(),
+            "architecture": inspection.config.describe(),
+            "config": inspection.config,
+            "parameters": parameters,
+            "tensors": files.tensors().count(),
+            "data_bytes": files.data_bytes(),
+            "dtypes": dtypes,
+            "ok": report.is_ok(),
+            "loaded": report.loaded.len(),
+            "missing": report.missing.iter().map(|(n, s)| json!({"name": n, "expected": s})).collect::<Vec<_>>(),
+            "unexpected": report.unexpected,
+            "mismatched": report.mismatched.iter().map(|m| json!({"name": m.name, "file_name": m.file_name, "expected": m.expected, "found": m.found})).collect::<Vec<_>>(),
+            "wrong_dtype": report.wrong_dtype.iter().map(|(n, d)| json!({"name": n, "dtype": d.to_string()})).collect::<Vec<_>>(),
+            "ignored": report.ignored.len(),
+            "metadata": files.metadata(),
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(());
+    }
+    for path in &source.weights {
+        println!("file:         {}", path.display());
+    }
+    println!("naming:       {}", inspection.scheme);
+    println!("architecture: {}", inspection.config.describe());
+    let config = &inspection.config;
+    println!(
+        "              {} blocks {:?}, widths {:?}, groups {} x {}, shortcut {}, {} input channels, {} classes",
+        config.block,
+        config.blocks_per_stage,
+        config.stage_widths,
+        config.groups,
+        config.width_per_group,
+        config.shortcut,
+        config.in_channels,
+        config.num_classes
+    );
+    println!("parameters:   {parameters}");
+    let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
+    println!("dtypes:       {}", dtypes.join(", "));
+    println!(
+        "data:         {} bytes in {} tensors",
+        files.data_bytes(),
+        files.tensors().count()
+    );
+    print!("validation:   {report}");
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct ConvertArgs {
+    /// Input checkpoint (file, directory or hub id), any naming scheme and dtype.
+    input: String,
+    /// Output .safetensors file.
+    output: PathBuf,
+    /// Naming of the output: torchvision (timm), transformers or cifar.
+    #[arg(long, default_value = "torchvision")]
+    naming: String,
+}
+
+pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
+    let scheme: NamingScheme = args.naming.parse().map_err(anyhow::Error::msg)?;
+    let source = resnet_io::resolve_model(&args.input)?;
+    let files = WeightFiles::open(&source.weights)?;
+    let dtype: DType = global.dtype;
+    let config = match &source.config {
+        Some(config) => {
+            let loaded =
+                resnet_io::load_resnet(&files, Some(config), &candle_core::Device::Cpu, dtype)?;
+            resnet_io::save(&loaded.model, &args.output, scheme, dtype)?;
+            loaded.config
+        }
+        None => resnet_io::convert(&files, &args.output, scheme, dtype)?,
+    };
+    println!(
+        "wrote {} ({}, {scheme} naming, {})",
+        args.output.display(),
+        config.describe(),
+        format!("{dtype:?}").to_lowercase()
+    );
+    Ok(())
+}
