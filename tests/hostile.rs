@@ -1,6 +1,9 @@
 //! Hostile safetensors files: each gives a clear error naming the file, never a panic,
 //! a hang, or memory far beyond the file's size. The corpus is generated here.
 
+// Test helpers may unwrap: a failure here is a test failure.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
