@@ -37,8 +37,13 @@ pub struct Args {
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
-/// Classes (sorted folder names) and every image with its class index.
-fn image_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, usize)>)> {
+/// An ImageFolder tree: class names (sorted folder names) and every image with its class.
+struct ImageFolder {
+    classes: Vec<String>,
+    images: Vec<(PathBuf, usize)>,
+}
+
+fn image_folder(root: &Path) -> Result<ImageFolder> {
     let read_dir = |dir: &Path| -> Result<Vec<PathBuf>> {
         let mut entries = std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -73,7 +78,7 @@ fn image_folder(root: &Path) -> Result<(Vec<String>, Vec<(PathBuf, usize)>)> {
             }
         }
     }
-    Ok((classes, images))
+    Ok(ImageFolder { classes, images })
 }
 
 type DecodedBatch = Vec<(usize, resnet_io::Result<Tensor>)>;
@@ -82,7 +87,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let (classes, images) = image_folder(&args.data)?;
+    let ImageFolder { classes, images } = image_folder(&args.data)?;
     if images.is_empty() {
         bail!(
             "{}: no .jpg, .jpeg or .png images in the class folders",
