@@ -32,6 +32,7 @@ mod model_dir;
 mod naming;
 mod preprocess;
 mod report;
+mod resample;
 mod save;
 
 pub use checkpoint::{Checkpoint, TensorInfo, MAX_HEADER_BYTES};

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Tensor};
-use image::imageops::FilterType;
 use image::{DynamicImage, RgbImage};
 
 use crate::error::{Error, Result};
@@ -15,9 +14,9 @@ use crate::error::{Error, Result};
 pub enum Interpolation {
     /// Nearest neighbour.
     Nearest,
-    /// Bilinear (with antialiasing when shrinking, as PIL).
+    /// Bilinear (antialiased when shrinking, as Pillow).
     Bilinear,
-    /// Bicubic, a = -0.5 (with antialiasing when shrinking, as PIL).
+    /// Bicubic, a = -0.5 (antialiased when shrinking, as Pillow).
     Bicubic,
 }
 
@@ -31,16 +30,6 @@ impl FromStr for Interpolation {
             _ => Err(format!(
                 "unknown interpolation '{s}', expected nearest, bilinear or bicubic"
             )),
-        }
-    }
-}
-
-impl Interpolation {
-    fn filter(self) -> FilterType {
-        match self {
-            Self::Nearest => FilterType::Nearest,
-            Self::Bilinear => FilterType::Triangle,
-            Self::Bicubic => FilterType::CatmullRom,
         }
     }
 }
@@ -111,12 +100,7 @@ impl PreprocessConfig {
         } else if (rgb.height() as usize, rgb.width() as usize) == self.size {
             rgb
         } else {
-            image::imageops::resize(
-                &rgb,
-                width as u32,
-                height as u32,
-                self.interpolation.filter(),
-            )
+            crate::resample::resize(&rgb, width as u32, height as u32, self.interpolation)
         };
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let mut data = vec![0f32; 3 * h * w];
@@ -154,16 +138,14 @@ impl PreprocessConfig {
         let resized = if (new_w, new_h) == (w, h) {
             rgb
         } else {
-            image::imageops::resize(
-                &rgb,
-                new_w.max(1),
-                new_h.max(1),
-                self.interpolation.filter(),
-            )
+            crate::resample::resize(&rgb, new_w.max(1), new_h.max(1), self.interpolation)
         };
-        // torchvision's CenterCrop: offsets round((size_in - size_out) / 2).
+        // torchvision's CenterCrop: offsets int(round((size_in - size_out) / 2)), with
+        // Python's round-half-to-even.
         let crop = |outer: u32, inner: usize| -> u32 {
-            ((f64::from(outer) - inner as f64) / 2.0).round().max(0.0) as u32
+            ((f64::from(outer) - inner as f64) / 2.0)
+                .round_ties_even()
+                .max(0.0) as u32
         };
         let (top, left) = (crop(resized.height(), height), crop(resized.width(), width));
         let mut out = RgbImage::new(width as u32, height as u32);
