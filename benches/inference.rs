@@ -1,0 +1,37 @@
+//! Inference time per batch on the CPU: resnet18 and resnet50 at batch 1 and 8, CIFAR
+//! resnet20 at batch 128, in f32 and f16. `cargo bench -p resnet-benches --bench inference`
+#![allow(missing_docs)] // criterion's macros generate undocumented items
+
+use candle_core::DType;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use resnet_benches::{random_input, random_model};
+
+fn inference(c: &mut Criterion) {
+    let mut group = c.benchmark_group("inference");
+    group.sample_size(10);
+    for (arch, batch) in [
+        ("resnet18", 1),
+        ("resnet18", 8),
+        ("resnet50", 1),
+        ("resnet50", 8),
+        ("resnet20", 128),
+    ] {
+        for dtype in [DType::F32, DType::F16] {
+            let Ok((model, _varmap)) = random_model(arch, dtype) else {
+                continue;
+            };
+            let Ok(input) = random_input(&model, batch) else {
+                continue;
+            };
+            group.throughput(Throughput::Elements(batch as u64));
+            let id = BenchmarkId::new(format!("{arch}/{dtype:?}"), batch);
+            group.bench_with_input(id, &input, |b, input| {
+                b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec()))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, inference);
+criterion_main!(benches);
