@@ -21,6 +21,9 @@
 //! # }
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
+// The README's examples run as doctests of this crate.
+#![doc = ""]
+#![cfg_attr(doctest, doc = include_str!("../../../README.md"))]
 #![deny(missing_docs)]
 
 mod checkpoint;
