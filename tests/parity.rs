@@ -12,7 +12,7 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
 use resnet_core::{BlockKind, ResNet, ResNetConfig, ShortcutKind};
 use resnet_tests::{
-    assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir,
+    assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir, test_device,
     F32_RELATIVE_TOLERANCE,
 };
 
@@ -31,61 +31,117 @@ fn narrow(block: BlockKind, blocks_per_stage: [usize; 4], num_classes: usize) ->
 }
 
 /// Builds `config` from the fixture's weights in `dtype` and compares to `expected`.
-fn check_timm_case(name: &str, config: ResNetConfig, dtype: DType, tolerance: f64) -> Result<()> {
+fn check_timm_case(
+    name: &str,
+    config: ResNetConfig,
+    dtype: DType,
+    tolerance: f64,
+    device: &Device,
+) -> Result<()> {
     let tensors = load_fixture(name)?;
-    let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
     let model = ResNet::new(&config, vb)?;
-    let input = tensors["input"].to_dtype(dtype)?;
+    let input = tensors["input"].to_dtype(dtype)?.to_device(device)?;
     let output = model.forward(&input)?;
     assert_close(&output, &tensors["expected"], tolerance, name)
 }
 
-#[test]
-fn timm_basic_blocks() -> Result<()> {
+fn timm_basic_blocks(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Basic, [2, 1, 1, 2], 5);
-    check_timm_case("timm_basic", config, DType::F32, F32_RELATIVE_TOLERANCE)
+    check_timm_case(
+        "timm_basic",
+        config,
+        DType::F32,
+        F32_RELATIVE_TOLERANCE,
+        device,
+    )
 }
+test_device!(
+    timm_basic_blocks,
+    timm_basic_blocks_cpu,
+    timm_basic_blocks_cuda,
+    timm_basic_blocks_metal
+);
 
-#[test]
-fn timm_bottleneck_blocks() -> Result<()> {
+fn timm_bottleneck_blocks(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Bottleneck, [1, 2, 1, 1], 7);
     check_timm_case(
         "timm_bottleneck",
         config,
         DType::F32,
         F32_RELATIVE_TOLERANCE,
+        device,
     )
 }
+test_device!(
+    timm_bottleneck_blocks,
+    timm_bottleneck_blocks_cpu,
+    timm_bottleneck_blocks_cuda,
+    timm_bottleneck_blocks_metal
+);
 
-#[test]
-fn timm_resnext_groups() -> Result<()> {
+fn timm_resnext_groups(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Bottleneck, [1, 1, 2, 1], 6).with_groups(4, 16);
-    check_timm_case("timm_resnext", config, DType::F32, F32_RELATIVE_TOLERANCE)
+    check_timm_case(
+        "timm_resnext",
+        config,
+        DType::F32,
+        F32_RELATIVE_TOLERANCE,
+        device,
+    )
 }
+test_device!(
+    timm_resnext_groups,
+    timm_resnext_groups_cpu,
+    timm_resnext_groups_cuda,
+    timm_resnext_groups_metal
+);
 
-#[test]
-fn timm_wide_bottleneck() -> Result<()> {
+fn timm_wide_bottleneck(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Bottleneck, [1, 1, 1, 1], 4).with_groups(1, 128);
-    check_timm_case("timm_wide", config, DType::F32, F32_RELATIVE_TOLERANCE)
+    check_timm_case(
+        "timm_wide",
+        config,
+        DType::F32,
+        F32_RELATIVE_TOLERANCE,
+        device,
+    )
 }
+test_device!(
+    timm_wide_bottleneck,
+    timm_wide_bottleneck_cpu,
+    timm_wide_bottleneck_cuda,
+    timm_wide_bottleneck_metal
+);
 
-#[test]
-fn timm_headless_one_channel_input() -> Result<()> {
+fn timm_headless_one_channel_input(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Basic, [1, 1, 1, 1], 0).with_in_channels(1);
     check_timm_case(
         "timm_headless_gray",
         config,
         DType::F32,
         F32_RELATIVE_TOLERANCE,
+        device,
     )
 }
+test_device!(
+    timm_headless_one_channel_input,
+    timm_headless_one_channel_input_cpu,
+    timm_headless_one_channel_input_cuda,
+    timm_headless_one_channel_input_metal
+);
 
-#[test]
-fn timm_half_precision() -> Result<()> {
+fn timm_half_precision(device: &Device) -> Result<()> {
     let config = narrow(BlockKind::Basic, [2, 1, 1, 2], 5);
-    check_timm_case("timm_basic", config.clone(), DType::F16, 2e-2)?;
-    check_timm_case("timm_basic", config, DType::BF16, 6e-2)
+    check_timm_case("timm_basic", config.clone(), DType::F16, 2e-2, device)?;
+    check_timm_case("timm_basic", config, DType::BF16, 6e-2, device)
 }
+test_device!(
+    timm_half_precision,
+    timm_half_precision_cpu,
+    timm_half_precision_cuda,
+    timm_half_precision_metal
+);
 
 #[test]
 fn timm_train_mode_batch_norm() -> Result<()> {

@@ -18,6 +18,32 @@ pub fn parity_fixture(name: &str) -> PathBuf {
         .join(format!("{name}.safetensors"))
 }
 
+/// Defines a test run once per device the build has, as candle's own `test_device!`:
+/// `test_device!(check, check_cpu, check_cuda, check_metal)` where
+/// `fn check(device: &Device) -> anyhow::Result<()>`. The CUDA and Metal variants exist
+/// under the `cuda` and `metal` features of this crate.
+#[macro_export]
+macro_rules! test_device {
+    ($check:ident, $cpu:ident, $cuda:ident, $metal:ident) => {
+        #[test]
+        fn $cpu() -> anyhow::Result<()> {
+            $check(&candle_core::Device::Cpu)
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() -> anyhow::Result<()> {
+            $check(&candle_core::Device::new_cuda(0)?)
+        }
+
+        #[cfg(feature = "metal")]
+        #[test]
+        fn $metal() -> anyhow::Result<()> {
+            $check(&candle_core::Device::new_metal(0)?)
+        }
+    };
+}
+
 /// A committed model directory (or file) of `fixtures/models/`.
 pub fn model_fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -45,6 +45,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Errors are for users: candle attaches a backtrace to its errors whenever
+    // RUST_BACKTRACE is set; RUST_LIB_BACKTRACE=0 keeps them out (panics unaffected).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     // One line, no backtrace, even for a bug.
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error: {info}");

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU: the parity tests on CUDA, `resnet bench` for resnet50
+# at batch 1, 8 and 64 in f32, f16 and bf16, and the CIFAR-10 evaluation; one summary.
+#
+#   scripts/build-cuda.sh            # first, here or on any machine of the same arch
+#   LD_LIBRARY_PATH=<CUDA 13 libs> scripts/gpu-check.sh [SHARED_DIR]
+#
+# Uses the binaries built by build-cuda.sh (target/release/resnet and the test binaries
+# under target/release/deps), so the GPU machine needs no Rust toolchain.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SHARED=${1:-$ROOT/../shared}
+RESNET=$ROOT/target/release/resnet
+SUMMARY=$(mktemp)
+cd "$ROOT"
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' | tee -a "$SUMMARY"
+
+# 1. Parity tests, every device variant (the *_cuda tests exist in CUDA builds only).
+for test in parity model io; do
+    bin=$(ls -t target/release/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    if [ -z "$bin" ]; then
+        echo "parity: no test binary '$test' (run scripts/build-cuda.sh)" | tee -a "$SUMMARY"
+        continue
+    fi
+    result=$("$bin" 2>&1 | grep -E '^test result')
+    echo "tests $test: $result" | tee -a "$SUMMARY"
+done
+
+# 2. Speed: resnet50, batch 1 / 8 / 64, f32 / f16 / bf16.
+for dtype in f32 f16 bf16; do
+    for batch in 1 8 64; do
+        line=$("$RESNET" bench --device cuda --arch resnet50 --batch "$batch" --dtype "$dtype" --iters 20 --warmup 3 --json 2>&1 \
+            | tr -d '\n ' | sed -E 's/.*"images_per_sec":([0-9.]+).*"median_ms":([0-9.]+).*/\2 ms, \1 images\/s/')
+        echo "bench resnet50 $dtype batch $batch: $line" | tee -a "$SUMMARY"
+    done
+done
+
+# 3. The CIFAR-10 evaluation on the GPU.
+if [ -d "$SHARED/data/cifar10-test" ]; then
+    for model in resnet20 resnet32; do
+        line=$("$RESNET" eval --device cuda --model "$SHARED/weights/cifar10/$model.safetensors" \
+            --data "$SHARED/data/cifar10-test" --batch-size 500 --json 2>&1 | tr -d '\n ' \
+            | sed -E 's/.*"images_per_sec":([0-9.]+).*"top1":([0-9.]+).*/top-1 \2, \1 images\/s/')
+        echo "eval $model: $line" | tee -a "$SUMMARY"
+    done
+else
+    echo "eval: skipped, $SHARED/data/cifar10-test not found" | tee -a "$SUMMARY"
+fi
+
+echo
+echo "== summary"
+cat "$SUMMARY"
