@@ -255,16 +255,24 @@ impl Checkpoint {
     /// Reads tensor `info`'s bytes.
     fn read_bytes(&self, info: &TensorInfo) -> Result<Vec<u8>> {
         let (begin, end) = info.data_offsets;
+        let mut buffer = vec![0u8; (end - begin) as usize];
+        self.read_into(info, &mut buffer)?;
+        Ok(buffer)
+    }
+
+    /// Fills `buffer` (exactly the tensor's size) with tensor `info`'s bytes.
+    fn read_into(&self, info: &TensorInfo, buffer: &mut [u8]) -> Result<()> {
+        let (begin, end) = info.data_offsets;
         match &self.source {
             Source::Memory(bytes) => {
                 let range = (self.data_start + begin) as usize..(self.data_start + end) as usize;
-                Ok(bytes[range].to_vec())
+                buffer.copy_from_slice(&bytes[range]);
+                Ok(())
             }
             Source::File(file) => {
-                let mut buffer = vec![0u8; (end - begin) as usize];
                 let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                 file.seek(SeekFrom::Start(self.data_start + begin))
-                    .and_then(|_| file.read_exact(&mut buffer))
+                    .and_then(|_| file.read_exact(buffer))
                     .map_err(|e| {
                         if e.kind() == std::io::ErrorKind::UnexpectedEof {
                             self.tensor_error(
@@ -275,8 +283,7 @@ impl Checkpoint {
                         } else {
                             io_error(&self.path, e)
                         }
-                    })?;
-                Ok(buffer)
+                    })
             }
         }
     }
@@ -289,12 +296,44 @@ impl Checkpoint {
         }
     }
 
+    /// Reads tensor `info`'s data straight into a buffer of its element type: no
+    /// intermediate byte copy, so loading peaks near the size of the tensors themselves.
+    fn read_typed<T: FloatElement>(&self, info: &TensorInfo) -> Result<Tensor> {
+        let mut values = vec![T::zeroed(); info.elem_count()];
+        self.read_into(info, bytemuck::cast_slice_mut(&mut values))?;
+        if cfg!(target_endian = "big") {
+            for value in &mut values {
+                *value = value.swap_bytes();
+            }
+        }
+        if let Some(index) = values.iter().position(|v| !v.is_finite_value()) {
+            return Err(self.tensor_error(
+                &info.name,
+                format!("element {index} is NaN or infinite; weights must be finite"),
+            ));
+        }
+        Ok(Tensor::from_vec(
+            values,
+            info.shape.as_slice(),
+            &Device::Cpu,
+        )?)
+    }
+
     /// Reads tensor `name` onto `device` as `dtype`. Floating-point data must be finite:
     /// a NaN or infinity is an error naming the tensor and the element.
     pub fn load(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
         let info = self
             .info(name)
             .ok_or_else(|| self.tensor_error(name, "not in the file".into()))?;
+        let typed = match info.dtype {
+            Dtype::F32 => Some(self.read_typed::<f32>(info)?),
+            Dtype::F16 => Some(self.read_typed::<half::f16>(info)?),
+            Dtype::BF16 => Some(self.read_typed::<half::bf16>(info)?),
+            _ => None,
+        };
+        if let Some(tensor) = typed {
+            return Ok(tensor.to_dtype(dtype)?.to_device(device)?);
+        }
         let bytes = self.read_bytes(info)?;
         if let Some(index) = first_non_finite(&bytes, info.dtype) {
             return Err(self.tensor_error(
@@ -410,6 +449,39 @@ fn check_tensor_info(name: String, raw: RawTensorInfo) -> std::result::Result<Te
         shape,
         data_offsets: (begin, end),
     })
+}
+
+/// The float element types a parameter may be stored as.
+trait FloatElement: bytemuck::Pod + candle_core::WithDType {
+    fn is_finite_value(&self) -> bool;
+    fn swap_bytes(self) -> Self;
+}
+
+impl FloatElement for f32 {
+    fn is_finite_value(&self) -> bool {
+        self.is_finite()
+    }
+    fn swap_bytes(self) -> Self {
+        f32::from_bits(self.to_bits().swap_bytes())
+    }
+}
+
+impl FloatElement for half::f16 {
+    fn is_finite_value(&self) -> bool {
+        self.is_finite()
+    }
+    fn swap_bytes(self) -> Self {
+        half::f16::from_bits(self.to_bits().swap_bytes())
+    }
+}
+
+impl FloatElement for half::bf16 {
+    fn is_finite_value(&self) -> bool {
+        self.is_finite()
+    }
+    fn swap_bytes(self) -> Self {
+        half::bf16::from_bits(self.to_bits().swap_bytes())
+    }
 }
 
 /// Index of the first NaN or infinite element of little-endian float data, if any.
