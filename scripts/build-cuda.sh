@@ -6,7 +6,8 @@
 #   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
 #
 # Needs python3 with venv and pip (PyPI reachable), a C compiler, cargo. Produces
-# target/release/resnet and the test binaries under target/release/deps, and prints
+# target/cuda/release/resnet and the test binaries under target/cuda/release/deps (a
+# target directory of their own, so CPU builds are untouched), and prints
 # the time it took and the binary's size. At run time, point LD_LIBRARY_PATH at CUDA 13
 # libraries (a PyTorch install's site-packages/nvidia/... has them, or CUDA_LIB below).
 set -euo pipefail
@@ -50,11 +51,12 @@ echo "libcuda stub: $(wc -l < "$LINK_DIR/cuda_stub.c") driver symbols"
 # 4. Build: candle's PTX kernels for compute capability $CAP, then the CLI and the tests.
 export PATH="$CU/bin:$PATH" CUDA_ROOT="$CU" CUDA_PATH="$CU" CUDA_COMPUTE_CAP="$CAP"
 export RUSTFLAGS="${RUSTFLAGS:-} -L $LINK_DIR"
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cuda}
 cd "$ROOT"
 cargo build --release -p resnet-cli --features cuda
 cargo test --release --workspace --features resnet-cli/cuda,resnet-tests/cuda,resnet-benches/cuda --no-run
 
 elapsed=$(( $(date +%s) - started ))
-size=$(du -h target/release/resnet | cut -f1)
-echo "built target/release/resnet with CUDA (compute capability $CAP) in ${elapsed}s; binary $size"
+size=$(du -h "$CARGO_TARGET_DIR/release/resnet" | cut -f1)
+echo "built $CARGO_TARGET_DIR/release/resnet with CUDA (compute capability $CAP) in ${elapsed}s; binary $size"
 echo "CUDA_LIB=$CU/lib (set LD_LIBRARY_PATH to it, or to a PyTorch install's CUDA 13 libraries)"

@@ -5,13 +5,14 @@
 #   scripts/build-cuda.sh            # first, here or on any machine of the same arch
 #   LD_LIBRARY_PATH=<CUDA 13 libs> scripts/gpu-check.sh [SHARED_DIR]
 #
-# Uses the binaries built by build-cuda.sh (target/release/resnet and the test binaries
-# under target/release/deps), so the GPU machine needs no Rust toolchain.
+# Uses the binaries built by build-cuda.sh (target/cuda/release/resnet and the test
+# binaries under target/cuda/release/deps), so the GPU machine needs no Rust toolchain.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${1:-$ROOT/../shared}
-RESNET=$ROOT/target/release/resnet
+BUILD=${CUDA_BUILD_DIR:-$ROOT/target/cuda/release}
+RESNET=$BUILD/resnet
 SUMMARY=$(mktemp)
 cd "$ROOT"
 
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 
 # 1. Parity tests, every device variant (the *_cuda tests exist in CUDA builds only).
 for test in parity model io; do
-    bin=$(ls -t target/release/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
+    bin=$(ls -t "$BUILD"/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
     if [ -z "$bin" ]; then
         echo "parity: no test binary '$test' (run scripts/build-cuda.sh)" | tee -a "$SUMMARY"
         continue
