@@ -256,3 +256,57 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
     }
     Ok(())
 }
+
+/// BatchNorm folded into the convolutions keeps parity with the references, in f32 and
+/// f16 (tolerances as above).
+fn folded_batch_norm(device: &Device) -> Result<()> {
+    for (fixture, config) in [
+        (
+            "timm_bottleneck",
+            narrow(BlockKind::Bottleneck, [1, 2, 1, 1], 7),
+        ),
+        (
+            "timm_resnext",
+            narrow(BlockKind::Bottleneck, [1, 1, 2, 1], 6).with_groups(4, 16),
+        ),
+    ] {
+        let tensors = load_fixture(fixture)?;
+        for (dtype, tolerance) in [(DType::F32, F32_RELATIVE_TOLERANCE), (DType::F16, 2e-2)] {
+            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+            let model = ResNet::new(&config, vb)?.fold_batch_norm()?;
+            let input = tensors["input"].to_dtype(dtype)?.to_device(device)?;
+            assert_close(
+                &model.forward(&input)?,
+                &tensors["expected"],
+                tolerance,
+                fixture,
+            )?;
+            assert!(
+                model.forward_t(&input, true).is_err(),
+                "a folded network cannot train"
+            );
+        }
+    }
+    // Option C and the full-size torchvision network too.
+    let expected = load_fixture("tv_resnet50")?
+        .remove("expected")
+        .context("expected")?;
+    let model = ResNet::new(
+        &ResNetConfig::resnet50(),
+        hashed_var_builder(DType::F32, device),
+    )?;
+    let input = hashed_tensor("input", &[2, 3, 64, 64], device)?;
+    let folded = model.fold_batch_norm()?;
+    assert_close(
+        &folded.forward(&input)?,
+        &expected,
+        F32_RELATIVE_TOLERANCE,
+        "tv_resnet50 folded",
+    )
+}
+test_device!(
+    folded_batch_norm,
+    folded_batch_norm_cpu,
+    folded_batch_norm_cuda,
+    folded_batch_norm_metal
+);

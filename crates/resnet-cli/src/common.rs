@@ -81,7 +81,8 @@ pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Mod
     let labels = source.labels(loaded.config.num_classes);
     let preprocess = source.preprocess(&loaded.config);
     Ok(Model {
-        model: loaded.model,
+        // Every command only infers: BatchNorm folded into the convolutions.
+        model: loaded.model.fold_batch_norm()?,
         config: loaded.config,
         labels,
         preprocess,
@@ -90,14 +91,15 @@ pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Mod
     })
 }
 
-/// A network of architecture `arch` with candle's random initialisation.
+/// A network of architecture `arch` with candle's random initialisation, BatchNorm
+/// folded for inference.
 pub fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
     let Some(config) = parse_arch(arch)? else {
         bail!("--arch auto needs --model to infer the architecture from");
     };
     let varmap = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-    Ok(ResNet::new(&config, vb)?)
+    Ok(ResNet::new(&config, vb)?.fold_batch_norm()?)
 }
 
 /// Softmax probabilities and indices of the `k` most likely classes of each row.

@@ -230,6 +230,11 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!("model:      {} ({})", args.model, model.config.describe());
+        println!(
+            "device:     {} ({})",
+            resnet_core::device_name(&model.device),
+            format!("{:?}", model.dtype).to_lowercase()
+        );
         println!("images:     {evaluated} ({} unreadable)", unreadable.len());
         println!("top-1:      {:.2}%", top1 * 100.0);
         println!("top-5:      {:.2}%", top5 * 100.0);

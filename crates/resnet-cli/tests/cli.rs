@@ -254,6 +254,49 @@ fn bench_json() -> Result<()> {
 }
 
 #[test]
+fn eval_counts_unreadable_images_and_goes_on() -> Result<()> {
+    let data = tempfile::tempdir()?;
+    let images = fixtures().join("images");
+    for (class, files) in [
+        ("a_first", ["landscape.jpg", "square.jpg"]),
+        ("b_second", ["portrait.png", "small.png"]),
+    ] {
+        let dir = data.path().join(class);
+        std::fs::create_dir(&dir)?;
+        for file in files {
+            std::fs::copy(images.join(file), dir.join(file))?;
+        }
+    }
+    std::fs::write(
+        data.path().join("b_second/corrupt.jpg"),
+        b"\xFF\xD8\xFF\xE0 truncated",
+    )?;
+    std::fs::write(data.path().join("README.txt"), "not a class folder")?;
+    let model = fixtures().join("models/transformers_basic_tiny");
+    let output = resnet(&[
+        "eval",
+        "--model",
+        path(&model),
+        "--data",
+        path(data.path()),
+        "--batch-size",
+        "2",
+        "--json",
+    ])?;
+    let summary = stdout_json(&output)?;
+    assert_eq!(summary["images"], 4);
+    assert_eq!(summary["unreadable"], 1);
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(stderr.contains("corrupt.jpg"), "{stderr}");
+    let per_class = summary["per_class"].as_object().context("per_class")?;
+    assert_eq!(
+        per_class.keys().collect::<Vec<_>>(),
+        ["a_first", "b_second"]
+    );
+    Ok(())
+}
+
+#[test]
 fn every_error_is_one_line_and_a_failure_exit() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let not_an_image = dir.path().join("broken.jpg");

@@ -11,6 +11,9 @@ use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
 pub struct ConvBn {
     conv: Conv2d,
     bn: BatchNorm2d,
+    /// The convolution with the BatchNorm folded in (`W * scale`, bias `shift`), set by
+    /// [`crate::ResNet::fold_batch_norm`]: inference then costs one convolution.
+    folded: Option<Conv2d>,
 }
 
 /// Shape of one convolution.
@@ -45,7 +48,11 @@ impl ConvBn {
             conv_vb,
         )?;
         let bn = BatchNorm2d::new(spec.out_channels, bn_eps, bn_vb)?;
-        Ok(Self { conv, bn })
+        Ok(Self {
+            conv,
+            bn,
+            folded: None,
+        })
     }
 
     /// The convolution.
@@ -59,24 +66,36 @@ impl ConvBn {
     }
 
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.convolve(xs)?, train)
+        match (&self.folded, train) {
+            (Some(folded), false) => convolve(folded, xs),
+            (Some(_), true) => candle_core::bail!(
+                "this network's BatchNorm is folded into its convolutions for inference: it cannot train"
+            ),
+            (None, _) => self.bn.forward_t(&convolve(&self.conv, xs)?, train),
+        }
     }
 
-    fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
-        // candle's CPU convolution has no bf16 kernel: convolve in f32 and round the
-        // result back to bf16, as a GPU accumulates bf16 products in f32.
-        if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
-            let weight = self.conv.weight().to_dtype(DType::F32)?;
-            let bias = match self.conv.bias() {
-                Some(bias) => Some(bias.to_dtype(DType::F32)?),
-                None => None,
-            };
-            let conv = Conv2d::new(weight, bias, *self.conv.config());
-            return conv
-                .forward(&xs.to_dtype(DType::F32)?)?
-                .to_dtype(DType::BF16);
-        }
-        self.conv.forward(xs)
+    /// This unit with its BatchNorm folded into the convolution: inference only.
+    pub(crate) fn fold(&self) -> Result<Self> {
+        let (scale, shift) = self.bn.scale_and_shift()?;
+        let dtype = self.conv.weight().dtype();
+        let out_channels = self.bn.channels();
+        let weight = self
+            .conv
+            .weight()
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?
+            .to_dtype(dtype)?;
+        let bias = match self.conv.bias() {
+            Some(bias) => ((bias.to_dtype(DType::F32)? * &scale)? + shift)?,
+            None => shift,
+        };
+        let folded = Conv2d::new(weight, Some(bias.to_dtype(dtype)?), *self.conv.config());
+        Ok(Self {
+            conv: self.conv.clone(),
+            bn: self.bn.clone(),
+            folded: Some(folded),
+        })
     }
 
     /// Appends this unit's tensors, named `{conv}.weight`, `{bn}.weight`, ... to `out`.
@@ -94,6 +113,23 @@ impl ConvBn {
             out.push((format!("{bn}.{name}"), tensor.clone()));
         }
     }
+}
+
+fn convolve(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+    // candle's CPU convolution has no bf16 kernel: convolve in f32 and round the result
+    // back to bf16, as a GPU accumulates bf16 products in f32.
+    if xs.dtype() == DType::BF16 && xs.device().is_cpu() {
+        let weight = conv.weight().to_dtype(DType::F32)?;
+        let bias = match conv.bias() {
+            Some(bias) => Some(bias.to_dtype(DType::F32)?),
+            None => None,
+        };
+        let conv = Conv2d::new(weight, bias, *conv.config());
+        return conv
+            .forward(&xs.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16);
+    }
+    conv.forward(xs)
 }
 
 /// Tensors with their checkpoint names, in network order.
@@ -118,6 +154,13 @@ pub enum Shortcut {
 }
 
 impl Shortcut {
+    fn fold(&self) -> Result<Self> {
+        Ok(match self {
+            Self::Projection(unit) => Self::Projection(unit.fold()?),
+            other => other.clone(),
+        })
+    }
+
     fn new(
         config: &ResNetConfig,
         in_channels: usize,
@@ -269,6 +312,13 @@ impl ResidualBlock {
     /// The shortcut.
     pub fn shortcut(&self) -> &Shortcut {
         &self.shortcut
+    }
+
+    pub(crate) fn fold(&self) -> Result<Self> {
+        Ok(Self {
+            chain: self.chain.iter().map(ConvBn::fold).collect::<Result<_>>()?,
+            shortcut: self.shortcut.fold()?,
+        })
     }
 
     pub(crate) fn push_named_tensors(&self, prefix: &str, out: &mut NamedTensors) {
