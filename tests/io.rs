@@ -4,7 +4,6 @@
 //!
 //! Tolerance as in resnet-core: max |Δ| ≤ 1e-4 · max |reference| in f32.
 
-use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -13,7 +12,9 @@ use resnet_io::{
     inspect, load_file, resolve_model, resolve_model_in, save, Interpolation, NamingScheme,
     WeightFiles,
 };
-use resnet_tests::{assert_close, model_fixture, shared_dir, F32_RELATIVE_TOLERANCE};
+use resnet_tests::{
+    add_to_hub_cache, assert_close, model_fixture, shared_dir, F32_RELATIVE_TOLERANCE,
+};
 
 fn expected(name: &str) -> Result<(Tensor, Tensor)> {
     let path = model_fixture(&format!("{name}.expected.safetensors"));
@@ -84,21 +85,6 @@ fn inferred_architecture_equals_the_configured_one() -> Result<()> {
             !inferred.report.ignored.is_empty(),
             "{name}: num_batches_tracked ignored"
         );
-    }
-    Ok(())
-}
-
-/// Lays `dir` out as the hub cache does: models--owner--name/{refs/main, snapshots/REV}.
-fn add_to_hub_cache(cache: &Path, id: &str, dir: &Path) -> Result<()> {
-    let revision = "0123456789abcdef0123456789abcdef01234567";
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let snapshot = repo.join("snapshots").join(revision);
-    std::fs::create_dir_all(&snapshot)?;
-    std::fs::create_dir_all(repo.join("refs"))?;
-    std::fs::write(repo.join("refs").join("main"), revision)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), snapshot.join(entry.file_name()))?;
     }
     Ok(())
 }

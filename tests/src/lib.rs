@@ -12,8 +12,7 @@ pub const F32_RELATIVE_TOLERANCE: f64 = 1e-4;
 
 /// A committed fixture of `fixtures/parity/`.
 pub fn parity_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
+    fixtures_dir()
         .join("parity")
         .join(format!("{name}.safetensors"))
 }
@@ -44,12 +43,30 @@ macro_rules! test_device {
     };
 }
 
+/// The committed fixtures folder.
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Copies the model directory `dir` into a Hugging Face hub cache at `cache` as the hub
+/// client lays it out (`models--owner--name/{refs/main, snapshots/REVISION/...}`).
+pub fn add_to_hub_cache(cache: &std::path::Path, id: &str, dir: &std::path::Path) -> Result<()> {
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(revision);
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs").join("main"), revision)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
 /// A committed model directory (or file) of `fixtures/models/`.
 pub fn model_fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join("models")
-        .join(name)
+    fixtures_dir().join("models").join(name)
 }
 
 /// `../shared` beside the repository, or `None` with a message saying the test skips.

@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::common::{load_model, random_model, GlobalOptions};
+use crate::common::{model_or_random, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -37,20 +37,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch == 0 || args.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
-    let (model, device, dtype) = match &args.model {
-        Some(path) => {
-            let loaded = load_model(global, path, &args.arch)?;
-            (loaded.model, loaded.device, loaded.dtype)
-        }
-        None => {
-            let device = global.device()?;
-            (
-                random_model(&args.arch, &device, global.dtype)?,
-                device,
-                global.dtype,
-            )
-        }
-    };
+    let (model, device, dtype) = model_or_random(global, args.model.as_deref(), &args.arch)?;
     let config = model.config();
     let size = args.size.unwrap_or(match config.stem {
         resnet_core::StemKind::Cifar => 32,

@@ -6,16 +6,12 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::common::{load_model, top_k, GlobalOptions};
+use crate::common::{load_model, top_k, GlobalOptions, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model directory, a hub id in the local Hugging Face cache, or a .safetensors file.
-    #[arg(long)]
-    model: String,
-    /// `auto` (from the checkpoint) or an architecture name such as resnet50.
-    #[arg(long, default_value = "auto")]
-    arch: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// How many classes to print per image.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
@@ -37,7 +33,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 || args.top_k == 0 {
         bail!("--batch-size and --top-k must be at least 1");
     }
-    let model = load_model(global, &args.model, &args.arch)?;
+    let model = load_model(global, &args.model.model, &args.model.arch)?;
     if model.config.num_classes == 0 {
         bail!("the model is headless (no classifier): use `resnet forward --features` for its features");
     }

@@ -43,6 +43,17 @@ impl GlobalOptions {
     }
 }
 
+/// Which model to run: `--model` and `--arch`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A model directory, a hub id in the local Hugging Face cache, or a .safetensors file.
+    #[arg(long)]
+    pub model: String,
+    /// `auto` (from the checkpoint) or an architecture name such as resnet50.
+    #[arg(long, default_value = "auto")]
+    pub arch: String,
+}
+
 /// `--arch`: `auto` or a preset name.
 pub fn parse_arch(arch: &str) -> Result<Option<ResNetConfig>> {
     if arch.eq_ignore_ascii_case("auto") {
@@ -91,9 +102,29 @@ pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Mod
     })
 }
 
+/// `--model` loaded for `--arch` when given, else a random network of `--arch`; with
+/// the device and dtype it runs in.
+pub fn model_or_random(
+    global: &GlobalOptions,
+    model: Option<&str>,
+    arch: &str,
+) -> Result<(ResNet, Device, DType)> {
+    match model {
+        Some(path) => {
+            let loaded = load_model(global, path, arch)?;
+            Ok((loaded.model, loaded.device, loaded.dtype))
+        }
+        None => {
+            let device = global.device()?;
+            let model = random_model(arch, &device, global.dtype)?;
+            Ok((model, device, global.dtype))
+        }
+    }
+}
+
 /// A network of architecture `arch` with candle's random initialisation, BatchNorm
 /// folded for inference.
-pub fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
+fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
     let Some(config) = parse_arch(arch)? else {
         bail!("--arch auto needs --model to infer the architecture from");
     };

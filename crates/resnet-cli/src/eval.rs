@@ -11,16 +11,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::common::{load_model, top_k, GlobalOptions};
+use crate::common::{load_model, top_k, GlobalOptions, ModelArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model directory, a hub id in the local Hugging Face cache, or a .safetensors file.
-    #[arg(long)]
-    model: String,
-    /// `auto` (from the checkpoint) or an architecture name.
-    #[arg(long, default_value = "auto")]
-    arch: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// ImageFolder tree: one folder per class; sorted folder names give the class index.
     #[arg(long)]
     data: PathBuf,
@@ -94,7 +90,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             args.data.display()
         );
     }
-    let model = load_model(global, &args.model, &args.arch)?;
+    let model = load_model(global, &args.model.model, &args.model.arch)?;
     if model.config.num_classes < classes.len() {
         bail!(
             "the model has {} classes but {} has {} class folders",
@@ -215,7 +211,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .collect();
     if args.json {
         let summary = json!({
-            "model": args.model,
+            "model": args.model.model,
             "architecture": model.config.describe(),
             "images": evaluated,
             "unreadable": unreadable.len(),
@@ -229,7 +225,11 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!("model:      {} ({})", args.model, model.config.describe());
+        println!(
+            "model:      {} ({})",
+            args.model.model,
+            model.config.describe()
+        );
         println!(
             "device:     {} ({})",
             resnet_core::device_name(&model.device),

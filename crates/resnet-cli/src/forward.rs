@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use crate::common::{load_model, random_model, GlobalOptions};
+use crate::common::{model_or_random, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,17 +45,7 @@ fn parse_shape(s: &str) -> std::result::Result<[usize; 4], String> {
 }
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
-    let (model, device, dtype) = match &args.model {
-        Some(path) => {
-            let loaded = load_model(global, path, &args.arch)?;
-            (loaded.model, loaded.device, loaded.dtype)
-        }
-        None => {
-            let device = global.device()?;
-            let model = random_model(&args.arch, &device, global.dtype)?;
-            (model, device, global.dtype)
-        }
-    };
+    let (model, device, dtype) = model_or_random(global, args.model.as_deref(), &args.arch)?;
     let input = match (&args.shape, &args.input) {
         (Some(shape), _) => Tensor::randn(0f32, 1.0, shape.as_slice(), &device)?.to_dtype(dtype)?,
         (None, Some(path)) => {

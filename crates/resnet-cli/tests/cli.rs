@@ -14,20 +14,11 @@ fn resnet(args: &[&str]) -> Result<Output> {
 }
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    resnet_tests::fixtures_dir()
 }
 
 fn shared() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared");
-    if dir.join("README.md").exists() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: ../shared is absent (expected at {})",
-            dir.display()
-        );
-        None
-    }
+    resnet_tests::shared_dir("resnet-cli tests")
 }
 
 fn stdout_json(output: &Output) -> Result<Value> {
@@ -88,21 +79,6 @@ fn cifar10_eval_reproduces_pytorch() -> Result<()> {
     Ok(())
 }
 
-/// Lays a model directory out as the hub cache does.
-fn hub_cache_with(id: &str, dir: &Path, cache: &Path) -> Result<()> {
-    let revision = "fedcba9876543210fedcba9876543210fedcba98";
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
-    let snapshot = repo.join("snapshots").join(revision);
-    std::fs::create_dir_all(&snapshot)?;
-    std::fs::create_dir_all(repo.join("refs"))?;
-    std::fs::write(repo.join("refs/main"), revision)?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), snapshot.join(entry.file_name()))?;
-    }
-    Ok(())
-}
-
 #[test]
 fn classify_by_hub_id_offline() -> Result<()> {
     let cache = tempfile::tempdir()?;
@@ -119,7 +95,7 @@ fn classify_by_hub_id_offline() -> Result<()> {
             ["red", "green", "blue"].as_slice(),
         ),
     ] {
-        hub_cache_with(id, &fixtures().join("models").join(dir), cache.path())?;
+        resnet_tests::add_to_hub_cache(cache.path(), id, &fixtures().join("models").join(dir))?;
         let output = Command::new(env!("CARGO_BIN_EXE_resnet"))
             .env("HF_HUB_CACHE", cache.path())
             .env("HF_HUB_OFFLINE", "1")
