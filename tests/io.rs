@@ -4,7 +4,6 @@
 //!
 //! Tolerance as in resnet-core: max |Δ| ≤ 1e-4 · max |reference| in f32.
 
-
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use resnet_core::{ResNetConfig, ShortcutKind};

@@ -5,6 +5,7 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use crate::batch_norm::BatchNorm2d;
 use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
+use crate::cpu_conv::FusedConv;
 
 /// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
 #[derive(Debug, Clone)]
@@ -65,14 +66,47 @@ impl ConvBn {
         &self.bn
     }
 
-    pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        match (&self.folded, train) {
-            (Some(folded), false) => convolve(folded, xs),
+    /// `relu(bn(conv(xs)) + residual)`, ReLU and residual optional. Folded units run
+    /// as one fused CPU op where they can.
+    pub(crate) fn forward_with(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mut ys = match (&self.folded, train) {
             (Some(_), true) => candle_core::bail!(
                 "this network's BatchNorm is folded into its convolutions for inference: it cannot train"
             ),
-            (None, _) => self.bn.forward_t(&convolve(&self.conv, xs)?, train),
+            (Some(folded), false) => {
+                let config = folded.config();
+                if let (true, Some(bias)) = (
+                    FusedConv::supports(xs, folded.weight(), config.groups) && config.dilation == 1,
+                    folded.bias(),
+                ) {
+                    let residual = residual.map(Tensor::contiguous).transpose()?;
+                    let op = FusedConv {
+                        weight: folded.weight(),
+                        bias,
+                        residual: residual.as_ref(),
+                        relu,
+                        stride: config.stride,
+                        padding: config.padding,
+                    };
+                    return xs.contiguous()?.apply_op1_no_bwd(&op);
+                }
+                convolve(folded, xs)?
+            }
+            (None, _) => self.bn.forward_t(&convolve(&self.conv, xs)?, train)?,
+        };
+        if let Some(residual) = residual {
+            ys = (ys + residual)?;
         }
+        if relu {
+            ys = ys.relu()?;
+        }
+        Ok(ys)
     }
 
     /// This unit with its BatchNorm folded into the convolution: inference only.
@@ -217,7 +251,7 @@ impl Shortcut {
                 };
                 subsampled.pad_with_zeros(1, *pad_before, *pad_after)
             }
-            Self::Projection(conv_bn) => conv_bn.forward_t(xs, train),
+            Self::Projection(conv_bn) => conv_bn.forward_with(xs, None, false, train),
         }
     }
 }
@@ -344,8 +378,8 @@ impl ResidualBlock {
         };
         let mut ys = xs.clone();
         for unit in inner {
-            ys = unit.forward_t(&ys, train)?.relu()?;
+            ys = unit.forward_with(&ys, None, true, train)?;
         }
-        (last.forward_t(&ys, train)? + shortcut)?.relu()
+        last.forward_with(&ys, Some(&shortcut), true, train)
     }
 }

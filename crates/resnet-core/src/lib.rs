@@ -28,6 +28,7 @@
 mod batch_norm;
 mod block;
 mod config;
+mod cpu_conv;
 mod device;
 mod model;
 

@@ -40,7 +40,7 @@ impl Stem {
 
     /// Conv, BN, ReLU: the stem's feature map before any pooling.
     fn forward_activation(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.conv_bn.forward_t(xs, train)?.relu()
+        self.conv_bn.forward_with(xs, None, true, train)
     }
 
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
