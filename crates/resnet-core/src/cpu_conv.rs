@@ -15,6 +15,38 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+/// The element types the fused op runs: those `gemm` multiplies (no bf16).
+pub(crate) trait Element:
+    WithDType + num_traits::Zero + num_traits::One + PartialOrd + Send + Sync
+{
+    /// Runs `f` on this thread's im2col buffer of `len` elements. The buffer is reused
+    /// across calls, its contents stale (im2col writes every element): no megabytes
+    /// allocated and zeroed per convolution.
+    fn with_columns<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+}
+
+macro_rules! element {
+    ($t:ty, $zero:expr) => {
+        impl Element for $t {
+            fn with_columns<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                thread_local! {
+                    static COLUMNS: std::cell::RefCell<Vec<$t>> =
+                        const { std::cell::RefCell::new(Vec::new()) };
+                }
+                COLUMNS.with(|cell| {
+                    let mut columns = cell.borrow_mut();
+                    if columns.len() < len {
+                        columns.resize(len, $zero);
+                    }
+                    f(&mut columns[..len])
+                })
+            }
+        }
+    };
+}
+element!(f32, 0.0);
+element!(half::f16, half::f16::ZERO);
+
 /// One fused convolution: groups 1, square kernel, symmetric padding, dilation 1.
 pub(crate) struct FusedConv<'a> {
     pub weight: &'a Tensor,
@@ -62,6 +94,7 @@ impl CustomOp1 for FusedConv<'_> {
 }
 
 /// The shapes of one convolution.
+#[derive(Clone, Copy)]
 struct Geometry {
     c_in: usize,
     c_out: usize,
@@ -75,101 +108,98 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// One image: `out = relu(weight @ im2col(x) + bias + residual)`.
-    #[allow(clippy::too_many_arguments)]
-    fn run_image<T>(
-        &self,
-        x: &[T],
-        weight: &[T],
-        bias: &[T],
-        residual: Option<&[T]>,
-        relu: bool,
-        out: &mut [T],
-        columns: &mut [T],
-        direct: bool,
-        parallelism: gemm::Parallelism,
-    ) where
-        T: WithDType + num_traits::Zero + num_traits::One + PartialOrd + Send + Sync,
-    {
+    fn in_plane(&self) -> usize {
+        self.height * self.width
+    }
+
+    fn out_plane(&self) -> usize {
+        self.out_h * self.out_w
+    }
+
+    /// Rows of the im2col matrix: c_in · kernel².
+    fn depth(&self) -> usize {
+        self.c_in * self.kernel * self.kernel
+    }
+
+    /// A 1x1, stride-1, unpadded convolution reads its input as the GEMM operand.
+    fn is_direct(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// Row (ci, ky, kx) of the im2col matrix: x[ci, oy·s + ky - p, ox·s + kx - p].
+    fn im2col_row<T: Element>(&self, x: &[T], row: usize, col: &mut [T]) {
         let Self {
-            c_in,
-            c_out,
-            height,
-            width,
             kernel,
             stride: s,
             padding: p,
+            height,
+            width,
             out_h,
             out_w,
+            ..
         } = *self;
-        let (in_plane, out_plane) = (height * width, out_h * out_w);
-        let k = c_in * kernel * kernel;
-        // The accumulator starts as bias (+ residual).
-        out.par_chunks_mut(out_plane)
-            .enumerate()
-            .for_each(|(c, plane)| match residual {
-                Some(r) => {
-                    for (o, &v) in plane.iter_mut().zip(&r[c * out_plane..(c + 1) * out_plane]) {
-                        *o = v + bias[c];
-                    }
-                }
-                None => plane.fill(bias[c]),
-            });
-        let rhs: &[T] = if direct {
-            x
+        let ci = row / (kernel * kernel);
+        let ky = (row / kernel) % kernel;
+        let kx = row % kernel;
+        let plane = &x[ci * self.in_plane()..(ci + 1) * self.in_plane()];
+        // The output columns whose input column ox·s + kx - p lies inside the image.
+        let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
+        let last = if width + p > kx {
+            ((width + p - kx - 1) / s + 1).min(out_w)
         } else {
-            // im2col: row (ci, ky, kx) holds x[ci, oy·s + ky - p, ox·s + kx - p].
-            columns
-                .par_chunks_mut(out_plane)
-                .enumerate()
-                .for_each(|(row, col)| {
-                    let ci = row / (kernel * kernel);
-                    let ky = (row / kernel) % kernel;
-                    let kx = row % kernel;
-                    let plane = &x[ci * in_plane..(ci + 1) * in_plane];
-                    for oy in 0..out_h {
-                        let dst = &mut col[oy * out_w..(oy + 1) * out_w];
-                        let iy = (oy * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= height as isize {
-                            dst.fill(T::zero());
-                            continue;
-                        }
-                        let src = &plane[iy as usize * width..(iy as usize + 1) * width];
-                        for (ox, d) in dst.iter_mut().enumerate() {
-                            let ix = (ox * s + kx) as isize - p as isize;
-                            *d = if ix >= 0 && ix < width as isize {
-                                src[ix as usize]
-                            } else {
-                                T::zero()
-                            };
-                        }
-                    }
-                });
-            columns
+            0
         };
-        assert!(
-            weight.len() == c_out * k
-                && rhs.len() == k * out_plane
-                && out.len() == c_out * out_plane
-        );
-        // SAFETY: out is (c_out, out_plane) row-major, weight (c_out, k), rhs
-        // (k, out_plane), all contiguous slices of exactly these sizes (asserted above),
-        // and out aliases neither.
+        for (oy, dst) in col.chunks_mut(out_w).enumerate().take(out_h) {
+            let iy = oy * s + ky;
+            if iy < p || iy - p >= height || first >= last {
+                dst.fill(T::zero());
+                continue;
+            }
+            let src = &plane[(iy - p) * width..(iy - p + 1) * width];
+            dst[..first].fill(T::zero());
+            dst[last..].fill(T::zero());
+            let start = first * s + kx - p;
+            if s == 1 {
+                dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
+            } else {
+                for (d, v) in dst[first..last]
+                    .iter_mut()
+                    .zip(src[start..].iter().step_by(s))
+                {
+                    *d = *v;
+                }
+            }
+        }
+    }
+
+    /// `out += weight @ rhs` with `out` (c_out, out_plane), `weight` (c_out, depth) and
+    /// `rhs` (depth, out_plane), all row-major.
+    fn multiply<T: Element>(
+        &self,
+        weight: &[T],
+        rhs: &[T],
+        out: &mut [T],
+        parallelism: gemm::Parallelism,
+    ) {
+        let (m, n, k) = (self.c_out, self.out_plane(), self.depth());
+        assert!(weight.len() == m * k && rhs.len() == k * n && out.len() == m * n);
+        // SAFETY: the three slices have exactly the sizes of their matrices (asserted
+        // above), are contiguous row-major, and `out` aliases neither operand.
         unsafe {
             gemm::gemm(
-                c_out,
-                out_plane,
+                m,
+                n,
                 k,
                 out.as_mut_ptr(),
                 1,
-                out_plane as isize,
+                n as isize,
                 true,
                 weight.as_ptr(),
                 1,
                 k as isize,
                 rhs.as_ptr(),
                 1,
-                out_plane as isize,
+                n as isize,
                 T::one(),
                 T::one(),
                 false,
@@ -178,23 +208,57 @@ impl Geometry {
                 parallelism,
             );
         }
+    }
+
+    /// One image: `out = relu(out + weight @ im2col(x))`, `out` holding bias (+ residual).
+    /// `parallel`: this image has the machine to itself (else images run side by side).
+    fn run_image<T: Element>(
+        &self,
+        x: &[T],
+        weight: &[T],
+        relu: bool,
+        out: &mut [T],
+        parallel: bool,
+    ) {
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if parallel && threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        let out_plane = self.out_plane();
+        if self.is_direct() {
+            self.multiply(weight, x, out, parallelism);
+        } else {
+            T::with_columns(self.depth() * out_plane, |columns| {
+                let fill = |(row, col): (usize, &mut [T])| self.im2col_row(x, row, col);
+                if parallel {
+                    columns.par_chunks_mut(out_plane).enumerate().for_each(fill);
+                } else {
+                    columns.chunks_mut(out_plane).enumerate().for_each(fill);
+                }
+                self.multiply(weight, columns, out, parallelism);
+            });
+        }
         if relu {
-            out.par_chunks_mut(out_plane).for_each(|plane| {
+            let relu_plane = |plane: &mut [T]| {
                 for v in plane {
                     if *v < T::zero() {
                         *v = T::zero();
                     }
                 }
-            });
+            };
+            if parallel {
+                out.par_chunks_mut(out_plane).for_each(relu_plane);
+            } else {
+                out.chunks_mut(out_plane).for_each(relu_plane);
+            }
         }
     }
 }
 
 impl FusedConv<'_> {
-    fn run<T>(&self, input: &[T], layout: &Layout) -> Result<(CpuStorage, Shape)>
-    where
-        T: WithDType + num_traits::Zero + num_traits::One + PartialOrd + Send + Sync,
-    {
+    fn run<T: Element>(&self, input: &[T], layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             bail!("fused convolution: input is not contiguous");
         };
@@ -241,15 +305,7 @@ impl FusedConv<'_> {
         if weight.len() != c_out * k || bias.len() != c_out {
             bail!("fused convolution: weight or bias size does not match {c_out}x{k}");
         }
-        if bias.len() != c_out {
-            bail!(
-                "fused convolution: bias of {} for {c_out} channels",
-                bias.len()
-            );
-        }
 
-        let direct = kh == 1 && s == 1 && p == 0;
-        let threads = candle_core::utils::get_num_threads();
         let geometry = Geometry {
             c_in,
             c_out,
@@ -261,44 +317,35 @@ impl FusedConv<'_> {
             out_h,
             out_w,
         };
-        let image =
-            |b: usize, out: &mut [T], columns: &mut Vec<T>, parallelism: gemm::Parallelism| {
-                let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
-                let residual =
-                    residual.map(|r| &r[b * c_out * out_plane..(b + 1) * c_out * out_plane]);
-                geometry.run_image(
-                    x,
-                    weight,
-                    bias,
-                    residual,
-                    self.relu,
-                    out,
-                    columns,
-                    direct,
-                    parallelism,
-                );
-            };
-        let mut output = vec![T::zero(); batch * c_out * out_plane];
-        let columns_len = if direct { 0 } else { k * out_plane };
+        // The accumulator starts as bias (+ residual), written in one pass, plane by plane.
+        let mut output: Vec<T> = Vec::with_capacity(batch * c_out * out_plane);
+        for b in 0..batch {
+            for (c, &bias) in bias.iter().enumerate() {
+                match residual {
+                    Some(r) => {
+                        let plane = &r[(b * c_out + c) * out_plane..][..out_plane];
+                        output.extend(plane.iter().map(|&v| v + bias));
+                    }
+                    None => output.extend(std::iter::repeat_n(bias, out_plane)),
+                }
+            }
+        }
+        let image_len = c_out * out_plane;
+        let threads = candle_core::utils::get_num_threads();
         if batch >= threads && threads > 1 {
-            // Many images: one per thread, each GEMM single-threaded (small GEMMs do not
-            // split well).
+            // Many images: side by side, one per thread, each GEMM single-threaded
+            // (small GEMMs do not split well).
             output
-                .par_chunks_mut(c_out * out_plane)
+                .par_chunks_mut(image_len)
                 .enumerate()
-                .for_each_init(
-                    || vec![T::zero(); columns_len],
-                    |columns, (b, out)| image(b, out, columns, gemm::Parallelism::None),
-                );
+                .for_each(|(b, out)| {
+                    let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
+                    geometry.run_image(x, weight, self.relu, out, false);
+                });
         } else {
-            let parallelism = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            };
-            let mut columns = vec![T::zero(); columns_len];
-            for (b, out) in output.chunks_mut(c_out * out_plane).enumerate() {
-                image(b, out, &mut columns, parallelism);
+            for (b, out) in output.chunks_mut(image_len).enumerate() {
+                let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
+                geometry.run_image(x, weight, self.relu, out, true);
             }
         }
         Ok((
