@@ -109,8 +109,10 @@ impl ConvBn {
         Ok(ys)
     }
 
-    /// This unit with its BatchNorm folded into the convolution: inference only.
-    pub(crate) fn fold(&self) -> Result<Self> {
+    /// This unit with its BatchNorm folded into the convolution: inference only. The
+    /// unfolded weight is dropped (memory stays at one copy of the weights); the folded
+    /// convolution takes its place, with a bias.
+    pub(crate) fn fold(self) -> Result<Self> {
         let (scale, shift) = self.bn.scale_and_shift()?;
         let dtype = self.conv.weight().dtype();
         let out_channels = self.bn.channels();
@@ -124,10 +126,16 @@ impl ConvBn {
             Some(bias) => ((bias.to_dtype(DType::F32)? * &scale)? + shift)?,
             None => shift,
         };
-        let folded = Conv2d::new(weight, Some(bias.to_dtype(dtype)?), *self.conv.config());
+        // Detached: the running statistics are variables, and a graph edge from the
+        // folded weight back to the original would keep the original alive.
+        let folded = Conv2d::new(
+            weight.detach(),
+            Some(bias.to_dtype(dtype)?.detach()),
+            *self.conv.config(),
+        );
         Ok(Self {
-            conv: self.conv.clone(),
-            bn: self.bn.clone(),
+            conv: folded.clone(),
+            bn: self.bn,
             folded: Some(folded),
         })
     }
@@ -188,10 +196,10 @@ pub enum Shortcut {
 }
 
 impl Shortcut {
-    fn fold(&self) -> Result<Self> {
+    fn fold(self) -> Result<Self> {
         Ok(match self {
             Self::Projection(unit) => Self::Projection(unit.fold()?),
-            other => other.clone(),
+            other => other,
         })
     }
 
@@ -348,9 +356,13 @@ impl ResidualBlock {
         &self.shortcut
     }
 
-    pub(crate) fn fold(&self) -> Result<Self> {
+    pub(crate) fn fold(self) -> Result<Self> {
         Ok(Self {
-            chain: self.chain.iter().map(ConvBn::fold).collect::<Result<_>>()?,
+            chain: self
+                .chain
+                .into_iter()
+                .map(ConvBn::fold)
+                .collect::<Result<_>>()?,
             shortcut: self.shortcut.fold()?,
         })
     }
