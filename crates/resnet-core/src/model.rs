@@ -339,8 +339,8 @@ impl ResNet {
     }
 
     /// The same network for inference only, each BatchNorm folded into the convolution
-    /// before it (`W' = W * gamma / sqrt(var + eps)`, `b' = beta - mean * gamma / sqrt(var
-    /// + eps)`, computed in f32): one fused operation per conv-BN pair on the CPU instead
+    /// before it, in f32: with `k = gamma / sqrt(var + eps)`, `W' = W * k` and
+    /// `b' = beta - mean * k`. One fused operation per conv-BN pair on the CPU instead
     /// of three or more. Consumes the network so that only one copy of the weights is
     /// ever held. Its `forward_t(_, true)` is an error, and its `named_tensors` hold the
     /// folded convolutions (weight and bias) beside the original BatchNorm statistics:
