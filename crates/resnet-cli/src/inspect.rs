@@ -104,15 +104,7 @@ pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
     let source = resnet_io::resolve_model(&args.input)?;
     let files = WeightFiles::open(&source.weights)?;
     let dtype: DType = global.dtype;
-    let config = match &source.config {
-        Some(config) => {
-            let loaded =
-                resnet_io::load_resnet(&files, Some(config), &candle_core::Device::Cpu, dtype)?;
-            resnet_io::save(&loaded.model, &args.output, scheme, dtype)?;
-            loaded.config
-        }
-        None => resnet_io::convert(&files, &args.output, scheme, dtype)?,
-    };
+    let config = resnet_io::convert(&files, &args.output, scheme, dtype, source.config.as_ref())?;
     println!(
         "wrote {} ({}, {scheme} naming, {})",
         args.output.display(),

@@ -484,23 +484,15 @@ impl FloatElement for half::bf16 {
     }
 }
 
-/// Index of the first NaN or infinite element of little-endian float data, if any.
+/// Index of the first NaN or infinite element of little-endian f64 data, if any (F32,
+/// F16 and BF16 are checked on their typed buffers in `read_typed`).
 fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
     match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
         Dtype::F64 => bytes.chunks_exact(8).position(|b| {
             let mut a = [0u8; 8];
             a.copy_from_slice(b);
             !f64::from_le_bytes(a).is_finite()
         }),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .position(|b| !half::f16::from_le_bytes([b[0], b[1]]).is_finite()),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .position(|b| !half::bf16::from_le_bytes([b[0], b[1]]).is_finite()),
         _ => None,
     }
 }

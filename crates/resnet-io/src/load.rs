@@ -35,13 +35,12 @@ impl WeightFiles {
 
     /// Groups already opened checkpoints.
     pub fn from_checkpoints(shards: Vec<Checkpoint>) -> Result<Self> {
-        let Some(first) = shards.first() else {
+        if shards.is_empty() {
             return Err(Error::NotFound {
                 id: String::new(),
                 reason: "no safetensors file given".into(),
             });
-        };
-        let first_path = first.path().to_path_buf();
+        }
         let mut index = BTreeMap::new();
         for (s, shard) in shards.iter().enumerate() {
             for (t, info) in shard.tensors().iter().enumerate() {
@@ -54,7 +53,6 @@ impl WeightFiles {
                 }
             }
         }
-        let _ = first_path;
         Ok(Self { shards, index })
     }
 

@@ -14,7 +14,7 @@ use crate::load::{load_resnet, read_small_text, safetensors_paths, LoadedModel, 
 use crate::preprocess::{Interpolation, PreprocessConfig};
 
 /// Where a model's files are and what its config says.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ModelSource {
     /// The safetensors shard(s).
     pub weights: Vec<PathBuf>,
@@ -120,12 +120,7 @@ fn resolve_hub_id(id: &str, cache_dir: &Path) -> Result<ModelSource> {
             let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
             let mut source = match config {
                 Some(config_path) => read_config(&config_path, &dir)?,
-                None => ModelSource {
-                    weights: vec![],
-                    config: None,
-                    labels: None,
-                    preprocess: None,
-                },
+                None => ModelSource::default(),
             };
             source.weights = safetensors_paths(&weights)?;
             Ok(source)
@@ -154,12 +149,7 @@ fn download(id: &str, cache_dir: &Path) -> std::result::Result<ModelSource, Stri
     let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut source = match repo.get("config.json") {
         Ok(config) => read_config(&config, &dir).map_err(|e| e.to_string())?,
-        Err(_) => ModelSource {
-            weights: vec![],
-            config: None,
-            labels: None,
-            preprocess: None,
-        },
+        Err(_) => ModelSource::default(),
     };
     source.weights = vec![weights];
     Ok(source)
@@ -202,12 +192,7 @@ pub fn read_model_dir(dir: &Path) -> Result<ModelSource> {
     let mut source = if config_path.is_file() {
         read_config(&config_path, dir)?
     } else {
-        ModelSource {
-            weights: vec![],
-            config: None,
-            labels: None,
-            preprocess: None,
-        }
+        ModelSource::default()
     };
     source.weights = weights;
     Ok(source)

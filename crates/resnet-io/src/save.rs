@@ -67,15 +67,16 @@ pub fn save(
 }
 
 /// Converts a checkpoint of any naming scheme and dtype to `scheme` and `dtype`: loads it
-/// (fully validated) on the CPU and writes it back. Returns the architecture.
+/// (fully validated, for `config` or as [`load_resnet`] finds it) on the CPU and writes it
+/// back. Returns the architecture.
 pub fn convert(
     input: &WeightFiles,
     output: impl AsRef<Path>,
     scheme: NamingScheme,
     dtype: DType,
+    config: Option<&ResNetConfig>,
 ) -> Result<ResNetConfig> {
-    let stored = config_from_metadata(&input.metadata());
-    let loaded = load_resnet(input, stored.as_ref(), &Device::Cpu, dtype)?;
+    let loaded = load_resnet(input, config, &Device::Cpu, dtype)?;
     save(&loaded.model, output, scheme, dtype)?;
     Ok(loaded.config)
 }
