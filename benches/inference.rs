@@ -1,10 +1,12 @@
 //! Inference time per batch on the CPU: resnet18 and resnet50 at batch 1 and 8, CIFAR
-//! resnet20 at batch 128, in f32 and f16. `cargo bench -p resnet-benches --bench inference`
+//! resnet20 at batch 128, in f32 and f16, on the folded (fused) inference path; and
+//! resnet50 batch 1 unfolded (candle's own ops) for comparison.
+//! `cargo bench -p resnet-benches --bench inference`
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use candle_core::DType;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use resnet_benches::{random_input, random_model};
+use resnet_benches::{random_inference_model, random_input, random_model};
 
 fn inference(c: &mut Criterion) {
     let mut group = c.benchmark_group("inference");
@@ -17,7 +19,7 @@ fn inference(c: &mut Criterion) {
         ("resnet20", 128),
     ] {
         for dtype in [DType::F32, DType::F16] {
-            let Ok((model, _varmap)) = random_model(arch, dtype) else {
+            let Ok(model) = random_inference_model(arch, dtype) else {
                 continue;
             };
             let Ok(input) = random_input(&model, batch) else {
@@ -28,6 +30,16 @@ fn inference(c: &mut Criterion) {
             group.bench_with_input(id, &input, |b, input| {
                 b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec()))
             });
+        }
+    }
+    if let Ok((model, _varmap)) = random_model("resnet50", DType::F32) {
+        if let Ok(input) = random_input(&model, 1) {
+            group.throughput(Throughput::Elements(1));
+            group.bench_with_input(
+                BenchmarkId::new("resnet50/F32/unfolded", 1),
+                &input,
+                |b, input| b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec())),
+            );
         }
     }
     group.finish();

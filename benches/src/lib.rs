@@ -15,6 +15,11 @@ pub fn random_model(arch: &str, dtype: DType) -> Result<(ResNet, VarMap)> {
     Ok((model, varmap))
 }
 
+/// The same, BatchNorm folded: the inference path `resnet` runs.
+pub fn random_inference_model(arch: &str, dtype: DType) -> Result<ResNet> {
+    random_model(arch, dtype)?.0.fold_batch_norm()
+}
+
 /// A random batch for `model`: 224x224, or 32x32 for CIFAR networks.
 pub fn random_input(model: &ResNet, batch: usize) -> Result<Tensor> {
     let config = model.config();
