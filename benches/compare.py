@@ -87,10 +87,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cases", default="all",
+                        help="comma-separated subset, e.g. resnet50b1,resnet20b128 (default: all)")
     args = parser.parse_args()
+    wanted = None if args.cases == "all" else set(args.cases.split(","))
     print(f"median ms per batch, f32, {args.threads} threads")
     print(f"{'case':<22}{'ours':>9}{'pytorch':>10}{'ort':>9}{'pytorch/ours':>14}{'ort/ours':>10}")
     for arch, batch, size in CASES:
+        if wanted is not None and f"{arch}b{batch}" not in wanted:
+            continue
         row = {"ours": ours(arch, batch, args)}
         for name, fn in [("pytorch", pytorch), ("ort", onnxruntime)]:
             try:

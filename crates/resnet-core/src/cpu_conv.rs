@@ -14,6 +14,7 @@ use candle_core::{
     WithDType,
 };
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// The element types the fused op runs: those `gemm` multiplies (no bf16).
 pub(crate) trait Element:
@@ -126,133 +127,234 @@ impl Geometry {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
-    /// Row (ci, ky, kx) of the im2col matrix: x[ci, oy·s + ky - p, ox·s + kx - p].
-    fn im2col_row<T: Element>(&self, x: &[T], row: usize, col: &mut [T]) {
+    /// Columns `pixels` of the im2col matrix, as a `(depth, pixels.len())` row-major
+    /// tile: row (ci, ky, kx), column (oy, ox) holds x[ci, oy·s + ky - p, ox·s + kx - p].
+    fn im2col_tile<T: Element>(&self, x: &[T], pixels: Range<usize>, tile: &mut [T]) {
         let Self {
             kernel,
             stride: s,
             padding: p,
             height,
             width,
-            out_h,
             out_w,
             ..
         } = *self;
-        let ci = row / (kernel * kernel);
-        let ky = (row / kernel) % kernel;
-        let kx = row % kernel;
-        let plane = &x[ci * self.in_plane()..(ci + 1) * self.in_plane()];
-        // The output columns whose input column ox·s + kx - p lies inside the image.
-        let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
-        let last = if width + p > kx {
-            ((width + p - kx - 1) / s + 1).min(out_w)
-        } else {
-            0
-        };
-        for (oy, dst) in col.chunks_mut(out_w).enumerate().take(out_h) {
-            let iy = oy * s + ky;
-            if iy < p || iy - p >= height || first >= last {
-                dst.fill(T::zero());
-                continue;
-            }
-            let src = &plane[(iy - p) * width..(iy - p + 1) * width];
-            dst[..first].fill(T::zero());
-            dst[last..].fill(T::zero());
-            let start = first * s + kx - p;
-            if s == 1 {
-                dst[first..last].copy_from_slice(&src[start..start + (last - first)]);
+        let tile_width = pixels.len();
+        for (row, dst_row) in tile.chunks_mut(tile_width).enumerate() {
+            let ci = row / (kernel * kernel);
+            let ky = (row / kernel) % kernel;
+            let kx = row % kernel;
+            let plane = &x[ci * self.in_plane()..(ci + 1) * self.in_plane()];
+            // The output columns whose input column ox·s + kx - p lies inside the image.
+            let first = p.saturating_sub(kx).div_ceil(s).min(out_w);
+            let last = if width + p > kx {
+                ((width + p - kx - 1) / s + 1).min(out_w)
             } else {
-                for (d, v) in dst[first..last]
-                    .iter_mut()
-                    .zip(src[start..].iter().step_by(s))
-                {
-                    *d = *v;
+                0
+            };
+            let mut pixel = pixels.start;
+            let mut dst_row = &mut dst_row[..];
+            while pixel < pixels.end {
+                let (oy, ox0) = (pixel / out_w, pixel % out_w);
+                let ox1 = out_w.min(ox0 + (pixels.end - pixel));
+                let (dst, rest) = dst_row.split_at_mut(ox1 - ox0);
+                dst_row = rest;
+                pixel += ox1 - ox0;
+                let iy = oy * s + ky;
+                let (lo, hi) = (first.clamp(ox0, ox1), last.clamp(ox0, ox1));
+                if iy < p || iy - p >= height || lo >= hi {
+                    dst.fill(T::zero());
+                    continue;
+                }
+                let src = &plane[(iy - p) * width..(iy - p + 1) * width];
+                dst[..lo - ox0].fill(T::zero());
+                dst[hi - ox0..].fill(T::zero());
+                let dst = &mut dst[lo - ox0..hi - ox0];
+                let start = lo * s + kx - p;
+                match s {
+                    1 => dst.copy_from_slice(&src[start..start + dst.len()]),
+                    // Pairs rather than step_by: this form vectorises.
+                    2 => {
+                        for (d, pair) in dst.iter_mut().zip(src[start..].chunks(2)) {
+                            *d = pair[0];
+                        }
+                    }
+                    _ => {
+                        for (d, v) in dst.iter_mut().zip(src[start..].iter().step_by(s)) {
+                            *d = *v;
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// `out += weight @ rhs` with `out` (c_out, out_plane), `weight` (c_out, depth) and
-    /// `rhs` (depth, out_plane), all row-major.
-    fn multiply<T: Element>(
-        &self,
-        weight: &[T],
-        rhs: &[T],
-        out: &mut [T],
-        parallelism: gemm::Parallelism,
-    ) {
-        let (m, n, k) = (self.c_out, self.out_plane(), self.depth());
-        assert!(weight.len() == m * k && rhs.len() == k * n && out.len() == m * n);
-        // SAFETY: the three slices have exactly the sizes of their matrices (asserted
-        // above), are contiguous row-major, and `out` aliases neither operand.
-        unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                out.as_mut_ptr(),
-                1,
-                n as isize,
-                true,
-                weight.as_ptr(),
-                1,
-                k as isize,
-                rhs.as_ptr(),
-                1,
-                n as isize,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
-    }
-
-    /// One image: `out = relu(out + weight @ im2col(x))`, `out` holding bias (+ residual).
-    /// `parallel`: this image has the machine to itself (else images run side by side).
+    /// One image: `out = relu(weight @ im2col(x) + bias (+ residual))` on `threads`
+    /// threads (1 when images run side by side).
+    ///
+    /// The output is cut into tiles of output channels x pixels, each one task: build
+    /// its im2col columns, set it to bias (+ residual), GEMM onto it, ReLU, all while
+    /// it is in the core's cache, instead of whole-image passes through memory. Wide
+    /// layers split the pixels; deep, narrow ones (49 or 196 pixels) split the channels,
+    /// which gemm's own threading does not, leaving a core idle.
     fn run_image<T: Element>(
         &self,
         x: &[T],
-        weight: &[T],
-        relu: bool,
+        epilogue: &Epilogue<'_, T>,
         out: &mut [T],
-        parallel: bool,
+        threads: usize,
     ) {
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if parallel && threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        let out_plane = self.out_plane();
-        if self.is_direct() {
-            self.multiply(weight, x, out, parallelism);
-        } else {
-            T::with_columns(self.depth() * out_plane, |columns| {
-                let fill = |(row, col): (usize, &mut [T])| self.im2col_row(x, row, col);
-                if parallel {
-                    columns.par_chunks_mut(out_plane).enumerate().for_each(fill);
-                } else {
-                    columns.chunks_mut(out_plane).enumerate().for_each(fill);
-                }
-                self.multiply(weight, columns, out, parallelism);
-            });
+        let (m, n, k) = (self.c_out, self.out_plane(), self.depth());
+        // About 128K elements of im2col tile, which with gemm's packed copy and the
+        // output tile stays within a 1-2 MiB L2; at least 64 pixels wide.
+        let target_width = (128 * 1024 / k).clamp(64, 512);
+        let mut pixel_tiles = n.div_ceil(target_width);
+        if pixel_tiles > 1 {
+            pixel_tiles = pixel_tiles.div_ceil(threads) * threads;
         }
-        if relu {
-            let relu_plane = |plane: &mut [T]| {
-                for v in plane {
-                    if *v < T::zero() {
-                        *v = T::zero();
-                    }
-                }
-            };
-            if parallel {
-                out.par_chunks_mut(out_plane).for_each(relu_plane);
-            } else {
-                out.chunks_mut(out_plane).for_each(relu_plane);
+        let tile_width = n.div_ceil(pixel_tiles);
+        let pixel_tiles = n.div_ceil(tile_width);
+        let channel_bands = if pixel_tiles < threads && m >= 32 * threads {
+            threads
+        } else {
+            1
+        };
+        // Bands of whole microkernel tiles (16 rows).
+        let band_height = m.div_ceil(channel_bands).div_ceil(16) * 16;
+        let channel_bands = m.div_ceil(band_height);
+
+        let out_ptr = SharedMut(out.as_mut_ptr());
+        let task = |index: usize| {
+            let band = index / pixel_tiles;
+            let tile = index % pixel_tiles;
+            let rows = band * band_height..((band + 1) * band_height).min(m);
+            let pixels = tile * tile_width..((tile + 1) * tile_width).min(n);
+            let width = pixels.len();
+            // SAFETY: tasks cover disjoint (rows, pixels) rectangles of `out`, which
+            // outlives them (the parallel loop below joins before returning).
+            let tile_out = unsafe { out_ptr.offset(rows.start * n + pixels.start) };
+            for (i, row) in rows.clone().enumerate() {
+                // SAFETY: as above; row `row`, columns `pixels` lie inside `out`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(tile_out.add(i * n), width) };
+                epilogue.init_row(row, pixels.clone(), n, dst);
             }
+            let weight = &epilogue.weight[rows.start * k..rows.end * k];
+            let multiply = |rhs: &[T], rhs_stride: usize| {
+                gemm_into(rows.len(), width, k, tile_out, n, weight, rhs, rhs_stride);
+            };
+            if self.is_direct() {
+                multiply(&x[pixels.start..], n);
+            } else {
+                T::with_columns(k * width, |columns| {
+                    self.im2col_tile(x, pixels.clone(), columns);
+                    multiply(columns, width);
+                });
+            }
+            if epilogue.relu {
+                for i in 0..rows.len() {
+                    // SAFETY: as above.
+                    relu(unsafe { std::slice::from_raw_parts_mut(tile_out.add(i * n), width) });
+                }
+            }
+        };
+        let tasks = channel_bands * pixel_tiles;
+        if threads > 1 && tasks > 1 {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    }
+}
+
+/// A pointer to an output buffer that parallel tasks write in disjoint parts.
+#[derive(Clone, Copy)]
+struct SharedMut<T>(*mut T);
+// SAFETY: only used for disjoint writes, see `run_image`.
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// # Safety
+    /// `offset` must lie inside the buffer.
+    unsafe fn offset(self, offset: usize) -> *mut T {
+        // SAFETY: the caller's promise.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+/// `out += weight @ rhs`, single-threaded: `out` (m, n) with row stride `out_stride`,
+/// `weight` (m, k) row-major, `rhs` (k, n) with row stride `rhs_stride`.
+#[allow(clippy::too_many_arguments)]
+fn gemm_into<T: Element>(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: *mut T,
+    out_stride: usize,
+    weight: &[T],
+    rhs: &[T],
+    rhs_stride: usize,
+) {
+    assert!(weight.len() == m * k);
+    assert!(k == 0 || rhs.len() >= (k - 1) * rhs_stride + n);
+    // SAFETY: `weight` and `rhs` hold their matrices (asserted above); the caller hands
+    // an `out` valid for m rows of `out_stride` with n columns, aliasing neither.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out,
+            1,
+            out_stride as isize,
+            true,
+            weight.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            rhs_stride as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// What a convolution adds to its GEMM: weights, bias, residual and ReLU of one image.
+struct Epilogue<'a, T> {
+    weight: &'a [T],
+    bias: &'a [T],
+    /// This image's residual, `(c_out, out_plane)`.
+    residual: Option<&'a [T]>,
+    relu: bool,
+}
+
+impl<T: Element> Epilogue<'_, T> {
+    /// Sets `dst`, columns `pixels` of output row `row` (of `plane` columns), to bias
+    /// (+ residual): the GEMM then accumulates onto it.
+    fn init_row(&self, row: usize, pixels: Range<usize>, plane: usize, dst: &mut [T]) {
+        let bias = self.bias[row];
+        match self.residual {
+            Some(r) => {
+                let src = &r[row * plane + pixels.start..row * plane + pixels.end];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d = s + bias;
+                }
+            }
+            None => dst.fill(bias),
+        }
+    }
+}
+
+fn relu<T: Element>(values: &mut [T]) {
+    for v in values {
+        if *v < T::zero() {
+            *v = T::zero();
         }
     }
 }
@@ -317,35 +419,30 @@ impl FusedConv<'_> {
             out_h,
             out_w,
         };
-        // The accumulator starts as bias (+ residual), written in one pass, plane by plane.
-        let mut output: Vec<T> = Vec::with_capacity(batch * c_out * out_plane);
-        for b in 0..batch {
-            for (c, &bias) in bias.iter().enumerate() {
-                match residual {
-                    Some(r) => {
-                        let plane = &r[(b * c_out + c) * out_plane..][..out_plane];
-                        output.extend(plane.iter().map(|&v| v + bias));
-                    }
-                    None => output.extend(std::iter::repeat_n(bias, out_plane)),
-                }
-            }
-        }
         let image_len = c_out * out_plane;
+        // Every element is written by `Epilogue::init` before the GEMM reads it.
+        let mut output: Vec<T> = vec![T::zero(); batch * image_len];
         let threads = candle_core::utils::get_num_threads();
+        let run_image = |b: usize, out: &mut [T], parallel: bool| {
+            let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
+            let epilogue = Epilogue {
+                weight,
+                bias,
+                residual: residual.map(|r| &r[b * image_len..(b + 1) * image_len]),
+                relu: self.relu,
+            };
+            geometry.run_image(x, &epilogue, out, if parallel { threads } else { 1 });
+        };
         if batch >= threads && threads > 1 {
             // Many images: side by side, one per thread, each GEMM single-threaded
             // (small GEMMs do not split well).
             output
                 .par_chunks_mut(image_len)
                 .enumerate()
-                .for_each(|(b, out)| {
-                    let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
-                    geometry.run_image(x, weight, self.relu, out, false);
-                });
+                .for_each(|(b, out)| run_image(b, out, false));
         } else {
             for (b, out) in output.chunks_mut(image_len).enumerate() {
-                let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
-                geometry.run_image(x, weight, self.relu, out, true);
+                run_image(b, out, true);
             }
         }
         Ok((
