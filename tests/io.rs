@@ -143,8 +143,8 @@ fn save_and_load_back_is_exact_in_every_scheme_and_dtype() -> Result<()> {
             let back = load_file(&path, None, &Device::Cpu, dtype)?;
             assert_eq!(back.scheme, scheme);
             assert_eq!(back.config, original.config);
-            let saved = original.model.named_tensors();
-            let loaded = back.model.named_tensors();
+            let saved = original.model.named_tensors()?;
+            let loaded = back.model.named_tensors()?;
             assert_eq!(saved.len(), loaded.len());
             for ((name, a), (_, b)) in saved.iter().zip(&loaded) {
                 let a = a

@@ -179,7 +179,7 @@ fn shortcut_options_differ_only_in_the_shortcut_tensors() -> Result<()> {
         let config = ResNetConfig::resnet20().with_shortcut(shortcut);
         let model = zeros_model(&config)?;
         Ok(model
-            .named_tensors()
+            .named_tensors()?
             .into_iter()
             .map(|(n, _)| n)
             .filter(|n| n.contains("downsample"))
@@ -212,7 +212,7 @@ fn expected_tensors_lists_every_checkpoint_tensor() -> Result<()> {
     let expected = ResNet::expected_tensors(&ResNetConfig::resnet50())?;
     let model = zeros_model(&ResNetConfig::resnet50())?;
     let built: Vec<(String, Vec<usize>)> = model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(n, t)| (n, t.dims().to_vec()))
         .collect();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
-use resnet_core::{BlockKind, ResNet, ResNetConfig, ShortcutKind};
+use resnet_core::{BlockKind, CpuKernels, ResNet, ResNetConfig, ShortcutKind};
 use resnet_tests::{
     assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir, test_device,
     F32_RELATIVE_TOLERANCE,
@@ -158,7 +158,7 @@ fn timm_train_mode_batch_norm() -> Result<()> {
     )?;
 
     let mut compared = 0;
-    for (name, tensor) in model.named_tensors() {
+    for (name, tensor) in model.named_tensors()? {
         if let Some(expected) = tensors.get(&format!("after_train.{name}")) {
             assert_close(&tensor, expected, F32_RELATIVE_TOLERANCE, &name)?;
             compared += 1;
@@ -174,14 +174,33 @@ fn check_torchvision(fixture: &str, config: &ResNetConfig) -> Result<()> {
     let expected = load_fixture(fixture)?
         .remove("expected")
         .context("expected")?;
-    let model = ResNet::new(config, hashed_var_builder(DType::F32, &Device::Cpu))?;
     let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
-    assert_close(
-        &model.forward(&input)?,
+    check_with_folded(
+        || ResNet::new(config, hashed_var_builder(DType::F32, &Device::Cpu)),
+        &input,
         &expected,
-        F32_RELATIVE_TOLERANCE,
         fixture,
     )
+}
+
+/// The network as built, and folded for both CPU paths, against `expected`.
+fn check_with_folded(
+    build: impl Fn() -> candle_core::Result<ResNet>,
+    input: &Tensor,
+    expected: &Tensor,
+    what: &str,
+) -> Result<()> {
+    let tolerance = F32_RELATIVE_TOLERANCE;
+    assert_close(&build()?.forward(input)?, expected, tolerance, what)?;
+    for kernels in [CpuKernels::Auto, CpuKernels::Gemm] {
+        let folded = build()?.fold_batch_norm_with(kernels)?;
+        let what = format!(
+            "{what} folded for {kernels:?} (blocked: {})",
+            folded.is_blocked()
+        );
+        assert_close(&folded.forward(input)?, expected, tolerance, &what)?;
+    }
+    Ok(())
 }
 
 #[test]
@@ -243,14 +262,15 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
             .context("expected")?;
         let weights = shared.join(format!("weights/cifar10/resnet{depth}.safetensors"));
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu)?;
-        let vb = cifar_names(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu));
         let config: ResNetConfig = format!("resnet{depth}").parse()?;
-        let model = ResNet::new(&config, vb)?;
         let input = hashed_tensor("input", &[2, 3, 32, 32], &Device::Cpu)?;
-        assert_close(
-            &model.forward(&input)?,
+        check_with_folded(
+            || {
+                let vb = VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+                ResNet::new(&config, cifar_names(vb))
+            },
+            &input,
             &expected,
-            F32_RELATIVE_TOLERANCE,
             &fixture,
         )?;
     }
@@ -258,52 +278,84 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
 }
 
 /// BatchNorm folded into the convolutions keeps parity with the references, in f32 and
-/// f16 (tolerances as above).
+/// f16 (tolerances as above), on both CPU paths: channel-blocked direct convolution (f32,
+/// where the CPU has AVX-512F) and im2col + GEMM.
 fn folded_batch_norm(device: &Device) -> Result<()> {
-    for (fixture, config) in [
-        (
-            "timm_bottleneck",
-            narrow(BlockKind::Bottleneck, [1, 2, 1, 1], 7),
-        ),
-        (
-            "timm_resnext",
-            narrow(BlockKind::Bottleneck, [1, 1, 2, 1], 6).with_groups(4, 16),
-        ),
-    ] {
-        let tensors = load_fixture(fixture)?;
-        for (dtype, tolerance) in [(DType::F32, F32_RELATIVE_TOLERANCE), (DType::F16, 2e-2)] {
-            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
-            let model = ResNet::new(&config, vb)?.fold_batch_norm()?;
-            let input = tensors["input"].to_dtype(dtype)?.to_device(device)?;
+    for kernels in [CpuKernels::Auto, CpuKernels::Gemm] {
+        for (fixture, config) in [
+            (
+                "timm_bottleneck",
+                narrow(BlockKind::Bottleneck, [1, 2, 1, 1], 7),
+            ),
+            (
+                "timm_resnext",
+                narrow(BlockKind::Bottleneck, [1, 1, 2, 1], 6).with_groups(4, 16),
+            ),
+        ] {
+            let tensors = load_fixture(fixture)?;
+            for (dtype, tolerance) in [(DType::F32, F32_RELATIVE_TOLERANCE), (DType::F16, 2e-2)] {
+                let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
+                let model = ResNet::new(&config, vb)?.fold_batch_norm_with(kernels)?;
+                let input = tensors["input"].to_dtype(dtype)?.to_device(device)?;
+                assert_close(
+                    &model.forward(&input)?,
+                    &tensors["expected"],
+                    tolerance,
+                    fixture,
+                )?;
+                assert!(
+                    model.forward_t(&input, true).is_err(),
+                    "a folded network cannot train"
+                );
+            }
+        }
+        // The full-size torchvision network, its feature maps too.
+        let expected = load_fixture("tv_resnet50")?
+            .remove("expected")
+            .context("expected")?;
+        let model = ResNet::new(
+            &ResNetConfig::resnet50(),
+            hashed_var_builder(DType::F32, device),
+        )?;
+        let input = hashed_tensor("input", &[2, 3, 64, 64], device)?;
+        let maps = model.feature_maps(&input)?;
+        let folded = model.fold_batch_norm_with(kernels)?;
+        assert_eq!(
+            folded.is_blocked(),
+            kernels == CpuKernels::Auto && device.is_cpu() && has_avx512f(),
+            "blocked kernels used where they apply"
+        );
+        assert_close(
+            &folded.forward(&input)?,
+            &expected,
+            F32_RELATIVE_TOLERANCE,
+            "tv_resnet50 folded",
+        )?;
+        for (map, folded_map) in maps.iter().zip(folded.feature_maps(&input)?) {
+            assert_eq!(map.tensor.dims(), folded_map.tensor.dims(), "{}", map.name);
+            let reference = map.tensor.to_device(&Device::Cpu)?;
             assert_close(
-                &model.forward(&input)?,
-                &tensors["expected"],
-                tolerance,
-                fixture,
+                &folded_map.tensor,
+                &reference,
+                F32_RELATIVE_TOLERANCE,
+                &map.name,
             )?;
-            assert!(
-                model.forward_t(&input, true).is_err(),
-                "a folded network cannot train"
-            );
         }
     }
-    // Option C and the full-size torchvision network too.
-    let expected = load_fixture("tv_resnet50")?
-        .remove("expected")
-        .context("expected")?;
-    let model = ResNet::new(
-        &ResNetConfig::resnet50(),
-        hashed_var_builder(DType::F32, device),
-    )?;
-    let input = hashed_tensor("input", &[2, 3, 64, 64], device)?;
-    let folded = model.fold_batch_norm()?;
-    assert_close(
-        &folded.forward(&input)?,
-        &expected,
-        F32_RELATIVE_TOLERANCE,
-        "tv_resnet50 folded",
-    )
+    Ok(())
 }
+
+fn has_avx512f() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 test_device!(
     folded_batch_norm,
     folded_batch_norm_cpu,

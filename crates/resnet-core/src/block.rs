@@ -3,18 +3,30 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
+use std::sync::Arc;
+
 use crate::batch_norm::BatchNorm2d;
+use crate::blocked::{self, BlockedConv};
 use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
 use crate::cpu_conv::FusedConv;
 
 /// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
-    conv: Conv2d,
+    weights: ConvWeights,
     bn: BatchNorm2d,
-    /// The convolution with the BatchNorm folded in (`W * scale`, bias `shift`), set by
+}
+
+/// A unit's convolution, as loaded or folded for inference.
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    /// The checkpoint's convolution, BatchNorm applied after it.
+    Trainable(Conv2d),
+    /// The BatchNorm folded in (`W * scale`, bias `shift`), set by
     /// [`crate::ResNet::fold_batch_norm`]: inference then costs one convolution.
-    folded: Option<Conv2d>,
+    Folded(Conv2d),
+    /// Folded, and reordered for the channel-blocked CPU kernels (the only copy).
+    Blocked(Arc<BlockedConv>),
 }
 
 /// Shape of one convolution.
@@ -50,15 +62,32 @@ impl ConvBn {
         )?;
         let bn = BatchNorm2d::new(spec.out_channels, bn_eps, bn_vb)?;
         Ok(Self {
-            conv,
+            weights: ConvWeights::Trainable(conv),
             bn,
-            folded: None,
         })
     }
 
-    /// The convolution.
-    pub fn conv(&self) -> &Conv2d {
-        &self.conv
+    /// The convolution: as loaded, or with the BatchNorm folded in (weight and bias)
+    /// after [`crate::ResNet::fold_batch_norm`]. Blocked units rebuild it.
+    pub fn conv(&self) -> Result<Conv2d> {
+        match &self.weights {
+            ConvWeights::Trainable(conv) | ConvWeights::Folded(conv) => Ok(conv.clone()),
+            ConvWeights::Blocked(blocked) => {
+                let (shape, stride, padding) = blocked.shape();
+                let (weight, bias) = blocked.unpack();
+                let device = self.bn.weight().device();
+                let config = Conv2dConfig {
+                    padding,
+                    stride,
+                    ..Default::default()
+                };
+                Ok(Conv2d::new(
+                    Tensor::from_vec(weight, shape, device)?,
+                    Some(Tensor::from_vec(bias, shape.0, device)?),
+                    config,
+                ))
+            }
+        }
     }
 
     /// The BatchNorm.
@@ -67,7 +96,7 @@ impl ConvBn {
     }
 
     /// `relu(bn(conv(xs)) + residual)`, ReLU and residual optional. Folded units run
-    /// as one fused CPU op where they can.
+    /// as one fused CPU op where they can; blocked units take and give blocked tensors.
     pub(crate) fn forward_with(
         &self,
         xs: &Tensor,
@@ -75,11 +104,14 @@ impl ConvBn {
         relu: bool,
         train: bool,
     ) -> Result<Tensor> {
-        let mut ys = match (&self.folded, train) {
-            (Some(_), true) => candle_core::bail!(
+        let mut ys = match (&self.weights, train) {
+            (ConvWeights::Folded(_) | ConvWeights::Blocked(_), true) => candle_core::bail!(
                 "this network's BatchNorm is folded into its convolutions for inference: it cannot train"
             ),
-            (Some(folded), false) => {
+            (ConvWeights::Blocked(blocked), false) => {
+                return blocked.forward(xs, residual, relu);
+            }
+            (ConvWeights::Folded(folded), false) => {
                 let config = folded.config();
                 if let (true, Some(bias)) = (
                     FusedConv::supports(xs, folded.weight(), config.groups) && config.dilation == 1,
@@ -98,7 +130,7 @@ impl ConvBn {
                 }
                 convolve(folded, xs)?
             }
-            (None, _) => self.bn.forward_t(&convolve(&self.conv, xs)?, train)?,
+            (ConvWeights::Trainable(conv), _) => self.bn.forward_t(&convolve(conv, xs)?, train)?,
         };
         if let Some(residual) = residual {
             ys = (ys + residual)?;
@@ -111,39 +143,84 @@ impl ConvBn {
 
     /// This unit with its BatchNorm folded into the convolution: inference only. The
     /// unfolded weight is dropped (memory stays at one copy of the weights); the folded
-    /// convolution takes its place, with a bias.
-    pub(crate) fn fold(self) -> Result<Self> {
+    /// convolution takes its place, with a bias. `blocked`: reorder it for the
+    /// channel-blocked CPU kernels (the caller checked the CPU, dtype and shape).
+    pub(crate) fn fold(self, blocked: bool) -> Result<Self> {
+        let conv = match self.weights {
+            ConvWeights::Trainable(conv) => conv,
+            ConvWeights::Folded(_) | ConvWeights::Blocked(_) => return Ok(self),
+        };
         let (scale, shift) = self.bn.scale_and_shift()?;
-        let dtype = self.conv.weight().dtype();
+        let dtype = conv.weight().dtype();
         let out_channels = self.bn.channels();
-        let weight = self
-            .conv
+        let weight = conv
             .weight()
             .to_dtype(DType::F32)?
             .broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?
             .to_dtype(dtype)?;
-        let bias = match self.conv.bias() {
+        let bias = match conv.bias() {
             Some(bias) => ((bias.to_dtype(DType::F32)? * &scale)? + shift)?,
             None => shift,
+        }
+        .to_dtype(dtype)?;
+        let config = *conv.config();
+        drop(conv);
+        let weights = if blocked {
+            ConvWeights::Blocked(Arc::new(BlockedConv::new(
+                &weight,
+                &bias,
+                config.stride,
+                config.padding,
+            )?))
+        } else {
+            // Detached: the running statistics are variables, and a graph edge from the
+            // folded weight back to the original would keep the original alive.
+            ConvWeights::Folded(Conv2d::new(weight.detach(), Some(bias.detach()), config))
         };
-        // Detached: the running statistics are variables, and a graph edge from the
-        // folded weight back to the original would keep the original alive.
-        let folded = Conv2d::new(
-            weight.detach(),
-            Some(bias.to_dtype(dtype)?.detach()),
-            *self.conv.config(),
-        );
         Ok(Self {
-            conv: folded.clone(),
+            weights,
             bn: self.bn,
-            folded: Some(folded),
         })
     }
 
+    /// Whether [`ConvBn::fold`] can make this unit blocked.
+    pub(crate) fn can_block(&self) -> bool {
+        match &self.weights {
+            ConvWeights::Trainable(conv) => match conv.weight().dims4() {
+                Ok((c_out, c_in, kh, kw)) => {
+                    let config = conv.config();
+                    kh == kw
+                        && config.dilation == 1
+                        && BlockedConv::supports(c_in, c_out, kh, config.groups)
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Learned parameters: convolution weight (and bias, once folded), BatchNorm scale
+    /// and shift.
+    pub(crate) fn parameter_count(&self) -> usize {
+        let conv = match &self.weights {
+            ConvWeights::Trainable(conv) | ConvWeights::Folded(conv) => {
+                conv.weight().elem_count() + conv.bias().map_or(0, Tensor::elem_count)
+            }
+            ConvWeights::Blocked(blocked) => blocked.parameter_count(),
+        };
+        conv + self.bn.weight().elem_count() + self.bn.bias().elem_count()
+    }
+
     /// Appends this unit's tensors, named `{conv}.weight`, `{bn}.weight`, ... to `out`.
-    pub(crate) fn push_named_tensors(&self, conv: &str, bn: &str, out: &mut NamedTensors) {
-        out.push((format!("{conv}.weight"), self.conv.weight().clone()));
-        if let Some(bias) = self.conv.bias() {
+    pub(crate) fn push_named_tensors(
+        &self,
+        conv: &str,
+        bn: &str,
+        out: &mut NamedTensors,
+    ) -> Result<()> {
+        let convolution = self.conv()?;
+        out.push((format!("{conv}.weight"), convolution.weight().clone()));
+        if let Some(bias) = convolution.bias() {
             out.push((format!("{conv}.bias"), bias.clone()));
         }
         for (name, tensor) in [
@@ -154,6 +231,7 @@ impl ConvBn {
         ] {
             out.push((format!("{bn}.{name}"), tensor.clone()));
         }
+        Ok(())
     }
 }
 
@@ -196,9 +274,9 @@ pub enum Shortcut {
 }
 
 impl Shortcut {
-    fn fold(self) -> Result<Self> {
+    fn fold(self, blocked: bool) -> Result<Self> {
         Ok(match self {
-            Self::Projection(unit) => Self::Projection(unit.fold()?),
+            Self::Projection(unit) => Self::Projection(unit.fold(blocked)?),
             other => other,
         })
     }
@@ -246,6 +324,11 @@ impl Shortcut {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Self::Identity => Ok(xs.clone()),
+            // Blocked activations (rank 5): option A pads by 8 channels, not whole
+            // blocks, so it runs on the plain layout.
+            Self::ZeroPad { .. } if xs.rank() == 5 => {
+                blocked::to_blocked(&self.forward_t(&blocked::from_blocked(xs)?, train)?)
+            }
             Self::ZeroPad {
                 stride,
                 pad_before,
@@ -356,30 +439,53 @@ impl ResidualBlock {
         &self.shortcut
     }
 
-    pub(crate) fn fold(self) -> Result<Self> {
+    /// Folds every unit; `blocked`: for the channel-blocked kernels.
+    pub(crate) fn fold(self, blocked: bool) -> Result<Self> {
         Ok(Self {
             chain: self
                 .chain
                 .into_iter()
-                .map(ConvBn::fold)
+                .map(|unit| unit.fold(blocked))
                 .collect::<Result<_>>()?,
-            shortcut: self.shortcut.fold()?,
+            shortcut: self.shortcut.fold(blocked)?,
         })
     }
 
-    pub(crate) fn push_named_tensors(&self, prefix: &str, out: &mut NamedTensors) {
+    pub(crate) fn parameter_count(&self) -> usize {
+        let shortcut = match &self.shortcut {
+            Shortcut::Projection(unit) => unit.parameter_count(),
+            Shortcut::Identity | Shortcut::ZeroPad { .. } => 0,
+        };
+        self.chain
+            .iter()
+            .map(ConvBn::parameter_count)
+            .sum::<usize>()
+            + shortcut
+    }
+
+    /// Whether every unit of this block can run the channel-blocked kernels.
+    pub(crate) fn can_block(&self) -> bool {
+        self.chain.iter().all(ConvBn::can_block)
+            && match &self.shortcut {
+                Shortcut::Projection(unit) => unit.can_block(),
+                Shortcut::Identity | Shortcut::ZeroPad { .. } => true,
+            }
+    }
+
+    pub(crate) fn push_named_tensors(&self, prefix: &str, out: &mut NamedTensors) -> Result<()> {
         for (i, unit) in self.chain.iter().enumerate() {
             let n = i + 1;
             unit.push_named_tensors(
                 &format!("{prefix}.conv{n}"),
                 &format!("{prefix}.bn{n}"),
                 out,
-            );
+            )?;
         }
         if let Shortcut::Projection(unit) = &self.shortcut {
             let downsample = format!("{prefix}.downsample");
-            unit.push_named_tensors(&format!("{downsample}.0"), &format!("{downsample}.1"), out);
+            unit.push_named_tensors(&format!("{downsample}.0"), &format!("{downsample}.1"), out)?;
         }
+        Ok(())
     }
 
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {

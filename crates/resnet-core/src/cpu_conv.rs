@@ -69,14 +69,17 @@ impl FusedConv<'_> {
 }
 
 /// A contiguous CPU tensor's data, borrowed from its storage guard.
-fn cpu_data<'a, T: WithDType>(storage: &'a StorageRef<'_>, layout: &Layout) -> Result<&'a [T]> {
+pub(crate) fn cpu_data<'a, T: WithDType>(
+    storage: &'a StorageRef<'_>,
+    layout: &Layout,
+) -> Result<&'a [T]> {
     let Storage::Cpu(cpu) = &**storage else {
-        bail!("fused convolution: tensor is not on the CPU");
+        bail!("CPU convolution: tensor is not on the CPU");
     };
     let data = cpu.as_slice::<T>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("fused convolution: tensor is not contiguous"),
+        None => bail!("CPU convolution: tensor is not contiguous"),
     }
 }
 

@@ -27,6 +27,7 @@
 
 mod batch_norm;
 mod block;
+mod blocked;
 mod config;
 mod cpu_conv;
 mod device;
@@ -36,4 +37,4 @@ pub use batch_norm::BatchNorm2d;
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{BlockKind, ResNetConfig, ShortcutKind, StemKind, PRESET_NAMES};
 pub use device::{device, device_name};
-pub use model::{FeatureInfo, FeatureMap, Inference, ResNet, Stage, Stem};
+pub use model::{CpuKernels, FeatureInfo, FeatureMap, Inference, ResNet, Stage, Stem};

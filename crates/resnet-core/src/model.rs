@@ -112,6 +112,20 @@ pub struct ResNet {
     head: Option<Linear>,
     dtype: DType,
     device: Device,
+    /// Stages run the channel-blocked CPU kernels (set by folding).
+    blocked: bool,
+}
+
+/// Which CPU kernels [`ResNet::fold_batch_norm_with`] prepares the network for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CpuKernels {
+    /// The channel-blocked direct convolutions where they apply (f32 on a CPU with
+    /// AVX-512F, channel counts divisible by 16, no groups), else im2col + GEMM.
+    #[default]
+    Auto,
+    /// im2col + GEMM (the `gemm` crate) for every convolution.
+    Gemm,
 }
 
 impl ResNet {
@@ -159,6 +173,7 @@ impl ResNet {
             head,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            blocked: false,
         })
     }
 
@@ -168,7 +183,7 @@ impl ResNet {
         let vb = VarBuilder::from_backend(Box::new(ShapeOnly), DType::F32, Device::Cpu);
         let model = Self::new(config, vb)?;
         Ok(model
-            .named_tensors()
+            .named_tensors()?
             .into_iter()
             .map(|(name, tensor)| (name, tensor.dims().to_vec()))
             .collect())
@@ -277,10 +292,10 @@ impl ResNet {
         let info = self.feature_info();
         let stem = self.stem.forward_activation(xs, false)?;
         let mut tensors = vec![stem.clone()];
-        let mut current = self.stem.pool(&stem)?;
+        let mut current = self.stage_layout(&self.stem.pool(&stem)?)?;
         for stage in &self.stages {
             current = stage.forward_t(&current, false)?;
-            tensors.push(current.clone());
+            tensors.push(self.plain_layout(&current)?);
         }
         Ok(info
             .into_iter()
@@ -298,10 +313,30 @@ impl ResNet {
     pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
         let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
+        xs = self.stage_layout(&xs)?;
         for stage in &self.stages {
             xs = stage.forward_t(&xs, train)?;
         }
-        Ok(xs)
+        self.plain_layout(&xs)
+    }
+
+    /// The stem's `(N, C, H, W)` output in the layout the stages run: channel-blocked
+    /// `(N, C/16, H, W, 16)` for the blocked kernels.
+    fn stage_layout(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.blocked {
+            crate::blocked::to_blocked(xs)
+        } else {
+            Ok(xs.clone())
+        }
+    }
+
+    /// A stage's output back as `(N, C, H, W)`.
+    fn plain_layout(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.blocked {
+            crate::blocked::from_blocked(xs)
+        } else {
+            Ok(xs.clone())
+        }
     }
 
     /// [`ResNet::forward_features_t`] in inference mode.
@@ -345,7 +380,26 @@ impl ResNet {
     /// ever held. Its `forward_t(_, true)` is an error, and its `named_tensors` hold the
     /// folded convolutions (weight and bias) beside the original BatchNorm statistics:
     /// save the unfolded network, not this one.
+    ///
+    /// On a CPU with AVX-512F, an f32 network whose convolutions after the stem have
+    /// channel counts divisible by 16 and no groups (every preset but ResNeXt) is also
+    /// reordered for the channel-blocked direct-convolution kernels; see
+    /// [`ResNet::fold_batch_norm_with`] to choose.
     pub fn fold_batch_norm(self) -> Result<Self> {
+        self.fold_batch_norm_with(CpuKernels::Auto)
+    }
+
+    /// [`ResNet::fold_batch_norm`] for the given CPU kernels.
+    pub fn fold_batch_norm_with(self, kernels: CpuKernels) -> Result<Self> {
+        let blocked = self.blocked
+            || (kernels == CpuKernels::Auto
+                && self.device.is_cpu()
+                && self.dtype == DType::F32
+                && crate::blocked::available()
+                && self
+                    .stages
+                    .iter()
+                    .all(|stage| stage.blocks.iter().all(ResidualBlock::can_block)));
         let Self {
             config,
             stem,
@@ -353,11 +407,13 @@ impl ResNet {
             head,
             dtype,
             device,
+            ..
         } = self;
         Ok(Self {
             stem: Stem {
                 kind: stem.kind,
-                conv_bn: stem.conv_bn.fold()?,
+                // The stem reads 3 channels: it stays on the GEMM path.
+                conv_bn: stem.conv_bn.fold(false)?,
             },
             stages: stages
                 .into_iter()
@@ -366,7 +422,7 @@ impl ResNet {
                         blocks: stage
                             .blocks
                             .into_iter()
-                            .map(ResidualBlock::fold)
+                            .map(|block| block.fold(blocked))
                             .collect::<Result<_>>()?,
                     })
                 })
@@ -375,19 +431,25 @@ impl ResNet {
             head,
             dtype,
             device,
+            blocked,
         })
+    }
+
+    /// Whether the stages run the channel-blocked CPU kernels.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
     }
 
     /// Every tensor of the network (parameters and BatchNorm running statistics) with
     /// its torchvision name, in network order: what a checkpoint of it holds.
-    pub fn named_tensors(&self) -> NamedTensors {
+    pub fn named_tensors(&self) -> Result<NamedTensors> {
         let mut out = Vec::new();
         self.stem
             .conv_bn
-            .push_named_tensors("conv1", "bn1", &mut out);
+            .push_named_tensors("conv1", "bn1", &mut out)?;
         for (s, stage) in self.stages.iter().enumerate() {
             for (b, block) in stage.blocks.iter().enumerate() {
-                block.push_named_tensors(&format!("layer{}.{b}", s + 1), &mut out);
+                block.push_named_tensors(&format!("layer{}.{b}", s + 1), &mut out)?;
             }
         }
         if let Some(fc) = &self.head {
@@ -396,17 +458,23 @@ impl ResNet {
                 out.push(("fc.bias".to_string(), bias.clone()));
             }
         }
-        out
+        Ok(out)
     }
 
     /// Number of learned parameters (BatchNorm running statistics excluded), as
     /// PyTorch's `sum(p.numel() for p in model.parameters())`.
     pub fn num_parameters(&self) -> usize {
-        self.named_tensors()
-            .iter()
-            .filter(|(name, _)| !name.ends_with("running_mean") && !name.ends_with("running_var"))
-            .map(|(_, tensor)| tensor.elem_count())
-            .sum()
+        let head = self.head.as_ref().map_or(0, |fc| {
+            fc.weight().elem_count() + fc.bias().map_or(0, Tensor::elem_count)
+        });
+        self.stem.conv_bn.parameter_count()
+            + self
+                .stages
+                .iter()
+                .flat_map(|stage| &stage.blocks)
+                .map(ResidualBlock::parameter_count)
+                .sum::<usize>()
+            + head
     }
 }
 

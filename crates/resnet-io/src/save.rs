@@ -31,7 +31,7 @@ pub fn save(
 ) -> Result<()> {
     let path = path.as_ref();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, tensor) in model.named_tensors() {
+    for (name, tensor) in model.named_tensors()? {
         let file_name = scheme
             .from_torchvision(&name)
             .ok_or_else(|| Error::InvalidTensor {
