@@ -29,6 +29,16 @@ enum ConvWeights {
     Blocked(Arc<BlockedConv>),
 }
 
+/// What [`ConvBn::fold`] makes of a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FoldTarget {
+    /// A folded `Conv2d`: the fused im2col + GEMM op on the CPU, candle's elsewhere.
+    Gemm,
+    /// Weights reordered for the channel-blocked kernels; `plain_input`: the unit reads
+    /// `(N, C, H, W)` (the stem), else blocked activations. Output is always blocked.
+    Blocked { plain_input: bool },
+}
+
 /// Shape of one convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvSpec {
@@ -143,9 +153,9 @@ impl ConvBn {
 
     /// This unit with its BatchNorm folded into the convolution: inference only. The
     /// unfolded weight is dropped (memory stays at one copy of the weights); the folded
-    /// convolution takes its place, with a bias. `blocked`: reorder it for the
-    /// channel-blocked CPU kernels (the caller checked the CPU, dtype and shape).
-    pub(crate) fn fold(self, blocked: bool) -> Result<Self> {
+    /// convolution takes its place, with a bias, in the form `target` asks for (the
+    /// caller checked the CPU, dtype and shape for the blocked ones).
+    pub(crate) fn fold(self, target: FoldTarget) -> Result<Self> {
         let conv = match self.weights {
             ConvWeights::Trainable(conv) => conv,
             ConvWeights::Folded(_) | ConvWeights::Blocked(_) => return Ok(self),
@@ -165,12 +175,13 @@ impl ConvBn {
         .to_dtype(dtype)?;
         let config = *conv.config();
         drop(conv);
-        let weights = if blocked {
+        let weights = if let FoldTarget::Blocked { plain_input } = target {
             ConvWeights::Blocked(Arc::new(BlockedConv::new(
                 &weight,
                 &bias,
                 config.stride,
                 config.padding,
+                plain_input,
             )?))
         } else {
             // Detached: the running statistics are variables, and a graph edge from the
@@ -183,15 +194,16 @@ impl ConvBn {
         })
     }
 
-    /// Whether [`ConvBn::fold`] can make this unit blocked.
+    /// Whether [`ConvBn::fold`] can make this unit blocked (its input is blocked too when
+    /// the unit before it is).
     pub(crate) fn can_block(&self) -> bool {
         match &self.weights {
             ConvWeights::Trainable(conv) => match conv.weight().dims4() {
-                Ok((c_out, c_in, kh, kw)) => {
+                Ok((c_out, _, kh, kw)) => {
                     let config = conv.config();
                     kh == kw
                         && config.dilation == 1
-                        && BlockedConv::supports(c_in, c_out, kh, config.groups)
+                        && BlockedConv::supports(c_out, kh, config.groups)
                 }
                 Err(_) => false,
             },
@@ -274,9 +286,9 @@ pub enum Shortcut {
 }
 
 impl Shortcut {
-    fn fold(self, blocked: bool) -> Result<Self> {
+    fn fold(self, target: FoldTarget) -> Result<Self> {
         Ok(match self {
-            Self::Projection(unit) => Self::Projection(unit.fold(blocked)?),
+            Self::Projection(unit) => Self::Projection(unit.fold(target)?),
             other => other,
         })
     }
@@ -439,15 +451,15 @@ impl ResidualBlock {
         &self.shortcut
     }
 
-    /// Folds every unit; `blocked`: for the channel-blocked kernels.
-    pub(crate) fn fold(self, blocked: bool) -> Result<Self> {
+    /// Folds every unit into the form `target` asks for.
+    pub(crate) fn fold(self, target: FoldTarget) -> Result<Self> {
         Ok(Self {
             chain: self
                 .chain
                 .into_iter()
-                .map(|unit| unit.fold(blocked))
+                .map(|unit| unit.fold(target))
                 .collect::<Result<_>>()?,
-            shortcut: self.shortcut.fold(blocked)?,
+            shortcut: self.shortcut.fold(target)?,
         })
     }
 

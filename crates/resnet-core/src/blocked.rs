@@ -69,21 +69,37 @@ pub(crate) struct BlockedConv {
     padding: usize,
     /// Output blocks per kernel call: 2 (32 channels) when `c_out` allows, else 1.
     group: usize,
-    /// `[c_out / (16·group)][c_in / 16][ky][kx][16 in][16·group out]`.
+    /// Input channels per input block: 16 for blocked input, 1 for plain `(N, C, H, W)`
+    /// input (the stem's image).
+    in_lanes: usize,
+    /// `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
     weight: Vec<f32>,
     bias: Vec<f32>,
 }
 
 impl BlockedConv {
-    /// Whether a convolution of this shape can run blocked.
-    pub fn supports(c_in: usize, c_out: usize, kernel: usize, groups: usize) -> bool {
-        groups == 1 && c_in.is_multiple_of(LANES) && c_out.is_multiple_of(LANES) && kernel >= 1
+    /// Whether a convolution of this shape can give blocked output (its input, if
+    /// blocked, has channels divisible by 16 when the output has).
+    pub fn supports(c_out: usize, kernel: usize, groups: usize) -> bool {
+        groups == 1 && c_out.is_multiple_of(LANES) && kernel >= 1
     }
 
-    /// Reorders a folded `(c_out, c_in, k, k)` f32 weight and its bias.
-    pub fn new(weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+    /// Reorders a folded `(c_out, c_in, k, k)` f32 weight and its bias. `plain_input`:
+    /// the input is `(N, C, H, W)` (any C), else blocked (C divisible by 16).
+    pub fn new(
+        weight: &Tensor,
+        bias: &Tensor,
+        stride: usize,
+        padding: usize,
+        plain_input: bool,
+    ) -> Result<Self> {
         let (c_out, c_in, kernel, kw) = weight.dims4()?;
-        if kernel != kw || !Self::supports(c_in, c_out, kernel, 1) || stride == 0 {
+        let in_lanes = if plain_input { 1 } else { LANES };
+        if kernel != kw
+            || !Self::supports(c_out, kernel, 1)
+            || !c_in.is_multiple_of(in_lanes)
+            || stride == 0
+        {
             bail!(
                 "blocked convolution: unsupported weight {:?}",
                 weight.dims()
@@ -102,7 +118,7 @@ impl BlockedConv {
                 bias.len()
             );
         }
-        let packed = packed_order(c_in, c_out, kernel, group)
+        let packed = packed_order(c_in, c_out, kernel, group, in_lanes)
             .map(|index| source[index])
             .collect();
         Ok(Self {
@@ -112,6 +128,7 @@ impl BlockedConv {
             stride,
             padding,
             group,
+            in_lanes,
             weight: packed,
             bias,
         })
@@ -120,7 +137,13 @@ impl BlockedConv {
     /// The weight back in `(c_out, c_in, k, k)` order, and the bias.
     pub fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
         let mut weight = vec![0.0; self.weight.len()];
-        let order = packed_order(self.c_in, self.c_out, self.kernel, self.group);
+        let order = packed_order(
+            self.c_in,
+            self.c_out,
+            self.kernel,
+            self.group,
+            self.in_lanes,
+        );
         for (&value, index) in self.weight.iter().zip(order) {
             weight[index] = value;
         }
@@ -159,26 +182,100 @@ impl BlockedConv {
 }
 
 /// For each element of the packed weight, in order, its index in the `(c_out, c_in, k, k)`
-/// weight: `[c_out / (16·group)][c_in / 16][ky][kx][16 in][16·group out]`.
+/// weight: `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
 fn packed_order(
     c_in: usize,
     c_out: usize,
     kernel: usize,
     group: usize,
+    in_lanes: usize,
 ) -> impl Iterator<Item = usize> {
     let (width, taps) = (LANES * group, kernel * kernel);
     (0..c_out / width).flat_map(move |g| {
-        (0..c_in / LANES).flat_map(move |icb| {
+        (0..c_in / in_lanes).flat_map(move |icb| {
             (0..taps).flat_map(move |tap| {
-                (0..LANES).flat_map(move |ic| {
+                (0..in_lanes).flat_map(move |ic| {
                     (0..width).map(move |o| {
-                        let (oc, ci) = (g * width + o, icb * LANES + ic);
+                        let (oc, ci) = (g * width + o, icb * in_lanes + ic);
                         (oc * c_in + ci) * taps + tap
                     })
                 })
             })
         })
     })
+}
+
+/// Max pooling (PyTorch's: padding never wins) on blocked `(N, C/16, H, W, 16)` f32.
+pub(crate) fn max_pool(
+    xs: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&MaxPool {
+        kernel,
+        stride,
+        padding,
+    })
+}
+
+struct MaxPool {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "blocked-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("blocked max pool: only f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("blocked max pool: input is not contiguous");
+        };
+        let (batch, blocks, height, width, lanes) = layout.shape().dims5()?;
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        if lanes != LANES || k == 0 || s == 0 || p >= k || height + 2 * p < k || width + 2 * p < k {
+            bail!(
+                "blocked max pool: {k}x{k}/{s} pad {p} on {:?}",
+                layout.shape().dims()
+            );
+        }
+        let out_h = (height + 2 * p - k) / s + 1;
+        let out_w = (width + 2 * p - k) / s + 1;
+        let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
+        output
+            .par_chunks_mut(out_h * out_w * LANES)
+            .zip(data[start..end].par_chunks(height * width * LANES))
+            .for_each(|(dst, src)| {
+                for oy in 0..out_h {
+                    // The window's rows and columns inside the image.
+                    let rows = (oy * s).saturating_sub(p)..(oy * s + k - p).min(height);
+                    for ox in 0..out_w {
+                        let cols = (ox * s).saturating_sub(p)..(ox * s + k - p).min(width);
+                        let mut max = [f32::NEG_INFINITY; LANES];
+                        for y in rows.clone() {
+                            for x in cols.clone() {
+                                let at = (y * width + x) * LANES;
+                                for (m, &v) in max.iter_mut().zip(&src[at..at + LANES]) {
+                                    *m = m.max(v);
+                                }
+                            }
+                        }
+                        let at = (oy * out_w + ox) * LANES;
+                        dst[at..at + LANES].copy_from_slice(&max);
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, blocks, out_h, out_w, LANES)),
+        ))
+    }
 }
 
 struct BlockedOp<'a> {
@@ -191,6 +288,8 @@ struct BlockedOp<'a> {
 #[derive(Clone, Copy)]
 struct KernelArgs {
     in_blocks: usize,
+    /// Channels per input block, also the elements between adjacent input pixels.
+    in_lanes: usize,
     kernel: usize,
     stride: usize,
     /// Elements between input channel blocks, rows and pixels (padded input).
@@ -230,8 +329,14 @@ impl CustomOp1 for BlockedOp<'_> {
             bail!("blocked convolution: input is not contiguous");
         };
         let input = &data[start..end];
-        let (batch, in_blocks, height, width, lanes) = layout.shape().dims5()?;
-        if lanes != LANES || in_blocks * LANES != conv.c_in {
+        let in_lanes = conv.in_lanes;
+        let (batch, in_blocks, height, width, lanes) = if in_lanes == 1 {
+            let (batch, channels, height, width) = layout.shape().dims4()?;
+            (batch, channels, height, width, 1)
+        } else {
+            layout.shape().dims5()?
+        };
+        if lanes != in_lanes || in_blocks * in_lanes != conv.c_in {
             bail!(
                 "blocked convolution: input {:?} for {} channels",
                 layout.shape().dims(),
@@ -268,14 +373,14 @@ impl CustomOp1 for BlockedOp<'_> {
         let padded: &[f32] = if p == 0 {
             input
         } else {
-            let mut buffer = vec![0.0f32; batch * in_blocks * padded_h * padded_w * LANES];
-            let row = width * LANES;
+            let mut buffer = vec![0.0f32; batch * in_blocks * padded_h * padded_w * in_lanes];
+            let row = width * in_lanes;
             buffer
-                .par_chunks_mut(padded_h * padded_w * LANES)
+                .par_chunks_mut(padded_h * padded_w * in_lanes)
                 .zip(input.par_chunks(height * row))
                 .for_each(|(dst, src)| {
                     for (y, src_row) in src.chunks(row).enumerate() {
-                        let at = ((y + p) * padded_w + p) * LANES;
+                        let at = ((y + p) * padded_w + p) * in_lanes;
                         dst[at..at + row].copy_from_slice(src_row);
                     }
                 });
@@ -285,10 +390,11 @@ impl CustomOp1 for BlockedOp<'_> {
 
         let args = KernelArgs {
             in_blocks,
+            in_lanes,
             kernel: k,
             stride: s,
-            in_block_stride: padded_h * padded_w * LANES,
-            in_row_stride: padded_w * LANES,
+            in_block_stride: padded_h * padded_w * in_lanes,
+            in_row_stride: padded_w * in_lanes,
             out_block_stride: out_h * out_w * LANES,
             relu: self.relu,
         };
@@ -300,18 +406,23 @@ impl CustomOp1 for BlockedOp<'_> {
         // Output pixels of a row in near-equal tiles of at most MAX_PIXELS.
         let tiles = out_w.div_ceil(MAX_PIXELS);
 
-        let mut output = vec![0.0f32; batch * image_out];
-        let out_ptr = Shared(output.as_mut_ptr());
-        // One task per (image, output-channel group, output row); consecutive tasks
-        // share their weights, which stay in cache.
+        // Written in full by the tasks below before it is read.
+        let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);
+        let out_ptr = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        // One task per (image, output-channel group, output row), consecutive tasks
+        // sharing their input image or their weights, whichever re-reading costs more.
+        let weights_first = groups * image_in < conv.weight.len();
         let task = |index: usize| {
             let oy = index % out_h;
-            let g = (index / out_h) % groups;
-            let b = index / (out_h * groups);
+            let (b, g) = if weights_first {
+                ((index / out_h) % batch, index / (out_h * batch))
+            } else {
+                (index / (out_h * groups), (index / out_h) % groups)
+            };
             let mut ox = 0;
             for t in 0..tiles {
                 let pixels = (out_w - ox) / (tiles - t);
-                let in_at = b * image_in + (oy * s * padded_w + ox * s) * LANES;
+                let in_at = b * image_in + (oy * s * padded_w + ox * s) * in_lanes;
                 let out_at =
                     b * image_out + g * group * args.out_block_stride + (oy * out_w + ox) * LANES;
                 let tile = Tile {
@@ -334,6 +445,9 @@ impl CustomOp1 for BlockedOp<'_> {
         } else {
             (0..tasks).for_each(task);
         }
+        // SAFETY: the tasks covered every (image, group, row, pixel), each writing all
+        // 16·group channels: all `batch * image_out` elements are initialised.
+        unsafe { output.set_len(batch * image_out) };
         Ok((CpuStorage::F32(output), Shape::from(out_shape)))
     }
 }
@@ -359,11 +473,11 @@ impl Tile<'_> {
         let last_pixel = (self.pixels - 1) * args.stride;
         let input_end = (args.in_blocks - 1) * args.in_block_stride
             + (k - 1) * args.in_row_stride
-            + (last_pixel + k) * LANES;
+            + (last_pixel + k) * args.in_lanes;
         let out_span = (self.group - 1) * args.out_block_stride + self.pixels * LANES;
         assert!(self.input.len() >= input_end, "blocked kernel input bounds");
         assert!(
-            self.weight.len() == args.in_blocks * k * k * LANES * LANES * self.group
+            self.weight.len() == args.in_blocks * k * k * args.in_lanes * LANES * self.group
                 && self.bias.len() == self.group * LANES
                 && self.residual.is_none_or(|r| r.len() >= out_span)
                 && (1..=MAX_PIXELS).contains(&self.pixels),
@@ -409,7 +523,7 @@ unsafe fn kernel<const GROUP: usize, const PIXELS: usize>(
     out: *mut f32,
 ) {
     use std::arch::x86_64::*;
-    let step = args.stride * LANES;
+    let step = args.stride * args.in_lanes;
     let mut acc = [[_mm512_setzero_ps(); PIXELS]; GROUP];
     for (o, row) in acc.iter_mut().enumerate() {
         // SAFETY (all pointer arithmetic below): within the bounds Tile::run checked.
@@ -428,8 +542,8 @@ unsafe fn kernel<const GROUP: usize, const PIXELS: usize>(
         for ky in 0..args.kernel {
             let row = unsafe { input.add(block * args.in_block_stride + ky * args.in_row_stride) };
             for kx in 0..args.kernel {
-                let tap = unsafe { row.add(kx * LANES) };
-                for ic in 0..LANES {
+                let tap = unsafe { row.add(kx * args.in_lanes) };
+                for ic in 0..args.in_lanes {
                     let mut wv = [_mm512_setzero_ps(); GROUP];
                     for (o, v) in wv.iter_mut().enumerate() {
                         *v = unsafe { _mm512_loadu_ps(w.add(o * LANES)) };
@@ -496,12 +610,17 @@ mod tests {
 
     #[test]
     fn pack_and_unpack_are_inverse() -> Result<()> {
-        for c_out in [16, 32, 48] {
+        for (c_out, plain_input) in [(16, false), (32, false), (48, false), (32, true)] {
             let weight = values(c_out * 32 * 9, 1);
             let bias = values(c_out, 2);
             let tensor = Tensor::from_vec(weight.clone(), (c_out, 32, 3, 3), &Device::Cpu)?;
-            let conv =
-                BlockedConv::new(&tensor, &Tensor::new(bias.as_slice(), &Device::Cpu)?, 1, 1)?;
+            let conv = BlockedConv::new(
+                &tensor,
+                &Tensor::new(bias.as_slice(), &Device::Cpu)?,
+                1,
+                1,
+                plain_input,
+            )?;
             assert_eq!(conv.group, if c_out.is_multiple_of(32) { 2 } else { 1 });
             assert_eq!(conv.unpack(), (weight, bias));
         }
@@ -518,13 +637,24 @@ mod tests {
         }
         let device = Device::Cpu;
         let mut seed = 10;
+        // The last two read plain (N, C, H, W) input, as the stems do.
         for (c_in, c_out, kernel, stride, padding) in [
-            (16, 32, 3, 1, 1),
+            (16usize, 32, 3, 1, 1),
             (32, 16, 3, 2, 1),
             (16, 48, 1, 1, 0),
             (32, 64, 1, 2, 0),
             (16, 32, 7, 2, 3),
+            (3, 64, 7, 2, 3),
+            (3, 16, 3, 1, 1),
         ] {
+            let plain_input = !c_in.is_multiple_of(LANES);
+            let layout = |x: &Tensor| {
+                if plain_input {
+                    Ok(x.clone())
+                } else {
+                    to_blocked(x)
+                }
+            };
             for (height, width) in [(1, 1), (5, 9), (9, 15), (16, 29)] {
                 if height + 2 * padding < kernel || width + 2 * padding < kernel {
                     continue;
@@ -546,13 +676,13 @@ mod tests {
                 let residual =
                     Tensor::from_vec(values(conv.elem_count(), seed + 300), conv.dims(), &device)?;
                 let expected = (&conv + &residual)?.relu()?;
-                let blocked = Arc::new(BlockedConv::new(&w, &b, stride, padding)?);
+                let blocked = Arc::new(BlockedConv::new(&w, &b, stride, padding, plain_input)?);
                 let got = from_blocked(&blocked.forward(
-                    &to_blocked(&x)?,
+                    &layout(&x)?,
                     Some(&to_blocked(&residual)?),
                     true,
                 )?)?;
-                let plain = from_blocked(&blocked.forward(&to_blocked(&x)?, None, false)?)?;
+                let plain = from_blocked(&blocked.forward(&layout(&x)?, None, false)?)?;
                 for (got, expected) in [(got, expected), (plain, conv)] {
                     let error = (got - &expected)?
                         .abs()?
@@ -579,7 +709,7 @@ mod tests {
         let device = Device::Cpu;
         let w = Tensor::zeros((32, 16, 3, 3), DType::F32, &device)?;
         let b = Tensor::zeros(32, DType::F32, &device)?;
-        let conv = Arc::new(BlockedConv::new(&w, &b, 1, 1)?);
+        let conv = Arc::new(BlockedConv::new(&w, &b, 1, 1, false)?);
         let wrong_channels = Tensor::zeros((1, 2, 4, 4, 16), DType::F32, &device)?;
         assert!(conv.forward(&wrong_channels, None, true).is_err());
         let x = Tensor::zeros((1, 1, 4, 4, 16), DType::F32, &device)?;
@@ -589,9 +719,36 @@ mod tests {
             &Tensor::zeros((32, 8, 3, 3), DType::F32, &device)?,
             &b,
             1,
-            1
+            1,
+            false
         )
         .is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn max_pool_matches_candle() -> Result<()> {
+        let device = Device::Cpu;
+        for (height, width) in [(1, 1), (2, 3), (7, 8), (112, 112)] {
+            let x = Tensor::from_vec(
+                values(2 * 32 * height * width, 7),
+                (2, 32, height, width),
+                &device,
+            )?;
+            // candle pools without padding: pad with -inf, as PyTorch does.
+            let padded = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
+            let minus_infinity = Tensor::full(f32::NEG_INFINITY, padded.dims(), &device)?;
+            let inside = Tensor::ones(x.dims(), DType::U8, &device)?
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?;
+            let expected = inside
+                .where_cond(&padded, &minus_infinity)?
+                .max_pool2d_with_stride(3, 2)?;
+            let got = from_blocked(&max_pool(&to_blocked(&x)?, 3, 2, 1)?)?;
+            assert_eq!(got.dims(), expected.dims());
+            let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(difference.to_scalar::<f32>()?, 0.0, "{height}x{width}");
+        }
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::block::{ConvBn, ConvSpec, NamedTensors, ResidualBlock};
+use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock};
 use crate::config::{ResNetConfig, StemKind};
 
 /// The layers before the first stage (`conv1`, `bn1`, and the max-pool of ImageNet stems).
@@ -45,6 +45,7 @@ impl Stem {
 
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
         match self.kind {
+            StemKind::ImageNet if xs.rank() == 5 => crate::blocked::max_pool(xs, 3, 2, 1),
             // 3x3/2 max-pool with padding 1. Zero padding equals PyTorch's -inf padding
             // here because the input comes straight out of a ReLU.
             StemKind::ImageNet => xs
@@ -291,8 +292,9 @@ impl ResNet {
         self.check_input(xs)?;
         let info = self.feature_info();
         let stem = self.stem.forward_activation(xs, false)?;
-        let mut tensors = vec![stem.clone()];
-        let mut current = self.stage_layout(&self.stem.pool(&stem)?)?;
+        let mut current = self.stem.pool(&stem)?;
+        let stem = self.plain_layout(&stem)?;
+        let mut tensors = vec![stem];
         for stage in &self.stages {
             current = stage.forward_t(&current, false)?;
             tensors.push(self.plain_layout(&current)?);
@@ -313,24 +315,14 @@ impl ResNet {
     pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
         let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
-        xs = self.stage_layout(&xs)?;
         for stage in &self.stages {
             xs = stage.forward_t(&xs, train)?;
         }
         self.plain_layout(&xs)
     }
 
-    /// The stem's `(N, C, H, W)` output in the layout the stages run: channel-blocked
-    /// `(N, C/16, H, W, 16)` for the blocked kernels.
-    fn stage_layout(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.blocked {
-            crate::blocked::to_blocked(xs)
-        } else {
-            Ok(xs.clone())
-        }
-    }
-
-    /// A stage's output back as `(N, C, H, W)`.
+    /// A feature map as `(N, C, H, W)` (the blocked network's stem and stages give
+    /// `(N, C/16, H, W, 16)`).
     fn plain_layout(&self, xs: &Tensor) -> Result<Tensor> {
         if self.blocked {
             crate::blocked::from_blocked(xs)
@@ -396,10 +388,19 @@ impl ResNet {
                 && self.device.is_cpu()
                 && self.dtype == DType::F32
                 && crate::blocked::available()
+                && self.stem.conv_bn.can_block()
                 && self
                     .stages
                     .iter()
                     .all(|stage| stage.blocks.iter().all(ResidualBlock::can_block)));
+        let (stem_target, stage_target) = if blocked {
+            (
+                FoldTarget::Blocked { plain_input: true },
+                FoldTarget::Blocked { plain_input: false },
+            )
+        } else {
+            (FoldTarget::Gemm, FoldTarget::Gemm)
+        };
         let Self {
             config,
             stem,
@@ -412,8 +413,7 @@ impl ResNet {
         Ok(Self {
             stem: Stem {
                 kind: stem.kind,
-                // The stem reads 3 channels: it stays on the GEMM path.
-                conv_bn: stem.conv_bn.fold(false)?,
+                conv_bn: stem.conv_bn.fold(stem_target)?,
             },
             stages: stages
                 .into_iter()
@@ -422,7 +422,7 @@ impl ResNet {
                         blocks: stage
                             .blocks
                             .into_iter()
-                            .map(|block| block.fold(blocked))
+                            .map(|block| block.fold(stage_target))
                             .collect::<Result<_>>()?,
                     })
                 })
