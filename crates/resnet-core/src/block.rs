@@ -336,10 +336,12 @@ impl Shortcut {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Self::Identity => Ok(xs.clone()),
-            // Blocked activations (rank 5): option A pads by 8 channels, not whole
-            // blocks, so it runs on the plain layout.
-            Self::ZeroPad { .. } if xs.rank() == 5 => {
-                blocked::to_blocked(&self.forward_t(&blocked::from_blocked(xs)?, train)?)
+            Self::ZeroPad {
+                stride,
+                pad_before,
+                pad_after,
+            } if xs.rank() == 5 => {
+                blocked::subsample_and_pad_channels(xs, *stride, *pad_before, *pad_after)
             }
             Self::ZeroPad {
                 stride,

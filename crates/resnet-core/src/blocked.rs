@@ -40,8 +40,10 @@ pub(crate) fn available() -> bool {
     }
 }
 
-/// `(N, C, H, W)` to `(N, C/16, H, W, 16)`.
-pub(crate) fn to_blocked(xs: &Tensor) -> Result<Tensor> {
+/// `(N, C, H, W)` to `(N, C/16, H, W, 16)` (the network starts blocked at the stem's
+/// output; tests convert their inputs).
+#[cfg(test)]
+fn to_blocked(xs: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = xs.dims4()?;
     if !c.is_multiple_of(LANES) {
         bail!("blocked layout needs channels divisible by {LANES}, found {c}");
@@ -274,6 +276,84 @@ impl CustomOp1 for MaxPool {
         Ok((
             CpuStorage::F32(output),
             Shape::from((batch, blocks, out_h, out_w, LANES)),
+        ))
+    }
+}
+
+/// Option A's shortcut on blocked `(N, C/16, H, W, 16)` f32: `x[:, :, ::stride, ::stride]`
+/// with `before` zero channels in front and `after` behind (any counts whose total
+/// keeps the channels divisible by 16).
+pub(crate) fn subsample_and_pad_channels(
+    xs: &Tensor,
+    stride: usize,
+    before: usize,
+    after: usize,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&ZeroPadShortcut {
+        stride,
+        before,
+        after,
+    })
+}
+
+struct ZeroPadShortcut {
+    stride: usize,
+    before: usize,
+    after: usize,
+}
+
+impl CustomOp1 for ZeroPadShortcut {
+    fn name(&self) -> &'static str {
+        "blocked-zero-pad-shortcut"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            bail!("blocked shortcut: only f32");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            bail!("blocked shortcut: input is not contiguous");
+        };
+        let input = &data[start..end];
+        let (batch, in_blocks, height, width, lanes) = layout.shape().dims5()?;
+        let (s, before) = (self.stride, self.before);
+        let c_in = in_blocks * LANES;
+        let c_out = c_in + before + self.after;
+        if lanes != LANES || s == 0 || !c_out.is_multiple_of(LANES) {
+            bail!(
+                "blocked shortcut: stride {s}, {before} + {} channels on {:?}",
+                self.after,
+                layout.shape().dims()
+            );
+        }
+        let (out_h, out_w, out_blocks) = (height.div_ceil(s), width.div_ceil(s), c_out / LANES);
+        let out_plane = out_h * out_w * LANES;
+        let mut output = vec![0.0f32; batch * out_blocks * out_plane];
+        output
+            .par_chunks_mut(out_plane)
+            .enumerate()
+            .for_each(|(index, plane)| {
+                let (b, ob) = (index / out_blocks, index % out_blocks);
+                for lane in 0..LANES {
+                    // Output channel ob·16 + lane is input channel c - before, if any.
+                    let Some(c) = (ob * LANES + lane).checked_sub(before) else {
+                        continue;
+                    };
+                    if c >= c_in {
+                        continue;
+                    }
+                    let src_plane = (b * in_blocks + c / LANES) * height * width * LANES;
+                    for oy in 0..out_h {
+                        for ox in 0..out_w {
+                            let src = src_plane + ((oy * s) * width + ox * s) * LANES + c % LANES;
+                            plane[(oy * out_w + ox) * LANES + lane] = input[src];
+                        }
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, out_blocks, out_h, out_w, LANES)),
         ))
     }
 }
@@ -748,6 +828,36 @@ mod tests {
             assert_eq!(got.dims(), expected.dims());
             let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
             assert_eq!(difference.to_scalar::<f32>()?, 0.0, "{height}x{width}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn zero_pad_shortcut_matches_plain_one() -> Result<()> {
+        let device = Device::Cpu;
+        for (channels, stride, before, after, size) in [
+            (16, 2, 8, 8, 7),
+            (32, 2, 16, 16, 8),
+            (16, 1, 0, 16, 5),
+            (32, 1, 5, 11, 3),
+        ] {
+            let x = Tensor::from_vec(
+                values(2 * channels * size * size, 3),
+                (2, channels, size, size),
+                &device,
+            )?;
+            let expected = x
+                .avg_pool2d_with_stride(1, stride)?
+                .pad_with_zeros(1, before, after)?;
+            let got = from_blocked(&subsample_and_pad_channels(
+                &to_blocked(&x)?,
+                stride,
+                before,
+                after,
+            )?)?;
+            assert_eq!(got.dims(), expected.dims());
+            let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(difference.to_scalar::<f32>()?, 0.0);
         }
         Ok(())
     }
