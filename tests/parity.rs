@@ -192,7 +192,7 @@ fn check_with_folded(
 ) -> Result<()> {
     let tolerance = F32_RELATIVE_TOLERANCE;
     assert_close(&build()?.forward(input)?, expected, tolerance, what)?;
-    for kernels in [CpuKernels::Auto, CpuKernels::Gemm] {
+    for kernels in [CpuKernels::Auto, CpuKernels::BlockedDirect, CpuKernels::Gemm] {
         let folded = build()?.fold_batch_norm_with(kernels)?;
         let what = format!(
             "{what} folded for {kernels:?} (blocked: {})",
@@ -281,7 +281,7 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
 /// f16 (tolerances as above), on both CPU paths: channel-blocked direct convolution (f32,
 /// where the CPU has AVX-512F) and im2col + GEMM.
 fn folded_batch_norm(device: &Device) -> Result<()> {
-    for kernels in [CpuKernels::Auto, CpuKernels::Gemm] {
+    for kernels in [CpuKernels::Auto, CpuKernels::BlockedDirect, CpuKernels::Gemm] {
         for (fixture, config) in [
             (
                 "timm_bottleneck",
@@ -322,7 +322,7 @@ fn folded_batch_norm(device: &Device) -> Result<()> {
         let folded = model.fold_batch_norm_with(kernels)?;
         assert_eq!(
             folded.is_blocked(),
-            kernels == CpuKernels::Auto && device.is_cpu() && has_avx512f(),
+            kernels != CpuKernels::Gemm && device.is_cpu() && has_avx512f(),
             "blocked kernels used where they apply"
         );
         assert_close(

@@ -36,7 +36,8 @@ pub(crate) enum FoldTarget {
     Gemm,
     /// Weights reordered for the channel-blocked kernels; `plain_input`: the unit reads
     /// `(N, C, H, W)` (the stem), else blocked activations. Output is always blocked.
-    Blocked { plain_input: bool },
+    /// `winograd`: 3x3 stride-1 units run Winograd F(2x2, 3x3).
+    Blocked { plain_input: bool, winograd: bool },
 }
 
 /// Shape of one convolution.
@@ -175,13 +176,18 @@ impl ConvBn {
         .to_dtype(dtype)?;
         let config = *conv.config();
         drop(conv);
-        let weights = if let FoldTarget::Blocked { plain_input } = target {
+        let weights = if let FoldTarget::Blocked {
+            plain_input,
+            winograd,
+        } = target
+        {
             ConvWeights::Blocked(Arc::new(BlockedConv::new(
                 &weight,
                 &bias,
                 config.stride,
                 config.padding,
                 plain_input,
+                winograd,
             )?))
         } else {
             // Detached: the running statistics are variables, and a graph edge from the

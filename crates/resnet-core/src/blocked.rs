@@ -26,7 +26,7 @@ use rayon::prelude::*;
 pub(crate) const LANES: usize = 16;
 /// Most output pixels one kernel call computes (2 x 14 accumulators + 2 weight vectors
 /// + 1 broadcast fit the 32 vector registers).
-const MAX_PIXELS: usize = 14;
+pub(crate) const MAX_PIXELS: usize = 14;
 
 /// Whether this CPU runs the blocked kernels.
 pub(crate) fn available() -> bool {
@@ -74,7 +74,10 @@ pub(crate) struct BlockedConv {
     /// Input channels per input block: 16 for blocked input, 1 for plain `(N, C, H, W)`
     /// input (the stem's image).
     in_lanes: usize,
-    /// `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
+    /// 3x3 stride 1 runs Winograd F(2x2, 3x3) (see [`crate::winograd`]).
+    winograd: bool,
+    /// `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`, or the
+    /// Winograd-transformed weights.
     weight: Vec<f32>,
     bias: Vec<f32>,
 }
@@ -88,12 +91,14 @@ impl BlockedConv {
 
     /// Reorders a folded `(c_out, c_in, k, k)` f32 weight and its bias. `plain_input`:
     /// the input is `(N, C, H, W)` (any C), else blocked (C divisible by 16).
+    /// `winograd`: transform a 3x3 stride-1 convolution for Winograd F(2x2, 3x3).
     pub fn new(
         weight: &Tensor,
         bias: &Tensor,
         stride: usize,
         padding: usize,
         plain_input: bool,
+        winograd: bool,
     ) -> Result<Self> {
         let (c_out, c_in, kernel, kw) = weight.dims4()?;
         let in_lanes = if plain_input { 1 } else { LANES };
@@ -120,9 +125,14 @@ impl BlockedConv {
                 bias.len()
             );
         }
-        let packed = packed_order(c_in, c_out, kernel, group, in_lanes)
-            .map(|index| source[index])
-            .collect();
+        let winograd = winograd && kernel == 3 && stride == 1 && padding == 1 && !plain_input;
+        let packed = if winograd {
+            crate::winograd::transform_weights(&source, c_out, c_in, group)
+        } else {
+            packed_order(c_in, c_out, kernel, group, in_lanes)
+                .map(|index| source[index])
+                .collect()
+        };
         Ok(Self {
             c_in,
             c_out,
@@ -131,6 +141,7 @@ impl BlockedConv {
             padding,
             group,
             in_lanes,
+            winograd,
             weight: packed,
             bias,
         })
@@ -138,6 +149,15 @@ impl BlockedConv {
 
     /// The weight back in `(c_out, c_in, k, k)` order, and the bias.
     pub fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
+        if self.winograd {
+            let weight = crate::winograd::untransform_weights(
+                &self.weight,
+                self.c_out,
+                self.c_in,
+                self.group,
+            );
+            return (weight, self.bias.clone());
+        }
         let mut weight = vec![0.0; self.weight.len()];
         let order = packed_order(
             self.c_in,
@@ -154,7 +174,7 @@ impl BlockedConv {
 
     /// Weight and bias elements.
     pub fn parameter_count(&self) -> usize {
-        self.weight.len() + self.bias.len()
+        self.c_out * self.c_in * self.kernel * self.kernel + self.bias.len()
     }
 
     /// `(c_out, c_in, k, k)`, stride and padding.
@@ -185,7 +205,7 @@ impl BlockedConv {
 
 /// For each element of the packed weight, in order, its index in the `(c_out, c_in, k, k)`
 /// weight: `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
-fn packed_order(
+pub(crate) fn packed_order(
     c_in: usize,
     c_out: usize,
     kernel: usize,
@@ -366,23 +386,23 @@ struct BlockedOp<'a> {
 
 /// What every kernel call of one convolution shares.
 #[derive(Clone, Copy)]
-struct KernelArgs {
-    in_blocks: usize,
+pub(crate) struct KernelArgs {
+    pub in_blocks: usize,
     /// Channels per input block, also the elements between adjacent input pixels.
-    in_lanes: usize,
-    kernel: usize,
-    stride: usize,
+    pub in_lanes: usize,
+    pub kernel: usize,
+    pub stride: usize,
     /// Elements between input channel blocks, rows and pixels (padded input).
-    in_block_stride: usize,
-    in_row_stride: usize,
+    pub in_block_stride: usize,
+    pub in_row_stride: usize,
     /// Elements between output channel blocks.
-    out_block_stride: usize,
-    relu: bool,
+    pub out_block_stride: usize,
+    pub relu: bool,
 }
 
 /// A pointer to a buffer that parallel tasks read or write in disjoint parts.
 #[derive(Clone, Copy)]
-struct Shared<T>(*mut T);
+pub(crate) struct Shared<T>(pub *mut T);
 // SAFETY: tasks write disjoint parts of the buffer (see `BlockedOp::cpu_fwd`).
 unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as above.
@@ -390,7 +410,7 @@ unsafe impl<T: Send> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    fn get(self) -> *mut T {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }
@@ -446,6 +466,26 @@ impl CustomOp1 for BlockedOp<'_> {
             }
             None => None,
         };
+
+        if conv.winograd {
+            let geometry = crate::winograd::Geometry {
+                batch,
+                in_blocks,
+                out_blocks,
+                height,
+                width,
+                group: conv.group,
+            };
+            let output = crate::winograd::convolve(
+                geometry,
+                input,
+                &conv.weight,
+                &conv.bias,
+                residual,
+                self.relu,
+            );
+            return Ok((CpuStorage::F32(output), Shape::from(out_shape)));
+        }
 
         // A zero border instead of bounds checks in the kernel.
         let (padded_h, padded_w) = (height + 2 * p, width + 2 * p);
@@ -533,21 +573,21 @@ impl CustomOp1 for BlockedOp<'_> {
 }
 
 /// One kernel call: `pixels` output pixels of one row x `group` output blocks.
-struct Tile<'a> {
+pub(crate) struct Tile<'a> {
     /// The padded input from the tile's top-left tap on.
-    input: &'a [f32],
-    weight: &'a [f32],
-    bias: &'a [f32],
-    residual: Option<&'a [f32]>,
-    pixels: usize,
-    group: usize,
+    pub input: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+    pub pixels: usize,
+    pub group: usize,
 }
 
 impl Tile<'_> {
     /// # Safety
     /// `out` must be valid for this tile's writes (`group` blocks of `pixels` pixels
     /// at `args.out_block_stride`), and the CPU must have AVX-512F.
-    unsafe fn run(&self, args: &KernelArgs, out: *mut f32) {
+    pub unsafe fn run(&self, args: &KernelArgs, out: *mut f32) {
         // The reads the kernel makes, checked once here rather than per load.
         let k = args.kernel;
         let last_pixel = (self.pixels - 1) * args.stride;
@@ -690,7 +730,14 @@ mod tests {
 
     #[test]
     fn pack_and_unpack_are_inverse() -> Result<()> {
-        for (c_out, plain_input) in [(16, false), (32, false), (48, false), (32, true)] {
+        for (c_out, plain_input, winograd) in [
+            (16, false, false),
+            (32, false, false),
+            (48, false, false),
+            (32, true, false),
+            (16, false, true),
+            (32, false, true),
+        ] {
             let weight = values(c_out * 32 * 9, 1);
             let bias = values(c_out, 2);
             let tensor = Tensor::from_vec(weight.clone(), (c_out, 32, 3, 3), &Device::Cpu)?;
@@ -700,9 +747,21 @@ mod tests {
                 1,
                 1,
                 plain_input,
+                winograd,
             )?;
             assert_eq!(conv.group, if c_out.is_multiple_of(32) { 2 } else { 1 });
-            assert_eq!(conv.unpack(), (weight, bias));
+            assert_eq!(conv.winograd, winograd);
+            assert_eq!(conv.parameter_count(), weight.len() + bias.len());
+            let (unpacked, unpacked_bias) = conv.unpack();
+            assert_eq!(unpacked_bias, bias);
+            if winograd {
+                // Transformed and back: equal up to rounding.
+                for (a, b) in unpacked.iter().zip(&weight) {
+                    assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+                }
+            } else {
+                assert_eq!(unpacked, weight);
+            }
         }
         Ok(())
     }
@@ -720,6 +779,8 @@ mod tests {
         // The last two read plain (N, C, H, W) input, as the stems do.
         for (c_in, c_out, kernel, stride, padding) in [
             (16usize, 32, 3, 1, 1),
+            (32, 16, 3, 1, 1),
+            (16, 16, 3, 1, 1),
             (32, 16, 3, 2, 1),
             (16, 48, 1, 1, 0),
             (32, 64, 1, 2, 0),
@@ -735,7 +796,10 @@ mod tests {
                     to_blocked(x)
                 }
             };
-            for (height, width) in [(1, 1), (5, 9), (9, 15), (16, 29)] {
+            for ((height, width), winograd) in [(1, 1), (5, 9), (9, 15), (16, 29)]
+                .into_iter()
+                .flat_map(|size| [(size, false), (size, true)])
+            {
                 if height + 2 * padding < kernel || width + 2 * padding < kernel {
                     continue;
                 }
@@ -756,7 +820,14 @@ mod tests {
                 let residual =
                     Tensor::from_vec(values(conv.elem_count(), seed + 300), conv.dims(), &device)?;
                 let expected = (&conv + &residual)?.relu()?;
-                let blocked = Arc::new(BlockedConv::new(&w, &b, stride, padding, plain_input)?);
+                let blocked = Arc::new(BlockedConv::new(
+                    &w,
+                    &b,
+                    stride,
+                    padding,
+                    plain_input,
+                    winograd,
+                )?);
                 let got = from_blocked(&blocked.forward(
                     &layout(&x)?,
                     Some(&to_blocked(&residual)?),
@@ -776,7 +847,7 @@ mod tests {
                         .to_scalar::<f32>()?;
                     assert!(
                         error <= 1e-5 * scale.max(1.0),
-                        "{c_in}->{c_out} k{kernel} s{stride} {height}x{width}: error {error}"
+                        "{c_in}->{c_out} k{kernel} s{stride} {height}x{width} winograd {winograd}: error {error}"
                     );
                 }
             }
@@ -789,7 +860,7 @@ mod tests {
         let device = Device::Cpu;
         let w = Tensor::zeros((32, 16, 3, 3), DType::F32, &device)?;
         let b = Tensor::zeros(32, DType::F32, &device)?;
-        let conv = Arc::new(BlockedConv::new(&w, &b, 1, 1, false)?);
+        let conv = Arc::new(BlockedConv::new(&w, &b, 1, 1, false, false)?);
         let wrong_channels = Tensor::zeros((1, 2, 4, 4, 16), DType::F32, &device)?;
         assert!(conv.forward(&wrong_channels, None, true).is_err());
         let x = Tensor::zeros((1, 1, 4, 4, 16), DType::F32, &device)?;
@@ -800,7 +871,8 @@ mod tests {
             &b,
             1,
             1,
-            false
+            false,
+            true
         )
         .is_err());
         Ok(())

@@ -32,6 +32,7 @@ mod config;
 mod cpu_conv;
 mod device;
 mod model;
+mod winograd;
 
 pub use batch_norm::BatchNorm2d;
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};

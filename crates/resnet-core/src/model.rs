@@ -121,10 +121,13 @@ pub struct ResNet {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum CpuKernels {
-    /// The channel-blocked direct convolutions where they apply (f32 on a CPU with
-    /// AVX-512F, channel counts divisible by 16, no groups), else im2col + GEMM.
+    /// The channel-blocked kernels where they apply (f32 on a CPU with AVX-512F,
+    /// channel counts divisible by 16, no groups), 3x3 stride-1 convolutions by Winograd
+    /// F(2x2, 3x3), the others direct; else im2col + GEMM.
     #[default]
     Auto,
+    /// As `Auto`, but every blocked convolution direct (no Winograd).
+    BlockedDirect,
     /// im2col + GEMM (the `gemm` crate) for every convolution.
     Gemm,
 }
@@ -384,7 +387,7 @@ impl ResNet {
     /// [`ResNet::fold_batch_norm`] for the given CPU kernels.
     pub fn fold_batch_norm_with(self, kernels: CpuKernels) -> Result<Self> {
         let blocked = self.blocked
-            || (kernels == CpuKernels::Auto
+            || (kernels != CpuKernels::Gemm
                 && self.device.is_cpu()
                 && self.dtype == DType::F32
                 && crate::blocked::available()
@@ -395,8 +398,14 @@ impl ResNet {
                     .all(|stage| stage.blocks.iter().all(ResidualBlock::can_block)));
         let (stem_target, stage_target) = if blocked {
             (
-                FoldTarget::Blocked { plain_input: true },
-                FoldTarget::Blocked { plain_input: false },
+                FoldTarget::Blocked {
+                    plain_input: true,
+                    winograd: false,
+                },
+                FoldTarget::Blocked {
+                    plain_input: false,
+                    winograd: kernels == CpuKernels::Auto,
+                },
             )
         } else {
             (FoldTarget::Gemm, FoldTarget::Gemm)

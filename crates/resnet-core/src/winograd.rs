@@ -1,0 +1,437 @@
+//! Winograd F(2x2, 3x3) for the blocked 3x3 stride-1 convolutions (Lavin & Gray, "Fast
+//! Algorithms for Convolutional Neural Networks", 2016).
+//!
+//! Each 2x2 block of outputs is `Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` over the 4x4 input patch
+//! `d`: 16 multiplications per input channel instead of 36, so the 3x3 layers (about
+//! 40% of ResNet-50's arithmetic) cost 2.25x fewer multiply-adds. The elementwise
+//! products summed over input channels are 16 independent matrix products — one per
+//! position of the 4x4 transform — which run on the blocked 1x1 kernel, with the tiles
+//! as its pixels. Transforms are vectorised over the 16 channels of a block.
+//!
+//! Error: the transforms only add, subtract and halve, so the result differs from direct
+//! convolution by a few rounding steps (measured against PyTorch in the parity tests,
+//! within the same 1e-4 relative tolerance).
+#![allow(unsafe_code)] // disjoint writes from parallel tasks, through the shared kernel
+
+use rayon::prelude::*;
+
+use crate::blocked::{packed_order, KernelArgs, Shared, Tile, LANES, MAX_PIXELS};
+
+/// Positions of the 4x4 transform.
+const POSITIONS: usize = 16;
+
+/// `G g Gᵀ` for each `(c_out, c_in)` 3x3 kernel of `source`, reordered per position as
+/// a blocked 1x1 weight: `[16][c_out / (16·group)][c_in / 16][16 in][16·group out]`.
+pub(crate) fn transform_weights(
+    source: &[f32],
+    c_out: usize,
+    c_in: usize,
+    group: usize,
+) -> Vec<f32> {
+    let pairs = c_out * c_in;
+    let mut transformed = vec![0.0f32; POSITIONS * pairs];
+    for pair in 0..pairs {
+        let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i]));
+        // Rows of G g (4x3), then columns: (G g) Gᵀ (4x4).
+        let rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+        let gg: [[f64; 4]; 3] = std::array::from_fn(|col| rows(g[col], g[3 + col], g[6 + col]));
+        for i in 0..4 {
+            let u = rows(gg[0][i], gg[1][i], gg[2][i]);
+            for (j, value) in u.into_iter().enumerate() {
+                transformed[(i * 4 + j) * pairs + pair] = value as f32;
+            }
+        }
+    }
+    let mut packed = Vec::with_capacity(transformed.len());
+    for position in transformed.chunks(pairs) {
+        packed.extend(packed_order(c_in, c_out, 1, group, LANES).map(|index| position[index]));
+    }
+    packed
+}
+
+/// The 3x3 kernels back from [`transform_weights`]' output (exact up to rounding: the
+/// corners of `G g Gᵀ` are `g`'s corners, its edges and centre give the rest).
+pub(crate) fn untransform_weights(
+    packed: &[f32],
+    c_out: usize,
+    c_in: usize,
+    group: usize,
+) -> Vec<f32> {
+    let pairs = c_out * c_in;
+    let mut transformed = vec![0.0f32; packed.len()];
+    for (position, values) in transformed.chunks_mut(pairs).zip(packed.chunks(pairs)) {
+        for (index, &value) in packed_order(c_in, c_out, 1, group, LANES).zip(values) {
+            position[index] = value;
+        }
+    }
+    let mut weight = vec![0.0f32; pairs * 9];
+    for pair in 0..pairs {
+        let u = |i: usize, j: usize| f64::from(transformed[(i * 4 + j) * pairs + pair]);
+        // Invert rows then columns: a = u0, c = u3, b = 2·u1 - a - c.
+        let invert = |u0: f64, u1: f64, u3: f64| [u0, 2.0 * u1 - u0 - u3, u3];
+        // Columns 0, 1, 3 of G g Gᵀ give G g's columns; then its rows 0, 1, 3 give g.
+        let gg: [[f64; 3]; 4] = std::array::from_fn(|i| invert(u(i, 0), u(i, 1), u(i, 3)));
+        for col in 0..3 {
+            let g = invert(gg[0][col], gg[1][col], gg[3][col]);
+            for (row, value) in g.into_iter().enumerate() {
+                weight[pair * 9 + row * 3 + col] = value as f32;
+            }
+        }
+    }
+    weight
+}
+
+/// Shapes of one Winograd convolution (3x3, stride 1, padding 1: output size = input).
+#[derive(Clone, Copy)]
+pub(crate) struct Geometry {
+    pub batch: usize,
+    pub in_blocks: usize,
+    pub out_blocks: usize,
+    pub height: usize,
+    pub width: usize,
+    pub group: usize,
+}
+
+impl Geometry {
+    fn tile_rows(&self) -> usize {
+        self.height.div_ceil(2)
+    }
+
+    fn tile_cols(&self) -> usize {
+        self.width.div_ceil(2)
+    }
+
+    /// Tiles of one image.
+    fn tiles(&self) -> usize {
+        self.tile_rows() * self.tile_cols()
+    }
+
+    fn in_image(&self) -> usize {
+        self.in_blocks * self.height * self.width * LANES
+    }
+
+    fn out_image(&self) -> usize {
+        self.out_blocks * self.height * self.width * LANES
+    }
+}
+
+/// `relu(conv3x3(input) + bias + residual)` on blocked `(N, C/16, H, W, 16)` data.
+///
+/// Image by image, so that the transformed tiles (4x the activations) stay in cache:
+/// with at least as many images as threads, each thread takes whole images; else the
+/// threads share each image's three phases.
+pub(crate) fn convolve(
+    geometry: Geometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
+    let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
+    let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let image = |b: usize, parallel: bool| {
+        let data = Image {
+            input: &input[b * in_image..(b + 1) * in_image],
+            residual: residual.map(|r| &r[b * out_image..(b + 1) * out_image]),
+            weight,
+            bias,
+            relu,
+            parallel,
+        };
+        // SAFETY: image b's part of the output, written by this call only.
+        unsafe { data.convolve(geometry, out.get().add(b * out_image)) };
+    };
+    let threads = candle_core::utils::get_num_threads();
+    if geometry.batch >= threads && threads > 1 {
+        (0..geometry.batch)
+            .into_par_iter()
+            .for_each(|b| image(b, false));
+    } else {
+        (0..geometry.batch).for_each(|b| image(b, threads > 1));
+    }
+    // SAFETY: every image's output was written in full (`Image::convolve`).
+    unsafe { output.set_len(geometry.batch * out_image) };
+    output
+}
+
+/// One image's data.
+struct Image<'a> {
+    input: &'a [f32],
+    residual: Option<&'a [f32]>,
+    weight: &'a [f32],
+    bias: &'a [f32],
+    relu: bool,
+    /// Spread each phase over the thread pool.
+    parallel: bool,
+}
+
+/// Runs `task(0..count)`, over the thread pool if `parallel`.
+fn for_each(count: usize, parallel: bool, task: impl Fn(usize) + Sync + Send) {
+    if parallel {
+        (0..count).into_par_iter().for_each(task);
+    } else {
+        (0..count).for_each(task);
+    }
+}
+
+impl Image<'_> {
+    /// # Safety
+    /// `out` valid for writing one output image; the CPU has AVX-512F.
+    unsafe fn convolve(&self, geometry: Geometry, out: *mut f32) {
+        let Geometry {
+            in_blocks,
+            out_blocks,
+            height,
+            width,
+            group,
+            ..
+        } = geometry;
+        let (tile_rows, tile_cols, tiles) =
+            (geometry.tile_rows(), geometry.tile_cols(), geometry.tiles());
+        assert!(self.input.len() == geometry.in_image());
+        assert!(self
+            .residual
+            .is_none_or(|r| r.len() == geometry.out_image()));
+        assert!(self.bias.len() == out_blocks * LANES);
+
+        // 1. Bᵀ d B for every tile: [16][in_blocks][tiles][16].
+        let position_in = in_blocks * tiles * LANES;
+        let mut transformed: Vec<f32> = Vec::with_capacity(POSITIONS * position_in);
+        let v = Shared(transformed.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        let plane = height * width * LANES;
+        for_each(in_blocks * tile_rows, self.parallel, |index| {
+            let (block, ty) = (index / tile_rows, index % tile_rows);
+            let source = &self.input[block * plane..(block + 1) * plane];
+            for tx in 0..tile_cols {
+                let slot = (block * tiles + ty * tile_cols + tx) * LANES;
+                // SAFETY: this task's (block, tile) slots of `transformed`; the loads
+                // are bounds-checked against `source`.
+                unsafe {
+                    input_tile(
+                        source,
+                        height,
+                        width,
+                        ty,
+                        tx,
+                        v.get().add(slot),
+                        position_in,
+                    )
+                };
+            }
+        });
+        // SAFETY: every (position, block, tile) slot was written above.
+        unsafe { transformed.set_len(POSITIONS * position_in) };
+
+        // 2. The 16 products over input channels: [16][out_blocks][tiles][16].
+        let position_out = out_blocks * tiles * LANES;
+        let groups = out_blocks / group;
+        let position_weights = self.weight.len() / POSITIONS;
+        let group_weights = position_weights / groups;
+        let chunks = tiles.div_ceil(MAX_PIXELS);
+        let args = KernelArgs {
+            in_blocks,
+            in_lanes: LANES,
+            kernel: 1,
+            stride: 1,
+            in_block_stride: tiles * LANES,
+            in_row_stride: 0,
+            out_block_stride: tiles * LANES,
+            relu: false,
+        };
+        let zero_bias = [0.0f32; 2 * LANES];
+        let mut products: Vec<f32> = Vec::with_capacity(POSITIONS * position_out);
+        let m = Shared(products.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        // Tasks: (position, output group, chunk of tiles), neighbours sharing weights.
+        for_each(POSITIONS * groups * chunks, self.parallel, |index| {
+            let chunk = index % chunks;
+            let g = (index / chunks) % groups;
+            let position = index / (chunks * groups);
+            let first = chunk * MAX_PIXELS;
+            let tile = Tile {
+                input: &transformed[position * position_in + first * LANES..],
+                weight: &self.weight[position * position_weights + g * group_weights..]
+                    [..group_weights],
+                bias: &zero_bias[..group * LANES],
+                residual: None,
+                pixels: MAX_PIXELS.min(tiles - first),
+                group,
+            };
+            let at = position * position_out + g * group * tiles * LANES + first * LANES;
+            // SAFETY: tasks write disjoint (position, group, chunk) parts of `products`;
+            // `Tile::run` checks the reads; AVX-512F is the caller's promise.
+            unsafe { tile.run(&args, m.get().add(at)) };
+        });
+        // SAFETY: every (position, block, tile) slot was written by one task above.
+        unsafe { products.set_len(POSITIONS * position_out) };
+
+        // 3. Aᵀ m A + bias (+ residual), ReLU, into the output image.
+        let out = Shared(out);
+        for_each(out_blocks * tile_rows, self.parallel, |index| {
+            let (block, ty) = (index / tile_rows, index % tile_rows);
+            let bias = &self.bias[block * LANES..(block + 1) * LANES];
+            let residual = self
+                .residual
+                .map(|r| &r[block * plane..(block + 1) * plane]);
+            for tx in 0..tile_cols {
+                let slot = (block * tiles + ty * tile_cols + tx) * LANES;
+                // SAFETY: the tile's pixels of output block `block`, written by this
+                // task only, inside the image (checked in `output_tile`).
+                unsafe {
+                    output_tile(
+                        &products[slot..],
+                        position_out,
+                        bias,
+                        residual,
+                        self.relu,
+                        (height, width, ty, tx),
+                        out.get().add(block * plane),
+                    )
+                };
+            }
+        });
+    }
+}
+
+/// Transforms the 4x4 patch at rows 2ty-1.., columns 2tx-1.. of `plane` (zero outside)
+/// to `Bᵀ d B`, with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`; writes position ξ
+/// to `out + ξ·position_stride`.
+///
+/// # Safety
+/// AVX-512F; `out + ξ·position_stride` valid for 16 writes for each ξ < 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn input_tile(
+    plane: &[f32],
+    height: usize,
+    width: usize,
+    ty: usize,
+    tx: usize,
+    out: *mut f32,
+    position_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let load = |i: usize, j: usize| -> __m512 {
+        match ((2 * ty + i).checked_sub(1), (2 * tx + j).checked_sub(1)) {
+            (Some(y), Some(x)) if y < height && x < width => {
+                let at = (y * width + x) * LANES;
+                let lanes = &plane[at..at + LANES];
+                // SAFETY: `lanes` holds 16 floats.
+                unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
+            }
+            _ => _mm512_setzero_ps(),
+        }
+    };
+    let transform = |x: [__m512; 4]| -> [__m512; 4] {
+        [
+            _mm512_sub_ps(x[0], x[2]),
+            _mm512_add_ps(x[1], x[2]),
+            _mm512_sub_ps(x[2], x[1]),
+            _mm512_sub_ps(x[1], x[3]),
+        ]
+    };
+    // Columns of Bᵀ d, then rows of (Bᵀ d) B.
+    let columns: [[__m512; 4]; 4] =
+        std::array::from_fn(|j| transform([load(0, j), load(1, j), load(2, j), load(3, j)]));
+    #[allow(clippy::needless_range_loop)] // i picks row i of each column
+    for i in 0..4 {
+        let row = transform([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
+        for (j, value) in row.into_iter().enumerate() {
+            // SAFETY: the caller's promise.
+            unsafe { _mm512_storeu_ps(out.add((i * 4 + j) * position_stride), value) };
+        }
+    }
+}
+
+/// `Aᵀ m A` with `Aᵀ = [1 1 1 0; 0 1 -1 -1]` for one tile (position ξ of it at
+/// `products[ξ·position_stride..]`), plus bias (+ residual), ReLU, written to the
+/// output block `out` (one `(H, W, 16)` plane) where inside the image.
+///
+/// # Safety
+/// AVX-512F; `out` valid for writing one `(H, W, 16)` plane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn output_tile(
+    products: &[f32],
+    position_stride: usize,
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    (height, width, ty, tx): (usize, usize, usize, usize),
+    out: *mut f32,
+) {
+    use std::arch::x86_64::*;
+    assert!(products.len() >= 15 * position_stride + LANES && bias.len() == LANES);
+    // SAFETY (loads): inside `products` and `bias`, asserted above.
+    let m = |position: usize| unsafe {
+        _mm512_loadu_ps(products.as_ptr().add(position * position_stride))
+    };
+    let bias = unsafe { _mm512_loadu_ps(bias.as_ptr()) };
+    // Rows: s = Aᵀ m (2x4).
+    let s: [[__m512; 4]; 2] = {
+        let column = |j: usize| {
+            let (a, b, c, d) = (m(j), m(4 + j), m(8 + j), m(12 + j));
+            (
+                _mm512_add_ps(_mm512_add_ps(a, b), c),
+                _mm512_sub_ps(_mm512_sub_ps(b, c), d),
+            )
+        };
+        let columns: [(__m512, __m512); 4] = std::array::from_fn(column);
+        [
+            std::array::from_fn(|j| columns[j].0),
+            std::array::from_fn(|j| columns[j].1),
+        ]
+    };
+    let zero = _mm512_setzero_ps();
+    for (i, row) in s.iter().enumerate() {
+        let oy = 2 * ty + i;
+        if oy >= height {
+            continue;
+        }
+        // Columns: y = s A (2 values).
+        let y = [
+            _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2]),
+            _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3]),
+        ];
+        for (j, mut value) in y.into_iter().enumerate() {
+            let ox = 2 * tx + j;
+            if ox >= width {
+                continue;
+            }
+            let at = (oy * width + ox) * LANES;
+            value = _mm512_add_ps(value, bias);
+            if let Some(r) = residual {
+                let lanes = &r[at..at + LANES];
+                // SAFETY: `lanes` holds 16 floats.
+                value = _mm512_add_ps(value, unsafe { _mm512_loadu_ps(lanes.as_ptr()) });
+            }
+            if relu {
+                value = _mm512_max_ps(value, zero);
+            }
+            assert!(at + LANES <= height * width * LANES);
+            // SAFETY: inside the plane (asserted), the caller's promise.
+            unsafe { _mm512_storeu_ps(out.add(at), value) };
+        }
+    }
+}
+
+/// Never called: the blocked kernels run only on x86-64 with AVX-512F.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn input_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut f32, _: usize) {
+    unreachable!("Winograd transforms run only on x86-64 with AVX-512F")
+}
+
+/// Never called: the blocked kernels run only on x86-64 with AVX-512F.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn output_tile(
+    _: &[f32],
+    _: usize,
+    _: &[f32],
+    _: Option<&[f32]>,
+    _: bool,
+    _: (usize, usize, usize, usize),
+    _: *mut f32,
+) {
+    unreachable!("Winograd transforms run only on x86-64 with AVX-512F")
+}
