@@ -192,7 +192,11 @@ fn check_with_folded(
 ) -> Result<()> {
     let tolerance = F32_RELATIVE_TOLERANCE;
     assert_close(&build()?.forward(input)?, expected, tolerance, what)?;
-    for kernels in [CpuKernels::Auto, CpuKernels::BlockedDirect, CpuKernels::Gemm] {
+    for kernels in [
+        CpuKernels::Auto,
+        CpuKernels::BlockedDirect,
+        CpuKernels::Gemm,
+    ] {
         let folded = build()?.fold_batch_norm_with(kernels)?;
         let what = format!(
             "{what} folded for {kernels:?} (blocked: {})",
@@ -281,7 +285,11 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
 /// f16 (tolerances as above), on both CPU paths: channel-blocked direct convolution (f32,
 /// where the CPU has AVX-512F) and im2col + GEMM.
 fn folded_batch_norm(device: &Device) -> Result<()> {
-    for kernels in [CpuKernels::Auto, CpuKernels::BlockedDirect, CpuKernels::Gemm] {
+    for kernels in [
+        CpuKernels::Auto,
+        CpuKernels::BlockedDirect,
+        CpuKernels::Gemm,
+    ] {
         for (fixture, config) in [
             (
                 "timm_bottleneck",

@@ -248,14 +248,15 @@ impl Image<'_> {
             let chunk = index % chunks;
             let g = (index / chunks) % groups;
             let position = index / (chunks * groups);
-            let first = chunk * MAX_PIXELS;
+            // Near-equal chunks: 16 tiles run as 8 + 8, not 14 + 2.
+            let (first, end) = (chunk * tiles / chunks, (chunk + 1) * tiles / chunks);
             let tile = Tile {
                 input: &transformed[position * position_in + first * LANES..],
                 weight: &self.weight[position * position_weights + g * group_weights..]
                     [..group_weights],
                 bias: &zero_bias[..group * LANES],
                 residual: None,
-                pixels: MAX_PIXELS.min(tiles - first),
+                pixels: end - first,
                 group,
             };
             let at = position * position_out + g * group * tiles * LANES + first * LANES;
