@@ -91,9 +91,11 @@ pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Mod
         .with_context(|| format!("loading model '{model}'"))?;
     let labels = source.labels(loaded.config.num_classes);
     let preprocess = source.preprocess(&loaded.config);
+    // Every command only infers: BatchNorm folded into the convolutions.
+    let model = loaded.model.fold_batch_norm()?;
+    after_loading();
     Ok(Model {
-        // Every command only infers: BatchNorm folded into the convolutions.
-        model: loaded.model.fold_batch_norm()?,
+        model,
         config: loaded.config,
         labels,
         preprocess,
@@ -130,7 +132,17 @@ fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
     };
     let varmap = candle_nn::VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-    Ok(ResNet::new(&config, vb)?.fold_batch_norm()?)
+    let model = ResNet::new(&config, vb)?.fold_batch_norm()?;
+    drop(varmap);
+    after_loading();
+    Ok(model)
+}
+
+/// Once the weights are in place: passes reuse the previous pass's activation memory
+/// instead of page-faulting it back in (after, not before, loading: the loader's and
+/// folding's temporary buffers are returned to the system as usual).
+fn after_loading() {
+    resnet_core::retain_freed_memory();
 }
 
 /// Softmax probabilities and indices of the `k` most likely classes of each row.

@@ -162,6 +162,46 @@ impl ConvBn {
             ConvWeights::Folded(_) | ConvWeights::Blocked(_) => return Ok(self),
         };
         let (scale, shift) = self.bn.scale_and_shift()?;
+        let config = *conv.config();
+        if let FoldTarget::Blocked {
+            plain_input,
+            winograd,
+        } = target
+        {
+            // Straight from the weight's values to the reordered copy, the original
+            // dropped first: one transient copy of one unit, not three.
+            let dims = conv.weight().dims4()?;
+            let conv_bias = match conv.bias() {
+                Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let mut weight = conv
+                .weight()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            drop(conv);
+            let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
+            let per_channel = weight.len() / dims.0.max(1);
+            for (row, &k) in weight.chunks_mut(per_channel).zip(&scale) {
+                row.iter_mut().for_each(|w| *w *= k);
+            }
+            let bias = (0..dims.0)
+                .map(|c| conv_bias.as_ref().map_or(0.0, |b| b[c]) * scale[c] + shift[c])
+                .collect();
+            let blocked = BlockedConv::from_folded(
+                weight,
+                dims,
+                bias,
+                (config.stride, config.padding),
+                plain_input,
+                winograd,
+            )?;
+            return Ok(Self {
+                weights: ConvWeights::Blocked(Arc::new(blocked)),
+                bn: self.bn,
+            });
+        }
         let dtype = conv.weight().dtype();
         let out_channels = self.bn.channels();
         let weight = conv
@@ -174,26 +214,11 @@ impl ConvBn {
             None => shift,
         }
         .to_dtype(dtype)?;
-        let config = *conv.config();
         drop(conv);
-        let weights = if let FoldTarget::Blocked {
-            plain_input,
-            winograd,
-        } = target
-        {
-            ConvWeights::Blocked(Arc::new(BlockedConv::new(
-                &weight,
-                &bias,
-                config.stride,
-                config.padding,
-                plain_input,
-                winograd,
-            )?))
-        } else {
-            // Detached: the running statistics are variables, and a graph edge from the
-            // folded weight back to the original would keep the original alive.
-            ConvWeights::Folded(Conv2d::new(weight.detach(), Some(bias.detach()), config))
-        };
+        // Detached: the running statistics are variables, and a graph edge from the
+        // folded weight back to the original would keep the original alive.
+        let weights =
+            ConvWeights::Folded(Conv2d::new(weight.detach(), Some(bias.detach()), config));
         Ok(Self {
             weights,
             bn: self.bn,

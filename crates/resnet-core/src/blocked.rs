@@ -27,6 +27,8 @@ pub(crate) const LANES: usize = 16;
 /// Most output pixels one kernel call computes (2 x 14 accumulators + 2 weight vectors
 /// + 1 broadcast fit the 32 vector registers).
 pub(crate) const MAX_PIXELS: usize = 14;
+/// Largest `c_out · c_in` run by Winograd (256 x 256).
+const WINOGRAD_MAX_PAIRS: usize = 256 * 256;
 
 /// Whether this CPU runs the blocked kernels.
 pub(crate) fn available() -> bool {
@@ -92,6 +94,7 @@ impl BlockedConv {
     /// Reorders a folded `(c_out, c_in, k, k)` f32 weight and its bias. `plain_input`:
     /// the input is `(N, C, H, W)` (any C), else blocked (C divisible by 16).
     /// `winograd`: transform a 3x3 stride-1 convolution for Winograd F(2x2, 3x3).
+    #[cfg(test)]
     pub fn new(
         weight: &Tensor,
         bias: &Tensor,
@@ -100,16 +103,36 @@ impl BlockedConv {
         plain_input: bool,
         winograd: bool,
     ) -> Result<Self> {
-        let (c_out, c_in, kernel, kw) = weight.dims4()?;
+        Self::from_folded(
+            weight.flatten_all()?.to_vec1::<f32>()?,
+            weight.dims4()?,
+            bias.to_vec1::<f32>()?,
+            (stride, padding),
+            plain_input,
+            winograd,
+        )
+    }
+
+    /// [`BlockedConv::new`] from the weight's values, `(c_out, c_in, k, k)`, consumed so
+    /// that only the reordered copy stays.
+    pub fn from_folded(
+        source: Vec<f32>,
+        (c_out, c_in, kernel, kw): (usize, usize, usize, usize),
+        bias: Vec<f32>,
+        (stride, padding): (usize, usize),
+        plain_input: bool,
+        winograd: bool,
+    ) -> Result<Self> {
         let in_lanes = if plain_input { 1 } else { LANES };
         if kernel != kw
             || !Self::supports(c_out, kernel, 1)
             || !c_in.is_multiple_of(in_lanes)
             || stride == 0
+            || source.len() != c_out * c_in * kernel * kernel
         {
             bail!(
                 "blocked convolution: unsupported weight {:?}",
-                weight.dims()
+                (c_out, c_in, kernel, kw)
             );
         }
         let group = if c_out.is_multiple_of(2 * LANES) {
@@ -117,15 +140,20 @@ impl BlockedConv {
         } else {
             1
         };
-        let source = weight.flatten_all()?.to_vec1::<f32>()?;
-        let bias = bias.to_vec1::<f32>()?;
         if bias.len() != c_out {
             bail!(
                 "blocked convolution: bias of {} for {c_out} channels",
                 bias.len()
             );
         }
-        let winograd = winograd && kernel == 3 && stride == 1 && padding == 1 && !plain_input;
+        // Winograd's weights are 16/9 the size: not for the largest layers (ResNet-50's
+        // last stage, 7x7 pixels, where it also saves least), to keep memory in bounds.
+        let winograd = winograd
+            && kernel == 3
+            && stride == 1
+            && padding == 1
+            && !plain_input
+            && c_out * c_in <= WINOGRAD_MAX_PAIRS;
         let packed = if winograd {
             crate::winograd::transform_weights(&source, c_out, c_in, group)
         } else {

@@ -25,6 +25,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs)]
 
+mod allocator;
 mod batch_norm;
 mod block;
 mod blocked;
@@ -34,6 +35,7 @@ mod device;
 mod model;
 mod winograd;
 
+pub use allocator::retain_freed_memory;
 pub use batch_norm::BatchNorm2d;
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{BlockKind, ResNetConfig, ShortcutKind, StemKind, PRESET_NAMES};

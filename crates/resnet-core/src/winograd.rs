@@ -15,10 +15,18 @@
 
 use rayon::prelude::*;
 
-use crate::blocked::{packed_order, KernelArgs, Shared, Tile, LANES, MAX_PIXELS};
+use crate::blocked::{KernelArgs, Shared, Tile, LANES, MAX_PIXELS};
 
 /// Positions of the 4x4 transform.
 const POSITIONS: usize = 16;
+
+/// Where the weight of `(oc, ic)` sits in one position's blocked 1x1 weight
+/// `[c_out / (16·group)][c_in / 16][16 in][16·group out]`.
+fn packed_index(oc: usize, ic: usize, c_in: usize, group: usize) -> usize {
+    let width = LANES * group;
+    let (g, o) = (oc / width, oc % width);
+    ((g * (c_in / LANES) + ic / LANES) * LANES + ic % LANES) * width + o
+}
 
 /// `G g Gᵀ` for each `(c_out, c_in)` 3x3 kernel of `source`, reordered per position as
 /// a blocked 1x1 weight: `[16][c_out / (16·group)][c_in / 16][16 in][16·group out]`.
@@ -29,22 +37,22 @@ pub(crate) fn transform_weights(
     group: usize,
 ) -> Vec<f32> {
     let pairs = c_out * c_in;
-    let mut transformed = vec![0.0f32; POSITIONS * pairs];
-    for pair in 0..pairs {
-        let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i]));
-        // Rows of G g (4x3), then columns: (G g) Gᵀ (4x4).
-        let rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-        let gg: [[f64; 4]; 3] = std::array::from_fn(|col| rows(g[col], g[3 + col], g[6 + col]));
-        for i in 0..4 {
-            let u = rows(gg[0][i], gg[1][i], gg[2][i]);
-            for (j, value) in u.into_iter().enumerate() {
-                transformed[(i * 4 + j) * pairs + pair] = value as f32;
+    let mut packed = vec![0.0f32; POSITIONS * pairs];
+    for oc in 0..c_out {
+        for ic in 0..c_in {
+            let pair = oc * c_in + ic;
+            let at = packed_index(oc, ic, c_in, group);
+            let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i]));
+            // Rows of G g (4x3), then columns: (G g) Gᵀ (4x4).
+            let rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+            let gg: [[f64; 4]; 3] = std::array::from_fn(|col| rows(g[col], g[3 + col], g[6 + col]));
+            for i in 0..4 {
+                let u = rows(gg[0][i], gg[1][i], gg[2][i]);
+                for (j, value) in u.into_iter().enumerate() {
+                    packed[(i * 4 + j) * pairs + at] = value as f32;
+                }
             }
         }
-    }
-    let mut packed = Vec::with_capacity(transformed.len());
-    for position in transformed.chunks(pairs) {
-        packed.extend(packed_order(c_in, c_out, 1, group, LANES).map(|index| position[index]));
     }
     packed
 }
@@ -58,23 +66,20 @@ pub(crate) fn untransform_weights(
     group: usize,
 ) -> Vec<f32> {
     let pairs = c_out * c_in;
-    let mut transformed = vec![0.0f32; packed.len()];
-    for (position, values) in transformed.chunks_mut(pairs).zip(packed.chunks(pairs)) {
-        for (index, &value) in packed_order(c_in, c_out, 1, group, LANES).zip(values) {
-            position[index] = value;
-        }
-    }
     let mut weight = vec![0.0f32; pairs * 9];
-    for pair in 0..pairs {
-        let u = |i: usize, j: usize| f64::from(transformed[(i * 4 + j) * pairs + pair]);
-        // Invert rows then columns: a = u0, c = u3, b = 2·u1 - a - c.
-        let invert = |u0: f64, u1: f64, u3: f64| [u0, 2.0 * u1 - u0 - u3, u3];
-        // Columns 0, 1, 3 of G g Gᵀ give G g's columns; then its rows 0, 1, 3 give g.
-        let gg: [[f64; 3]; 4] = std::array::from_fn(|i| invert(u(i, 0), u(i, 1), u(i, 3)));
-        for col in 0..3 {
-            let g = invert(gg[0][col], gg[1][col], gg[3][col]);
-            for (row, value) in g.into_iter().enumerate() {
-                weight[pair * 9 + row * 3 + col] = value as f32;
+    for oc in 0..c_out {
+        for ic in 0..c_in {
+            let (pair, at) = (oc * c_in + ic, packed_index(oc, ic, c_in, group));
+            let u = |i: usize, j: usize| f64::from(packed[(i * 4 + j) * pairs + at]);
+            // Invert rows then columns: a = u0, c = u3, b = 2·u1 - a - c.
+            let invert = |u0: f64, u1: f64, u3: f64| [u0, 2.0 * u1 - u0 - u3, u3];
+            // Columns 0, 1, 3 of G g Gᵀ give G g's rows; its rows 0, 1, 3 then give g.
+            let gg: [[f64; 3]; 4] = std::array::from_fn(|i| invert(u(i, 0), u(i, 1), u(i, 3)));
+            for col in 0..3 {
+                let g = invert(gg[0][col], gg[1][col], gg[3][col]);
+                for (row, value) in g.into_iter().enumerate() {
+                    weight[pair * 9 + row * 3 + col] = value as f32;
+                }
             }
         }
     }
