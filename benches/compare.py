@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Side-by-side CPU inference: this crate (`resnet bench`), PyTorch eager and ONNX Runtime
-(each where installed), same machine, same thread count, in one run; prints the ratios.
+"""Side-by-side CPU inference: this crate (`resnet bench`), candle-transformers' ResNet-50,
+PyTorch eager and ONNX Runtime (each where available), same machine, same thread count,
+in one run; prints the ratios.
 
     cargo build --release -p resnet-cli
-    python benches/compare.py --threads 2 --iters 10
+    cargo build --release -p resnet-benches --features peers   # candle-transformers column
+    python benches/compare.py --threads 2 --iters 10 --rounds 3
+
+Each case is measured in rounds, every engine once per round in turn (median of --iters
+runs after 2 warm-up runs), and each engine's result is the median over the rounds: a
+slow spell of this shared machine then hits all engines alike rather than one.
 
 Needs torch and torchvision for the PyTorch column and for the ONNX export; onnxruntime
-and onnx for the ONNX Runtime column. Weights are random (speed does not depend on them).
+and onnx for the ONNX Runtime column. candle-transformers has no CIFAR ResNet: its column
+is empty for resnet20. Weights are random (speed does not depend on them).
 """
 
 import argparse
@@ -22,14 +29,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32)]
 
 
-def ours(arch, batch, args):
-    binary = os.path.join(ROOT, "target", "release", "resnet")
-    out = subprocess.run(
-        [binary, "bench", "--arch", arch, "--batch", str(batch), "--iters", str(args.iters),
-         "--threads", str(args.threads), "--device", "cpu", "--json"],
-        check=True, capture_output=True, text=True,
-    )
+def run_json(command):
+    out = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)["median_ms"]
+
+
+def ours(arch, batch, size, args):
+    binary = os.path.join(ROOT, "target", "release", "resnet")
+    command = [binary, "bench", "--arch", arch, "--batch", str(batch), "--iters", str(args.iters),
+               "--threads", str(args.threads), "--device", "cpu", "--json"]
+    return lambda: run_json(command)
+
+
+def candle_transformers(arch, batch, size, args):
+    if arch != "resnet50":
+        raise ValueError("candle-transformers has no CIFAR ResNet")
+    binary = os.path.join(ROOT, "target", "release", "candle-transformers-resnet")
+    if not os.path.exists(binary):
+        raise FileNotFoundError(f"{binary}: cargo build --release -p resnet-benches --features peers")
+    return lambda: run_json([binary, str(batch), str(args.iters), str(args.threads)])
 
 
 def median_ms(fn, iters, warmup=2):
@@ -44,7 +62,6 @@ def median_ms(fn, iters, warmup=2):
 
 
 def torch_model(arch):
-    import torch
     import torchvision
 
     if arch == "resnet20":
@@ -61,8 +78,12 @@ def pytorch(arch, batch, size, args):
     torch.set_num_threads(args.threads)
     model = torch_model(arch)
     x = torch.randn(batch, 3, size, size)
-    with torch.inference_mode():
-        return median_ms(lambda: model(x), args.iters)
+
+    def measure():
+        with torch.inference_mode():
+            return median_ms(lambda: model(x), args.iters)
+
+    return measure
 
 
 def onnxruntime(arch, batch, size, args):
@@ -79,34 +100,46 @@ def onnxruntime(arch, batch, size, args):
         options.intra_op_num_threads = args.threads
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy().astype(np.float32)}
-        return median_ms(lambda: session.run(None, feed), args.iters)
+    feed = {"x": x.numpy().astype(np.float32)}
+    return lambda: median_ms(lambda: session.run(None, feed), args.iters)
+
+
+ENGINES = [("ours", ours), ("candle-tf", candle_transformers), ("pytorch", pytorch),
+           ("ort", onnxruntime)]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default="all",
                         help="comma-separated subset, e.g. resnet50b1,resnet20b128 (default: all)")
     args = parser.parse_args()
     wanted = None if args.cases == "all" else set(args.cases.split(","))
-    print(f"median ms per batch, f32, {args.threads} threads")
-    print(f"{'case':<22}{'ours':>9}{'pytorch':>10}{'ort':>9}{'pytorch/ours':>14}{'ort/ours':>10}")
+    peers = [name for name, _ in ENGINES[1:]]
+    print(f"median ms per batch, f32, {args.threads} threads, median of {args.rounds} rounds")
+    print(f"{'case':<16}{'ours':>9}" + "".join(f"{name:>11}" for name in peers)
+          + "".join(f"{name + '/ours':>16}" for name in peers))
     for arch, batch, size in CASES:
         if wanted is not None and f"{arch}b{batch}" not in wanted:
             continue
-        row = {"ours": ours(arch, batch, args)}
-        for name, fn in [("pytorch", pytorch), ("ort", onnxruntime)]:
+        measures = {}
+        for name, setup in ENGINES:
             try:
-                row[name] = fn(arch, batch, size, args)
+                measures[name] = setup(arch, batch, size, args)
             except Exception as error:  # not installed, or export failed: leave the column empty
                 print(f"  ({name} skipped: {error.__class__.__name__}: {error})", file=sys.stderr)
-                row[name] = None
-        cell = lambda v: f"{v:9.1f}" if v else f"{'-':>9}"
+        results = {name: [] for name in measures}
+        for _ in range(args.rounds):
+            for name, measure in measures.items():
+                results[name].append(measure())
+        row = {name: statistics.median(times) for name, times in results.items()}
+        cell = lambda v: f"{v:.1f}" if v else "-"
         ratio = lambda v: f"{v / row['ours']:.2f}x" if v else "-"
-        print(f"{arch + ' b' + str(batch):<22}{cell(row['ours'])}{cell(row['pytorch']):>10}{cell(row['ort'])}"
-              f"{ratio(row['pytorch']):>14}{ratio(row['ort']):>10}")
+        print(f"{arch + ' b' + str(batch):<16}{cell(row['ours']):>9}"
+              + "".join(f"{cell(row.get(name)):>11}" for name in peers)
+              + "".join(f"{ratio(row.get(name)):>16}" for name in peers), flush=True)
     print("ratio > 1: this crate is faster (the other takes that many times longer)")
 
 
