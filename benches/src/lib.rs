@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use resnet_core::{ResNet, ResNetConfig};
+use resnet_core::{CpuKernels, ResNet, ResNetConfig};
 
 /// A randomly initialised network of preset `arch` on the CPU, and the VarMap holding it.
 pub fn random_model(arch: &str, dtype: DType) -> Result<(ResNet, VarMap)> {
@@ -17,7 +17,16 @@ pub fn random_model(arch: &str, dtype: DType) -> Result<(ResNet, VarMap)> {
 
 /// The same, BatchNorm folded: the inference path `resnet` runs.
 pub fn random_inference_model(arch: &str, dtype: DType) -> Result<ResNet> {
-    random_model(arch, dtype)?.0.fold_batch_norm()
+    random_inference_model_with(arch, dtype, CpuKernels::Auto)
+}
+
+/// [`random_inference_model`] folded for the given CPU kernels.
+pub fn random_inference_model_with(
+    arch: &str,
+    dtype: DType,
+    kernels: CpuKernels,
+) -> Result<ResNet> {
+    random_model(arch, dtype)?.0.fold_batch_norm_with(kernels)
 }
 
 /// A random batch for `model`: 224x224, or 32x32 for CIFAR networks.
