@@ -294,14 +294,16 @@ impl ResNet {
     pub fn feature_maps(&self, xs: &Tensor) -> Result<Vec<FeatureMap>> {
         self.check_input(xs)?;
         let info = self.feature_info();
-        let stem = self.stem.forward_activation(xs, false)?;
-        let mut current = self.stem.pool(&stem)?;
-        let stem = self.plain_layout(&stem)?;
-        let mut tensors = vec![stem];
-        for stage in &self.stages {
-            current = stage.forward_t(&current, false)?;
-            tensors.push(self.plain_layout(&current)?);
-        }
+        let tensors = on_cpu_pool(xs, || -> Result<Vec<Tensor>> {
+            let stem = self.stem.forward_activation(xs, false)?;
+            let mut current = self.stem.pool(&stem)?;
+            let mut tensors = vec![self.plain_layout(&stem)?];
+            for stage in &self.stages {
+                current = stage.forward_t(&current, false)?;
+                tensors.push(self.plain_layout(&current)?);
+            }
+            Ok(tensors)
+        })?;
         Ok(info
             .into_iter()
             .zip(tensors)
@@ -317,11 +319,13 @@ impl ResNet {
     /// ImageNet network; `train` selects BatchNorm's batch statistics.
     pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
-        let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
-        for stage in &self.stages {
-            xs = stage.forward_t(&xs, train)?;
-        }
-        self.plain_layout(&xs)
+        on_cpu_pool(xs, || {
+            let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
+            for stage in &self.stages {
+                xs = stage.forward_t(&xs, train)?;
+            }
+            self.plain_layout(&xs)
+        })
     }
 
     /// A feature map as `(N, C, H, W)` (the blocked network's stem and stages give
@@ -491,6 +495,19 @@ impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let features = self.forward_features_t(xs, train)?;
         self.forward_head(&features, false)
+    }
+}
+
+/// Runs `pass` on a thread of rayon's pool when `xs` is on the CPU. The CPU kernels
+/// split every layer over that pool: called from outside it, each layer would wake the
+/// pool's threads and put the caller to sleep, then wake the caller again — three
+/// context switches per layer. From inside, the calling worker takes part in each layer
+/// and only the other threads need waking.
+fn on_cpu_pool<T: Send>(xs: &Tensor, pass: impl FnOnce() -> T + Send) -> T {
+    if xs.device().is_cpu() && rayon::current_thread_index().is_none() {
+        rayon::join(pass, || ()).0
+    } else {
+        pass()
     }
 }
 
