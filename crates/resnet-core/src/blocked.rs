@@ -578,15 +578,18 @@ impl CustomOp1 for BlockedOp<'_> {
         // Written in full by the tasks below before it is read.
         let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);
         let out_ptr = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        // One task per (image, output-channel group, output row), consecutive tasks
-        // sharing their input image or their weights, whichever re-reading costs more.
-        let weights_first = groups * image_in < conv.weight.len();
+        // One task per (image, output row, output-channel group). Weights that fit in
+        // L2 (up to 1 MiB) stay there while consecutive tasks take every group of one
+        // row, whose input rows are then read once, from L1; larger weights go group by
+        // group, each group's weights reused over all rows and images.
+        let weights_outer = conv.weight.len() * std::mem::size_of::<f32>() > 1 << 20;
         let task = |index: usize| {
-            let oy = index % out_h;
-            let (b, g) = if weights_first {
-                ((index / out_h) % batch, index / (out_h * batch))
+            let (b, oy, g) = if weights_outer {
+                let oy = index % out_h;
+                ((index / out_h) % batch, oy, index / (out_h * batch))
             } else {
-                (index / (out_h * groups), (index / out_h) % groups)
+                let g = index % groups;
+                (index / (groups * out_h), (index / groups) % out_h, g)
             };
             let mut ox = 0;
             for t in 0..tiles {
