@@ -56,7 +56,11 @@ fn kernels(c: &mut Criterion) {
     let mut group = c.benchmark_group("kernels");
     group.sample_size(10);
     for (arch, batch) in [("resnet50", 1), ("resnet20", 128)] {
-        for kernels in [CpuKernels::Auto, CpuKernels::BlockedDirect, CpuKernels::Gemm] {
+        for kernels in [
+            CpuKernels::Auto,
+            CpuKernels::BlockedDirect,
+            CpuKernels::Gemm,
+        ] {
             let Ok(model) = random_inference_model_with(arch, DType::F32, kernels) else {
                 continue;
             };

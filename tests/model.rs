@@ -222,3 +222,31 @@ fn expected_tensors_lists_every_checkpoint_tensor() -> Result<()> {
     assert!(expected.contains(&("layer1.0.downsample.0.weight".into(), vec![256, 64, 1, 1])));
     Ok(())
 }
+
+/// A batch larger than one pass of the blocked CPU path takes (ResNet-18 at 224x224 runs
+/// image by image) gives what the GEMM path gives for the whole batch at once, and what
+/// each image gives alone. Hashed weights; tolerance as the parity tests (1e-4 relative).
+#[test]
+fn batched_inference_matches_across_cpu_paths() -> Result<()> {
+    use resnet_core::CpuKernels;
+    use resnet_tests::{assert_close, hashed_tensor, hashed_var_builder, F32_RELATIVE_TOLERANCE};
+    let build = |kernels| -> Result<ResNet> {
+        let vb = hashed_var_builder(DType::F32, &Device::Cpu);
+        Ok(ResNet::new(&ResNetConfig::resnet18(), vb)?.fold_batch_norm_with(kernels)?)
+    };
+    let input = hashed_tensor("input", &[3, 3, 224, 224], &Device::Cpu)?;
+    let auto = build(CpuKernels::Auto)?;
+    let batched = auto.forward(&input)?;
+    let reference = build(CpuKernels::Gemm)?.forward(&input)?;
+    assert_close(&batched, &reference, F32_RELATIVE_TOLERANCE, "batch of 3")?;
+    for image in 0..3 {
+        let alone = auto.forward(&input.narrow(0, image, 1)?)?;
+        assert_close(
+            &alone,
+            &batched.narrow(0, image, 1)?,
+            F32_RELATIVE_TOLERANCE,
+            "image alone",
+        )?;
+    }
+    Ok(())
+}

@@ -319,13 +319,51 @@ impl ResNet {
     /// ImageNet network; `train` selects BatchNorm's batch statistics.
     pub fn forward_features_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.check_input(xs)?;
-        on_cpu_pool(xs, || {
+        let pass = |xs: &Tensor| -> Result<Tensor> {
             let mut xs = self.stem.pool(&self.stem.forward_activation(xs, train)?)?;
             for stage in &self.stages {
                 xs = stage.forward_t(&xs, train)?;
             }
             self.plain_layout(&xs)
+        };
+        on_cpu_pool(xs, || {
+            let batch = xs.dim(0)?;
+            let step = self.images_per_pass(xs)?;
+            if step >= batch {
+                return pass(xs);
+            }
+            // A few images at a time: each layer's output then stays in the caches for
+            // the next layer instead of streaming through memory (ResNet-50's first
+            // stage writes 3 MiB per image).
+            let parts = (0..batch)
+                .step_by(step)
+                .map(|start| pass(&xs.narrow(0, start, step.min(batch - start))?))
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&parts, 0)
         })
+    }
+
+    /// How many images of `xs` a blocked CPU pass takes at once: as many as keep the
+    /// largest activation within about 4 MiB; all of them elsewhere.
+    fn images_per_pass(&self, xs: &Tensor) -> Result<usize> {
+        let (batch, _, height, width) = xs.dims4()?;
+        if !self.blocked {
+            return Ok(batch);
+        }
+        // Measured on ResNet-50 batch 8 (2 cores, 32 MiB L3): 1 image per pass 293 ms,
+        // 2 images 305-315 ms, all 8 at once 325 ms.
+        const BUDGET: usize = 4 << 20;
+        let largest = self
+            .feature_info()
+            .iter()
+            .map(|info| {
+                let stride = info.stride.max(1);
+                info.channels * height.div_ceil(stride) * width.div_ceil(stride)
+            })
+            .max()
+            .unwrap_or(0)
+            * xs.dtype().size_in_bytes();
+        Ok((BUDGET / largest.max(1)).clamp(1, batch.max(1)))
     }
 
     /// A feature map as `(N, C, H, W)` (the blocked network's stem and stages give
