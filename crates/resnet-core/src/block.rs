@@ -168,29 +168,23 @@ impl ConvBn {
             winograd,
         } = target
         {
-            // Straight from the weight's values to the reordered copy, the original
-            // dropped first: one transient copy of one unit, not three.
+            // Straight from the checkpoint's weight to the reordered copy, the BatchNorm
+            // scale multiplied in on the way: no folded or flattened copy in between.
             let dims = conv.weight().dims4()?;
             let conv_bias = match conv.bias() {
                 Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
                 None => None,
             };
-            let mut weight = conv
-                .weight()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            drop(conv);
             let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
-            let per_channel = weight.len() / dims.0.max(1);
-            for (row, &k) in weight.chunks_mut(per_channel).zip(&scale) {
-                row.iter_mut().for_each(|w| *w *= k);
-            }
             let bias = (0..dims.0)
                 .map(|c| conv_bias.as_ref().map_or(0.0, |b| b[c]) * scale[c] + shift[c])
                 .collect();
+            let weight = conv.weight().to_dtype(DType::F32)?.contiguous()?;
+            let (storage, layout) = weight.storage_and_layout();
+            let source = crate::cpu_conv::cpu_data::<f32>(&storage, layout)?;
             let blocked = BlockedConv::from_folded(
-                weight,
+                source,
+                &scale,
                 dims,
                 bias,
                 (config.stride, config.padding),

@@ -27,8 +27,9 @@ pub(crate) const LANES: usize = 16;
 /// Most output pixels one kernel call computes (2 x 14 accumulators + 2 weight vectors
 /// + 1 broadcast fit the 32 vector registers).
 pub(crate) const MAX_PIXELS: usize = 14;
-/// Largest `c_out · c_in` run by Winograd (256 x 256).
-const WINOGRAD_MAX_PAIRS: usize = 256 * 256;
+/// Largest `c_out · c_in` run by Winograd (512 x 512: every ResNet-50 3x3; wide
+/// networks' last stages stay direct).
+const WINOGRAD_MAX_PAIRS: usize = 512 * 512;
 
 /// Whether this CPU runs the blocked kernels.
 pub(crate) fn available() -> bool {
@@ -103,8 +104,10 @@ impl BlockedConv {
         plain_input: bool,
         winograd: bool,
     ) -> Result<Self> {
+        let (c_out, ..) = weight.dims4()?;
         Self::from_folded(
-            weight.flatten_all()?.to_vec1::<f32>()?,
+            &weight.flatten_all()?.to_vec1::<f32>()?,
+            &vec![1.0; c_out],
             weight.dims4()?,
             bias.to_vec1::<f32>()?,
             (stride, padding),
@@ -113,10 +116,12 @@ impl BlockedConv {
         )
     }
 
-    /// [`BlockedConv::new`] from the weight's values, `(c_out, c_in, k, k)`, consumed so
-    /// that only the reordered copy stays.
+    /// [`BlockedConv::new`] from the unfolded weight's values, `(c_out, c_in, k, k)`,
+    /// and the BatchNorm's scale per output channel, multiplied in while reordering: no
+    /// folded copy is ever made.
     pub fn from_folded(
-        source: Vec<f32>,
+        source: &[f32],
+        scale: &[f32],
         (c_out, c_in, kernel, kw): (usize, usize, usize, usize),
         bias: Vec<f32>,
         (stride, padding): (usize, usize),
@@ -129,6 +134,7 @@ impl BlockedConv {
             || !c_in.is_multiple_of(in_lanes)
             || stride == 0
             || source.len() != c_out * c_in * kernel * kernel
+            || scale.len() != c_out
         {
             bail!(
                 "blocked convolution: unsupported weight {:?}",
@@ -146,19 +152,20 @@ impl BlockedConv {
                 bias.len()
             );
         }
-        // Winograd's weights are 16/9 the size: not for the largest layers (ResNet-50's
-        // last stage, 7x7 pixels, where it also saves least), to keep memory in bounds.
+        // Winograd's weights are 16/9 the size: not for the widest layers, to keep
+        // memory in bounds.
         let winograd = winograd
             && kernel == 3
             && stride == 1
             && padding == 1
             && !plain_input
             && c_out * c_in <= WINOGRAD_MAX_PAIRS;
+        let per_channel = c_in * kernel * kernel;
         let packed = if winograd {
-            crate::winograd::transform_weights(&source, c_out, c_in, group)
+            crate::winograd::transform_weights(source, scale, c_out, c_in, group)
         } else {
             packed_order(c_in, c_out, kernel, group, in_lanes)
-                .map(|index| source[index])
+                .map(|index| source[index] * scale[index / per_channel])
                 .collect()
         };
         Ok(Self {

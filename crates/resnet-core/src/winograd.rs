@@ -28,21 +28,23 @@ fn packed_index(oc: usize, ic: usize, c_in: usize, group: usize) -> usize {
     ((g * (c_in / LANES) + ic / LANES) * LANES + ic % LANES) * width + o
 }
 
-/// `G g Gᵀ` for each `(c_out, c_in)` 3x3 kernel of `source`, reordered per position as
-/// a blocked 1x1 weight: `[16][c_out / (16·group)][c_in / 16][16 in][16·group out]`.
+/// `G g Gᵀ` for each `(c_out, c_in)` 3x3 kernel `g` of `source` times its output
+/// channel's `scale`, reordered per position as a blocked 1x1 weight:
+/// `[16][c_out / (16·group)][c_in / 16][16 in][16·group out]`.
 pub(crate) fn transform_weights(
     source: &[f32],
+    scale: &[f32],
     c_out: usize,
     c_in: usize,
     group: usize,
 ) -> Vec<f32> {
     let pairs = c_out * c_in;
     let mut packed = vec![0.0f32; POSITIONS * pairs];
-    for oc in 0..c_out {
+    for (oc, &k) in scale.iter().enumerate().take(c_out) {
         for ic in 0..c_in {
             let pair = oc * c_in + ic;
             let at = packed_index(oc, ic, c_in, group);
-            let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i]));
+            let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i] * k));
             // Rows of G g (4x3), then columns: (G g) Gᵀ (4x4).
             let rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
             let gg: [[f64; 4]; 3] = std::array::from_fn(|col| rows(g[col], g[3 + col], g[6 + col]));
