@@ -9,7 +9,9 @@ in one run; prints the ratios.
 
 Each case is measured in rounds, every engine once per round in turn (median of --iters
 runs after 2 warm-up runs), and each engine's result is the median over the rounds: a
-slow spell of this shared machine then hits all engines alike rather than one.
+slow spell of this shared machine then hits all engines alike rather than one. Each
+measurement starts after --pause seconds idle, since thread pools that spin after a
+run (ONNX Runtime's, OpenMP's) would otherwise slow down the next engine.
 
 Needs torch and torchvision for the PyTorch column and for the ONNX export; onnxruntime
 and onnx for the ONNX Runtime column. candle-transformers has no CIFAR ResNet: its column
@@ -113,6 +115,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pause", type=float, default=1.0,
+                        help="seconds of idle machine before each measurement")
     parser.add_argument("--cases", default="all",
                         help="comma-separated subset, e.g. resnet50b1,resnet20b128 (default: all)")
     args = parser.parse_args()
@@ -133,6 +137,9 @@ def main():
         results = {name: [] for name in measures}
         for _ in range(args.rounds):
             for name, measure in measures.items():
+                # ONNX Runtime's and PyTorch's thread pools spin for a while after a
+                # run: let them go idle so that they do not slow whichever runs next.
+                time.sleep(args.pause)
                 results[name].append(measure())
         row = {name: statistics.median(times) for name, times in results.items()}
         cell = lambda v: f"{v:.1f}" if v else "-"
