@@ -248,5 +248,15 @@ fn batched_inference_matches_across_cpu_paths() -> Result<()> {
             "image alone",
         )?;
     }
+    // Odd sizes: partial Winograd tiles and pixel tiles, down to 1x1 maps.
+    for (height, width) in [(97, 61), (33, 35), (32, 32)] {
+        let input = hashed_tensor("odd", &[2, 3, height, width], &Device::Cpu)?;
+        assert_close(
+            &auto.forward(&input)?,
+            &build(CpuKernels::Gemm)?.forward(&input)?,
+            F32_RELATIVE_TOLERANCE,
+            &format!("{height}x{width}"),
+        )?;
+    }
     Ok(())
 }
