@@ -189,7 +189,7 @@ impl ConvBn {
                 bias,
                 (config.stride, config.padding),
                 plain_input,
-                winograd,
+                winograd && BlockedConv::winograd_pays(dims.1, dims.0),
             )?;
             return Ok(Self {
                 weights: ConvWeights::Blocked(Arc::new(blocked)),
