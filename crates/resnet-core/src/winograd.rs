@@ -135,6 +135,9 @@ pub(crate) fn convolve(
     residual: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
+    if geometry.in_blocks * geometry.out_blocks <= FUSED_MAX_BLOCK_PAIRS {
+        return convolve_fused(geometry, input, weight, bias, residual, relu);
+    }
     let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
     let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
     let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
@@ -161,6 +164,136 @@ pub(crate) fn convolve(
     // SAFETY: every image's output was written in full (`Image::convolve`).
     unsafe { output.set_len(geometry.batch * out_image) };
     output
+}
+
+/// Up to 64 x 64 channels (16 block pairs, all 16 positions' weights in 256 KiB) a
+/// convolution runs fused.
+const FUSED_MAX_BLOCK_PAIRS: usize = 16;
+
+/// [`convolve`] for narrow layers: one task per (image, chunk of up to 14 tiles) does all
+/// three steps — transform its tiles, the 16 products, the output transform — in a
+/// per-thread scratch buffer of a few KiB. The transformed tiles (4x the activations)
+/// never reach memory; the weights, all positions, stay in the core's L2.
+fn convolve_fused(
+    geometry: Geometry,
+    input: &[f32],
+    weight: &[f32],
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    let Geometry {
+        batch,
+        in_blocks,
+        out_blocks,
+        height,
+        width,
+        group,
+    } = geometry;
+    let (tile_cols, tiles) = (geometry.tile_cols(), geometry.tiles());
+    let chunks = tiles.div_ceil(MAX_PIXELS);
+    let plane = height * width * LANES;
+    let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
+    let groups = out_blocks / group;
+    let position_weights = weight.len() / POSITIONS;
+    let group_weights = position_weights / groups;
+    // Scratch: [16][in_blocks][14 tiles][16], then [16][out_blocks][14 tiles][16].
+    let tile_block = MAX_PIXELS * LANES;
+    let (v_position, m_position) = (in_blocks * tile_block, out_blocks * tile_block);
+    let args = KernelArgs {
+        in_blocks,
+        in_lanes: LANES,
+        kernel: 1,
+        stride: 1,
+        in_block_stride: tile_block,
+        in_row_stride: 0,
+        out_block_stride: tile_block,
+        relu: false,
+    };
+    let zero_bias = [0.0f32; 2 * LANES];
+    let mut output: Vec<f32> = Vec::with_capacity(batch * out_image);
+    let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+    let task = |index: usize| {
+        let (b, chunk) = (index / chunks, index % chunks);
+        let (first, end) = (chunk * tiles / chunks, (chunk + 1) * tiles / chunks);
+        // This thread's scratch, reused (taken: a re-entrant call makes its own).
+        let mut scratch = SCRATCH.take();
+        scratch.resize(POSITIONS * (v_position + m_position), 0.0);
+        let (v, m) = scratch.split_at_mut(POSITIONS * v_position);
+        let image = &input[b * in_image..(b + 1) * in_image];
+        for block in 0..in_blocks {
+            let source = &image[block * plane..(block + 1) * plane];
+            for (t, tile) in (first..end).enumerate() {
+                let slot = &mut v[block * tile_block + t * LANES..];
+                assert!(slot.len() >= 15 * v_position + LANES);
+                // SAFETY: position ξ of this tile at slot + ξ·v_position, inside `v`
+                // (asserted); AVX-512F was checked when the network was folded.
+                unsafe {
+                    input_tile(
+                        source,
+                        height,
+                        width,
+                        tile / tile_cols,
+                        tile % tile_cols,
+                        slot.as_mut_ptr(),
+                        v_position,
+                    )
+                };
+            }
+        }
+        for position in 0..POSITIONS {
+            for g in 0..groups {
+                let tile = Tile {
+                    input: &v[position * v_position..],
+                    weight: &weight[position * position_weights + g * group_weights..]
+                        [..group_weights],
+                    bias: &zero_bias[..group * LANES],
+                    residual: None,
+                    pixels: end - first,
+                    group,
+                };
+                let products = &mut m[position * m_position + g * group * tile_block..];
+                assert!(products.len() >= group * tile_block);
+                // SAFETY: `products` holds this group's blocks of 14 tiles (asserted);
+                // `Tile::run` checks the reads.
+                unsafe { tile.run(&args, products.as_mut_ptr()) };
+            }
+        }
+        for block in 0..out_blocks {
+            let at = b * out_image + block * plane;
+            let residual = residual.map(|r| &r[at..at + plane]);
+            for (t, tile) in (first..end).enumerate() {
+                // SAFETY: this tile's pixels of this image's output block, written by
+                // this task only (tasks own disjoint (image, tiles)), inside the plane
+                // (checked in `output_tile`).
+                unsafe {
+                    output_tile(
+                        &m[block * tile_block + t * LANES..],
+                        m_position,
+                        &bias[block * LANES..(block + 1) * LANES],
+                        residual,
+                        relu,
+                        (height, width, tile / tile_cols, tile % tile_cols),
+                        out.get().add(at),
+                    )
+                };
+            }
+        }
+        SCRATCH.set(scratch);
+    };
+    if candle_core::utils::get_num_threads() > 1 {
+        (0..batch * chunks).into_par_iter().for_each(task);
+    } else {
+        (0..batch * chunks).for_each(task);
+    }
+    // SAFETY: the tasks covered every (image, tile, block): every output pixel written.
+    unsafe { output.set_len(batch * out_image) };
+    output
+}
+
+thread_local! {
+    /// See `convolve_fused`.
+    static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// One image's data.
