@@ -518,14 +518,14 @@ impl CustomOp1 for BlockedOp<'_> {
                 width,
                 group: conv.group,
             };
-            let output = crate::winograd::convolve(
-                geometry,
+            let layer = crate::winograd::Layer {
                 input,
-                &conv.weight,
-                &conv.bias,
+                weight: &conv.weight,
+                bias: &conv.bias,
                 residual,
-                self.relu,
-            );
+                relu: self.relu,
+            };
+            let output = crate::winograd::convolve(geometry, layer);
             return Ok((CpuStorage::F32(output), Shape::from(out_shape)));
         }
 

@@ -127,17 +127,17 @@ impl Geometry {
 /// Image by image, so that the transformed tiles (4x the activations) stay in cache:
 /// with at least as many images as threads, each thread takes whole images; else the
 /// threads share each image's three phases.
-pub(crate) fn convolve(
-    geometry: Geometry,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-) -> Vec<f32> {
+pub(crate) fn convolve(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
     if geometry.in_blocks * geometry.out_blocks <= FUSED_MAX_BLOCK_PAIRS {
-        return convolve_fused(geometry, input, weight, bias, residual, relu);
+        return convolve_fused(geometry, layer);
     }
+    let Layer {
+        input,
+        weight,
+        bias,
+        residual,
+        relu,
+    } = layer;
     let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
     let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
     let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
@@ -166,6 +166,16 @@ pub(crate) fn convolve(
     output
 }
 
+/// One convolution's data: blocked input, transformed weights, bias, the residual to
+/// add and whether ReLU follows.
+pub(crate) struct Layer<'a> {
+    pub input: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
 /// Up to 64 x 64 channels (16 block pairs, all 16 positions' weights in 256 KiB) a
 /// convolution runs fused.
 const FUSED_MAX_BLOCK_PAIRS: usize = 16;
@@ -174,14 +184,14 @@ const FUSED_MAX_BLOCK_PAIRS: usize = 16;
 /// three steps — transform its tiles, the 16 products, the output transform — in a
 /// per-thread scratch buffer of a few KiB. The transformed tiles (4x the activations)
 /// never reach memory; the weights, all positions, stay in the core's L2.
-fn convolve_fused(
-    geometry: Geometry,
-    input: &[f32],
-    weight: &[f32],
-    bias: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-) -> Vec<f32> {
+fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
+    let Layer {
+        input,
+        weight,
+        bias,
+        residual,
+        relu,
+    } = layer;
     let Geometry {
         batch,
         in_blocks,
