@@ -423,6 +423,7 @@ struct BlockedOp<'a> {
 
 /// What every kernel call of one convolution shares.
 #[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // the x86-64 kernel reads it all
 pub(crate) struct KernelArgs {
     pub in_blocks: usize,
     /// Channels per input block, also the elements between adjacent input pixels.
