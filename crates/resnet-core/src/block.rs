@@ -136,6 +136,7 @@ impl ConvBn {
                         relu,
                         stride: config.stride,
                         padding: config.padding,
+                        groups: config.groups,
                     };
                     return xs.contiguous()?.apply_op1_no_bwd(&op);
                 }

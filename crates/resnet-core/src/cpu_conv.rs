@@ -48,7 +48,7 @@ macro_rules! element {
 element!(f32, 0.0);
 element!(half::f16, half::f16::ZERO);
 
-/// One fused convolution: groups 1, square kernel, symmetric padding, dilation 1.
+/// One fused convolution: any groups, square kernel, symmetric padding, dilation 1.
 pub(crate) struct FusedConv<'a> {
     pub weight: &'a Tensor,
     pub bias: &'a Tensor,
@@ -56,15 +56,19 @@ pub(crate) struct FusedConv<'a> {
     pub relu: bool,
     pub stride: usize,
     pub padding: usize,
+    /// Channel groups (ResNeXt): each group an independent convolution.
+    pub groups: usize,
 }
 
 impl FusedConv<'_> {
-    /// Whether this op can run `xs`: CPU, f32 or f16 (gemm has no bf16), groups 1.
+    /// Whether this op can run `xs`: CPU, f32 or f16 (gemm has no bf16), output channels
+    /// divisible into the groups.
     pub fn supports(xs: &Tensor, weight: &Tensor, groups: usize) -> bool {
         xs.device().is_cpu()
             && matches!(xs.dtype(), DType::F32 | DType::F16)
-            && groups == 1
+            && groups >= 1
             && weight.dims().len() == 4
+            && weight.dims()[0].is_multiple_of(groups)
     }
 }
 
@@ -370,7 +374,8 @@ impl FusedConv<'_> {
         let input = &input[start..end];
         let (batch, c_in, height, width) = layout.shape().dims4()?;
         let (c_out, w_in, kh, kw) = self.weight.dims4()?;
-        if w_in != c_in || kh != kw {
+        let groups = self.groups;
+        if groups == 0 || w_in * groups != c_in || !c_out.is_multiple_of(groups) || kh != kw {
             bail!(
                 "fused convolution: weight {:?} for input {:?}",
                 self.weight.dims(),
@@ -384,7 +389,8 @@ impl FusedConv<'_> {
         let out_h = (height + 2 * p - kh) / s + 1;
         let out_w = (width + 2 * p - kw) / s + 1;
         let (in_plane, out_plane) = (height * width, out_h * out_w);
-        let k = c_in * kh * kw;
+        // Per group: w_in input channels, c_out / groups output channels.
+        let (group_out, k) = (c_out / groups, w_in * kh * kw);
 
         let (weight_storage, weight_layout) = self.weight.storage_and_layout();
         let weight = cpu_data::<T>(&weight_storage, weight_layout)?;
@@ -412,8 +418,8 @@ impl FusedConv<'_> {
         }
 
         let geometry = Geometry {
-            c_in,
-            c_out,
+            c_in: w_in,
+            c_out: group_out,
             height,
             width,
             kernel: kh,
@@ -426,17 +432,29 @@ impl FusedConv<'_> {
         // Every element is written by `Epilogue::init` before the GEMM reads it.
         let mut output: Vec<T> = vec![T::zero(); batch * image_len];
         let threads = candle_core::utils::get_num_threads();
-        let run_image = |b: usize, out: &mut [T], parallel: bool| {
-            let x = &input[b * c_in * in_plane..(b + 1) * c_in * in_plane];
+        // Group g of image b: its input channels, weight rows, bias, residual and output.
+        let group_len = group_out * out_plane;
+        let run_group = |b: usize, g: usize, out: &mut [T], threads: usize| {
+            let x = &input[(b * c_in + g * w_in) * in_plane..][..w_in * in_plane];
+            let at = b * image_len + g * group_len;
             let epilogue = Epilogue {
-                weight,
-                bias,
-                residual: residual.map(|r| &r[b * image_len..(b + 1) * image_len]),
+                weight: &weight[g * group_out * k..(g + 1) * group_out * k],
+                bias: &bias[g * group_out..(g + 1) * group_out],
+                residual: residual.map(|r| &r[at..at + group_len]),
                 relu: self.relu,
             };
-            geometry.run_image(x, &epilogue, out, if parallel { threads } else { 1 });
+            geometry.run_image(x, &epilogue, out, threads);
         };
-        if batch >= threads && threads > 1 {
+        let run_image = |b: usize, out: &mut [T], parallel: bool| {
+            run_group(b, 0, out, if parallel { threads } else { 1 });
+        };
+        if groups > 1 {
+            // Groups are small convolutions: one per task, single-threaded.
+            output
+                .par_chunks_mut(group_len)
+                .enumerate()
+                .for_each(|(index, out)| run_group(index / groups, index % groups, out, 1));
+        } else if batch >= threads && threads > 1 {
             // Many images: side by side, one per thread, each GEMM single-threaded
             // (small GEMMs do not split well).
             output
