@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu_conv::cpu_data;
+use crate::cpu_conv::{cpu_data, f32_input, Shared};
 use rayon::prelude::*;
 
 /// Channels per block: one AVX-512 register of f32.
@@ -290,12 +290,7 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("blocked max pool: only f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("blocked max pool: input is not contiguous");
-        };
+        let input = f32_input(storage, layout, "blocked max pool")?;
         let (batch, blocks, height, width, lanes) = layout.shape().dims5()?;
         let (k, s, p) = (self.kernel, self.stride, self.padding);
         if lanes != LANES || k == 0 || s == 0 || p >= k || height + 2 * p < k || width + 2 * p < k {
@@ -309,7 +304,7 @@ impl CustomOp1 for MaxPool {
         let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
         output
             .par_chunks_mut(out_h * out_w * LANES)
-            .zip(data[start..end].par_chunks(height * width * LANES))
+            .zip(input.par_chunks(height * width * LANES))
             .for_each(|(dst, src)| {
                 for oy in 0..out_h {
                     // The window's rows and columns inside the image.
@@ -365,13 +360,7 @@ impl CustomOp1 for ZeroPadShortcut {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            bail!("blocked shortcut: only f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("blocked shortcut: input is not contiguous");
-        };
-        let input = &data[start..end];
+        let input = f32_input(storage, layout, "blocked shortcut")?;
         let (batch, in_blocks, height, width, lanes) = layout.shape().dims5()?;
         let (s, before) = (self.stride, self.before);
         let c_in = in_blocks * LANES;
@@ -443,21 +432,6 @@ thread_local! {
     static PADDED_INPUT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// A pointer to a buffer that parallel tasks read or write in disjoint parts.
-#[derive(Clone, Copy)]
-pub(crate) struct Shared<T>(pub *mut T);
-// SAFETY: tasks write disjoint parts of the buffer (see `BlockedOp::cpu_fwd`).
-unsafe impl<T: Send> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T: Send> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    pub fn get(self) -> *mut T {
-        self.0
-    }
-}
-
 impl CustomOp1 for BlockedOp<'_> {
     fn name(&self) -> &'static str {
         "blocked-conv2d-bias-residual-relu"
@@ -465,13 +439,7 @@ impl CustomOp1 for BlockedOp<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let conv = self.conv;
-        let CpuStorage::F32(data) = storage else {
-            bail!("blocked convolution: only f32");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            bail!("blocked convolution: input is not contiguous");
-        };
-        let input = &data[start..end];
+        let input = f32_input(storage, layout, "blocked convolution")?;
         let in_lanes = conv.in_lanes;
         let (batch, in_blocks, height, width, lanes) = if in_lanes == 1 {
             let (batch, channels, height, width) = layout.shape().dims4()?;

@@ -230,7 +230,7 @@ impl Geometry {
         let band_height = m.div_ceil(channel_bands).div_ceil(16) * 16;
         let channel_bands = m.div_ceil(band_height);
 
-        let out_ptr = SharedMut(out.as_mut_ptr());
+        let out_ptr = Shared(out.as_mut_ptr());
         let task = |index: usize| {
             let band = index / pixel_tiles;
             let tile = index % pixel_tiles;
@@ -239,7 +239,7 @@ impl Geometry {
             let width = pixels.len();
             // SAFETY: tasks cover disjoint (rows, pixels) rectangles of `out`, which
             // outlives them (the parallel loop below joins before returning).
-            let tile_out = unsafe { out_ptr.offset(rows.start * n + pixels.start) };
+            let tile_out = unsafe { out_ptr.get().add(rows.start * n + pixels.start) };
             for (i, row) in rows.clone().enumerate() {
                 // SAFETY: as above; row `row`, columns `pixels` lie inside `out`.
                 let dst = unsafe { std::slice::from_raw_parts_mut(tile_out.add(i * n), width) };
@@ -273,21 +273,35 @@ impl Geometry {
     }
 }
 
-/// A pointer to an output buffer that parallel tasks write in disjoint parts.
+/// A pointer to a buffer that parallel tasks write in disjoint parts (the CPU
+/// convolutions here, in `blocked.rs` and in `winograd.rs`).
 #[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: only used for disjoint writes, see `run_image`.
-unsafe impl<T: Send> Send for SharedMut<T> {}
+pub(crate) struct Shared<T>(pub *mut T);
+// SAFETY: only used for disjoint writes by the tasks of one parallel loop.
+unsafe impl<T: Send> Send for Shared<T> {}
 // SAFETY: as above.
-unsafe impl<T: Send> Sync for SharedMut<T> {}
+unsafe impl<T: Send> Sync for Shared<T> {}
 
-impl<T> SharedMut<T> {
-    /// # Safety
-    /// `offset` must lie inside the buffer.
-    unsafe fn offset(self, offset: usize) -> *mut T {
-        // SAFETY: the caller's promise.
-        unsafe { self.0.add(offset) }
+impl<T> Shared<T> {
+    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
+    pub fn get(self) -> *mut T {
+        self.0
     }
+}
+
+/// A contiguous f32 CPU input of a custom op, or an error naming the op (`what`).
+pub(crate) fn f32_input<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: only f32");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{what}: input is not contiguous");
+    };
+    Ok(&data[start..end])
 }
 
 /// `out += weight @ rhs`, single-threaded: `out` (m, n) with row stride `out_stride`,

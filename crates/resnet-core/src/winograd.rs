@@ -15,7 +15,8 @@
 
 use rayon::prelude::*;
 
-use crate::blocked::{KernelArgs, Shared, Tile, LANES, MAX_PIXELS};
+use crate::blocked::{KernelArgs, Tile, LANES, MAX_PIXELS};
+use crate::cpu_conv::Shared;
 
 /// Positions of the 4x4 transform.
 const POSITIONS: usize = 16;
