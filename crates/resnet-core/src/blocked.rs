@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu_conv::{cpu_data, f32_input, Shared};
+use crate::cpu_conv::{cpu_data, f32_input, for_each_task, Shared};
 use rayon::prelude::*;
 
 /// Channels per block: one AVX-512 register of f32.
@@ -594,14 +594,8 @@ impl CustomOp1 for BlockedOp<'_> {
         // x 16 channels x 27) is a microsecond of work, less than handing it to a thread.
         let row_work = out_w * group * LANES * conv.c_in * k * k;
         let rows_per_job = (64 * 1024usize).div_ceil(row_work.max(1));
-        if candle_core::utils::get_num_threads() > 1 {
-            (0..tasks)
-                .into_par_iter()
-                .with_min_len(rows_per_job)
-                .for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
+        let parallel = candle_core::utils::get_num_threads() > 1;
+        for_each_task(tasks, parallel, rows_per_job, task);
         // SAFETY: the tasks covered every (image, group, row, pixel), each writing all
         // 16·group channels: all `batch * image_out` elements are initialised.
         unsafe { output.set_len(batch * image_out) };

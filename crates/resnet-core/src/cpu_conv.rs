@@ -264,12 +264,25 @@ impl Geometry {
                 }
             }
         };
-        let tasks = channel_bands * pixel_tiles;
-        if threads > 1 && tasks > 1 {
-            (0..tasks).into_par_iter().for_each(task);
-        } else {
-            (0..tasks).for_each(task);
-        }
+        for_each_task(channel_bands * pixel_tiles, threads > 1, 1, task);
+    }
+}
+
+/// Runs `task(0..count)`: over rayon's pool in jobs of at least `min_len` tasks if
+/// `parallel`, else on this thread. What every CPU convolution here parallelises with.
+pub(crate) fn for_each_task(
+    count: usize,
+    parallel: bool,
+    min_len: usize,
+    task: impl Fn(usize) + Sync + Send,
+) {
+    if parallel && count > 1 {
+        (0..count)
+            .into_par_iter()
+            .with_min_len(min_len.max(1))
+            .for_each(task);
+    } else {
+        (0..count).for_each(task);
     }
 }
 

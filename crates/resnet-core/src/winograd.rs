@@ -16,7 +16,7 @@
 use rayon::prelude::*;
 
 use crate::blocked::{KernelArgs, Tile, LANES, MAX_PIXELS};
-use crate::cpu_conv::Shared;
+use crate::cpu_conv::{for_each_task, Shared};
 
 /// Positions of the 4x4 transform.
 const POSITIONS: usize = 16;
@@ -292,11 +292,8 @@ fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
         }
         SCRATCH.set(scratch);
     };
-    if candle_core::utils::get_num_threads() > 1 {
-        (0..batch * chunks).into_par_iter().for_each(task);
-    } else {
-        (0..batch * chunks).for_each(task);
-    }
+    let parallel = candle_core::utils::get_num_threads() > 1;
+    for_each_task(batch * chunks, parallel, 1, task);
     // SAFETY: the tasks covered every (image, tile, block): every output pixel written.
     unsafe { output.set_len(batch * out_image) };
     output
@@ -316,15 +313,6 @@ struct Image<'a> {
     relu: bool,
     /// Spread each phase over the thread pool.
     parallel: bool,
-}
-
-/// Runs `task(0..count)`, over the thread pool if `parallel`.
-fn for_each(count: usize, parallel: bool, task: impl Fn(usize) + Sync + Send) {
-    if parallel {
-        (0..count).into_par_iter().for_each(task);
-    } else {
-        (0..count).for_each(task);
-    }
 }
 
 impl Image<'_> {
@@ -352,7 +340,7 @@ impl Image<'_> {
         let mut transformed: Vec<f32> = Vec::with_capacity(POSITIONS * position_in);
         let v = Shared(transformed.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         let plane = height * width * LANES;
-        for_each(in_blocks * tile_rows, self.parallel, |index| {
+        for_each_task(in_blocks * tile_rows, self.parallel, 1, |index| {
             let (block, ty) = (index / tile_rows, index % tile_rows);
             let source = &self.input[block * plane..(block + 1) * plane];
             for tx in 0..tile_cols {
@@ -395,7 +383,7 @@ impl Image<'_> {
         let mut products: Vec<f32> = Vec::with_capacity(POSITIONS * position_out);
         let m = Shared(products.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         // Tasks: (position, output group, chunk of tiles), neighbours sharing weights.
-        for_each(POSITIONS * groups * chunks, self.parallel, |index| {
+        for_each_task(POSITIONS * groups * chunks, self.parallel, 1, |index| {
             let chunk = index % chunks;
             let g = (index / chunks) % groups;
             let position = index / (chunks * groups);
@@ -420,7 +408,7 @@ impl Image<'_> {
 
         // 3. Aᵀ m A + bias (+ residual), ReLU, into the output image.
         let out = Shared(out);
-        for_each(out_blocks * tile_rows, self.parallel, |index| {
+        for_each_task(out_blocks * tile_rows, self.parallel, 1, |index| {
             let (block, ty) = (index / tile_rows, index % tile_rows);
             let bias = &self.bias[block * LANES..(block + 1) * LANES];
             let residual = self
