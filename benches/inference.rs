@@ -6,11 +6,36 @@
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use candle_core::DType;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use resnet_benches::{
     random_inference_model, random_inference_model_with, random_input, random_model,
 };
-use resnet_core::CpuKernels;
+use resnet_core::{CpuKernels, ResNet};
+
+/// Times `model.forward` on a random batch as benchmark `name`/`batch`; a model that
+/// cannot be built is reported and skipped.
+fn bench_forward(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: String,
+    model: candle_core::Result<ResNet>,
+    batch: usize,
+) {
+    let built = model.and_then(|model| Ok((random_input(&model, batch)?, model)));
+    let (input, model) = match built {
+        Ok(built) => built,
+        Err(error) => {
+            eprintln!("skipped {name}/{batch}: {error}");
+            return;
+        }
+    };
+    group.throughput(Throughput::Elements(batch as u64));
+    group.bench_with_input(BenchmarkId::new(name, batch), &input, |b, input| {
+        b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec()))
+    });
+}
 
 fn inference(c: &mut Criterion) {
     // As the `resnet` command does: passes reuse memory rather than page-fault it in.
@@ -25,29 +50,12 @@ fn inference(c: &mut Criterion) {
         ("resnet20", 128),
     ] {
         for dtype in [DType::F32, DType::F16] {
-            let Ok(model) = random_inference_model(arch, dtype) else {
-                continue;
-            };
-            let Ok(input) = random_input(&model, batch) else {
-                continue;
-            };
-            group.throughput(Throughput::Elements(batch as u64));
-            let id = BenchmarkId::new(format!("{arch}/{dtype:?}"), batch);
-            group.bench_with_input(id, &input, |b, input| {
-                b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec()))
-            });
+            let model = random_inference_model(arch, dtype);
+            bench_forward(&mut group, format!("{arch}/{dtype:?}"), model, batch);
         }
     }
-    if let Ok((model, _varmap)) = random_model("resnet50", DType::F32) {
-        if let Ok(input) = random_input(&model, 1) {
-            group.throughput(Throughput::Elements(1));
-            group.bench_with_input(
-                BenchmarkId::new("resnet50/F32/unfolded", 1),
-                &input,
-                |b, input| b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec())),
-            );
-        }
-    }
+    let unfolded = random_model("resnet50", DType::F32).map(|(model, _varmap)| model);
+    bench_forward(&mut group, "resnet50/F32/unfolded".into(), unfolded, 1);
     group.finish();
 }
 
@@ -61,17 +69,8 @@ fn kernels(c: &mut Criterion) {
             CpuKernels::BlockedDirect,
             CpuKernels::Gemm,
         ] {
-            let Ok(model) = random_inference_model_with(arch, DType::F32, kernels) else {
-                continue;
-            };
-            let Ok(input) = random_input(&model, batch) else {
-                continue;
-            };
-            group.throughput(Throughput::Elements(batch as u64));
-            let id = BenchmarkId::new(format!("{arch}/{kernels:?}"), batch);
-            group.bench_with_input(id, &input, |b, input| {
-                b.iter(|| model.forward(input).map(|logits| logits.dims().to_vec()))
-            });
+            let model = random_inference_model_with(arch, DType::F32, kernels);
+            bench_forward(&mut group, format!("{arch}/{kernels:?}"), model, batch);
         }
     }
     group.finish();
