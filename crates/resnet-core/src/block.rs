@@ -164,6 +164,11 @@ impl ConvBn {
         };
         let (scale, shift) = self.bn.scale_and_shift()?;
         let config = *conv.config();
+        // The folded bias, in f32, for both targets: b' = b·k + shift.
+        let bias = match conv.bias() {
+            Some(bias) => ((bias.to_dtype(DType::F32)? * &scale)? + shift)?,
+            None => shift,
+        };
         if let FoldTarget::Blocked {
             plain_input,
             winograd,
@@ -172,22 +177,14 @@ impl ConvBn {
             // Straight from the checkpoint's weight to the reordered copy, the BatchNorm
             // scale multiplied in on the way: no folded or flattened copy in between.
             let dims = conv.weight().dims4()?;
-            let conv_bias = match conv.bias() {
-                Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let (scale, shift) = (scale.to_vec1::<f32>()?, shift.to_vec1::<f32>()?);
-            let bias = (0..dims.0)
-                .map(|c| conv_bias.as_ref().map_or(0.0, |b| b[c]) * scale[c] + shift[c])
-                .collect();
             let weight = conv.weight().to_dtype(DType::F32)?.contiguous()?;
             let (storage, layout) = weight.storage_and_layout();
             let source = crate::cpu_conv::cpu_data::<f32>(&storage, layout)?;
             let blocked = BlockedConv::from_folded(
                 source,
-                &scale,
+                &scale.to_vec1::<f32>()?,
                 dims,
-                bias,
+                bias.to_vec1::<f32>()?,
                 (config.stride, config.padding),
                 plain_input,
                 winograd && BlockedConv::winograd_pays(dims.1, dims.0),
@@ -204,11 +201,7 @@ impl ConvBn {
             .to_dtype(DType::F32)?
             .broadcast_mul(&scale.reshape((out_channels, 1, 1, 1))?)?
             .to_dtype(dtype)?;
-        let bias = match conv.bias() {
-            Some(bias) => ((bias.to_dtype(DType::F32)? * &scale)? + shift)?,
-            None => shift,
-        }
-        .to_dtype(dtype)?;
+        let bias = bias.to_dtype(dtype)?;
         drop(conv);
         // Detached: the running statistics are variables, and a graph edge from the
         // folded weight back to the original would keep the original alive.
