@@ -268,25 +268,30 @@ impl ResNet {
 
     /// Shapes of the feature maps [`ResNet::feature_maps`] returns.
     pub fn feature_info(&self) -> Vec<FeatureInfo> {
-        let mut stride = match self.config.stem {
+        let names = std::iter::once("stem".to_string())
+            .chain((1..=self.stages.len()).map(|stage| format!("layer{stage}")));
+        names
+            .zip(self.feature_shapes())
+            .map(|(name, (channels, stride))| FeatureInfo {
+                name,
+                channels,
+                stride,
+            })
+            .collect()
+    }
+
+    /// Channels and stride of each feature map, without the names: what a forward pass
+    /// needs to size its work.
+    fn feature_shapes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let stem_stride = match self.config.stem {
             StemKind::ImageNet => 2,
             StemKind::Cifar => 1,
         };
-        let mut info = vec![FeatureInfo {
-            name: "stem".to_string(),
-            channels: self.config.stem_width,
-            stride,
-        }];
-        stride = self.config.stem.stride();
-        for index in 0..self.stages.len() {
-            stride *= self.config.stage_stride(index);
-            info.push(FeatureInfo {
-                name: format!("layer{}", index + 1),
-                channels: self.config.stage_out_channels(index),
-                stride,
-            });
-        }
-        info
+        let stages = (0..self.stages.len()).scan(self.config.stem.stride(), |stride, index| {
+            *stride *= self.config.stage_stride(index);
+            Some((self.config.stage_out_channels(index), *stride))
+        });
+        std::iter::once((self.config.stem_width, stem_stride)).chain(stages)
     }
 
     /// The stem's activation (before pooling) and every stage's output, with their
@@ -364,11 +369,10 @@ impl ResNet {
         // 2 images 305-315 ms, all 8 at once 325 ms.
         const BUDGET: usize = 4 << 20;
         let largest = self
-            .feature_info()
-            .iter()
-            .map(|info| {
-                let stride = info.stride.max(1);
-                info.channels * height.div_ceil(stride) * width.div_ceil(stride)
+            .feature_shapes()
+            .map(|(channels, stride)| {
+                let stride = stride.max(1);
+                channels * height.div_ceil(stride) * width.div_ceil(stride)
             })
             .max()
             .unwrap_or(0)
