@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod hub_server;
+
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder};

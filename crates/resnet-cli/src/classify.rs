@@ -33,7 +33,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 || args.top_k == 0 {
         bail!("--batch-size and --top-k must be at least 1");
     }
-    let model = load_model(global, &args.model.model, &args.model.arch)?;
+    let model = load_model(global, args.model.model.as_deref(), &args.model.arch)?;
     if model.config.num_classes == 0 {
         bail!("the model is headless (no classifier): use `resnet forward --features` for its features");
     }

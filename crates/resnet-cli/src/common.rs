@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use clap::Args;
 use resnet_core::{ResNet, ResNetConfig};
-use resnet_io::{inspect, ModelSource, PreprocessConfig, WeightFiles};
+use resnet_io::{inspect, Checkpoint, ModelSource, PreprocessConfig, WeightFiles};
 
 /// Device, dtype and threads, accepted before or after the command.
 #[derive(Args, Debug, Clone)]
@@ -46,9 +46,10 @@ impl GlobalOptions {
 /// Which model to run: `--model` and `--arch`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A model directory, a hub id in the local Hugging Face cache, or a .safetensors file.
+    /// A .safetensors file, a model directory or a Hugging Face hub id (default: the
+    /// embedded pretrained CIFAR-10 ResNet-20).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// `auto` (from the checkpoint) or an architecture name such as resnet50.
     #[arg(long, default_value = "auto")]
     pub arch: String,
@@ -62,8 +63,16 @@ pub fn parse_arch(arch: &str) -> Result<Option<ResNetConfig>> {
     Ok(Some(arch.parse()?))
 }
 
+/// The pretrained CIFAR-10 ResNet-20 built into the binary, so that `classify` and
+/// `eval` work with nothing else present (weights/NOTICE: Y. Idelbayev, BSD-2).
+const EMBEDDED_MODEL: &[u8] = include_bytes!("../../../weights/resnet20.safetensors");
+/// How outputs name the embedded model.
+pub const EMBEDDED_MODEL_NAME: &str = "embedded:resnet20-cifar10";
+
 /// A model ready to run, with how to feed it and name its outputs.
 pub struct Model {
+    /// What the user gave as `--model`, or [`EMBEDDED_MODEL_NAME`].
+    pub name: String,
     pub model: ResNet,
     pub config: ResNetConfig,
     pub labels: Option<Vec<String>>,
@@ -72,29 +81,53 @@ pub struct Model {
     pub dtype: DType,
 }
 
-/// Loads `--model` (file, directory or hub id) for `--arch` (auto or a preset; a preset
-/// takes its class and input-channel counts from the checkpoint).
-pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Model> {
+/// Loads `--model` (file, directory or hub id; `None`: the embedded default) for
+/// `--arch` (auto or a preset; a preset takes its class and input-channel counts from
+/// the checkpoint).
+pub fn load_model(global: &GlobalOptions, model: Option<&str>, arch: &str) -> Result<Model> {
     let device = global.device()?;
     let dtype = global.dtype;
-    let source: ModelSource = resnet_io::resolve_model(model)?;
+    let (name, source, files) = match model {
+        Some(model) => {
+            let source = resolve_source(model)?;
+            let files = WeightFiles::open(&source.weights)?;
+            (model.to_string(), source, files)
+        }
+        None => {
+            eprintln!(
+                "note: no --model given: using the embedded pretrained CIFAR-10 ResNet-20 \
+                 (He et al. 2015, section 4.2; weights by Y. Idelbayev, BSD-2)"
+            );
+            let checkpoint = Checkpoint::from_bytes(EMBEDDED_MODEL_NAME, EMBEDDED_MODEL.to_vec())?;
+            let files = WeightFiles::from_checkpoints(vec![checkpoint])?;
+            (
+                EMBEDDED_MODEL_NAME.to_string(),
+                ModelSource::default(),
+                files,
+            )
+        }
+    };
     let mut config = parse_arch(arch)?;
     if let Some(preset) = config.as_mut() {
-        let files = WeightFiles::open(&source.weights)?;
         if let Ok(found) = inspect(&files, None) {
             preset.num_classes = found.config.num_classes;
             preset.in_channels = found.config.in_channels;
         }
     }
-    let loaded = source
-        .load(config.as_ref(), &device, dtype)
-        .with_context(|| format!("loading model '{model}'"))?;
+    let loaded = resnet_io::load_resnet(
+        &files,
+        config.as_ref().or(source.config.as_ref()),
+        &device,
+        dtype,
+    )
+    .with_context(|| format!("loading model '{name}'"))?;
     let labels = source.labels(loaded.config.num_classes);
     let preprocess = source.preprocess(&loaded.config);
     // Every command only infers: BatchNorm folded into the convolutions.
     let model = loaded.model.fold_batch_norm()?;
     after_loading();
     Ok(Model {
+        name,
         model,
         config: loaded.config,
         labels,
@@ -102,6 +135,66 @@ pub fn load_model(global: &GlobalOptions, model: &str, arch: &str) -> Result<Mod
         device,
         dtype,
     })
+}
+
+/// Finds `--model`: a file, a model directory, or a hub id in the local cache; with the
+/// `hub` feature (a default of this binary) a hub id missing from the cache is
+/// downloaded into it, with a progress bar.
+pub fn resolve_source(model: &str) -> Result<ModelSource> {
+    #[cfg(feature = "hub")]
+    {
+        let hub = resnet_io::HubClient::from_env(&resnet_io::hub_cache_dir());
+        Ok(resnet_io::resolve_model_with(
+            model,
+            &hub,
+            &mut DownloadBar::default(),
+        )?)
+    }
+    #[cfg(not(feature = "hub"))]
+    Ok(resnet_io::resolve_model(model)?)
+}
+
+/// A download's progress on stderr: one line per file, and a bar on a terminal.
+#[cfg(feature = "hub")]
+#[derive(Default)]
+struct DownloadBar {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+#[cfg(feature = "hub")]
+impl resnet_io::DownloadProgress for DownloadBar {
+    fn start(&mut self, file: &str, total: u64, resumed_from: u64) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+        let size = indicatif::HumanBytes(total);
+        if resumed_from > 0 {
+            let done = indicatif::HumanBytes(resumed_from);
+            eprintln!("downloading {file} ({size}), resuming at {done}");
+        } else {
+            eprintln!("downloading {file} ({size})");
+        }
+        let bar = indicatif::ProgressBar::new(total).with_position(resumed_from);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}, eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        self.bar = Some(bar);
+    }
+
+    fn advance(&mut self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// `--model` loaded for `--arch` when given, else a random network of `--arch`; with
@@ -113,7 +206,7 @@ pub fn model_or_random(
 ) -> Result<(ResNet, Device, DType)> {
     match model {
         Some(path) => {
-            let loaded = load_model(global, path, arch)?;
+            let loaded = load_model(global, Some(path), arch)?;
             Ok((loaded.model, loaded.device, loaded.dtype))
         }
         None => {

@@ -90,7 +90,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             args.data.display()
         );
     }
-    let model = load_model(global, &args.model.model, &args.model.arch)?;
+    let model = load_model(global, args.model.model.as_deref(), &args.model.arch)?;
     if model.config.num_classes < classes.len() {
         bail!(
             "the model has {} classes but {} has {} class folders",
@@ -211,7 +211,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .collect();
     if args.json {
         let summary = json!({
-            "model": args.model.model,
+            "model": model.name,
             "architecture": model.config.describe(),
             "images": evaluated,
             "unreadable": unreadable.len(),
@@ -225,11 +225,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
-        println!(
-            "model:      {} ({})",
-            args.model.model,
-            model.config.describe()
-        );
+        println!("model:      {} ({})", model.name, model.config.describe());
         println!(
             "device:     {} ({})",
             resnet_core::device_name(&model.device),

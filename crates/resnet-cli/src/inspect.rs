@@ -8,11 +8,11 @@ use candle_core::DType;
 use resnet_io::{NamingScheme, WeightFiles};
 use serde_json::json;
 
-use crate::common::{parse_arch, GlobalOptions};
+use crate::common::{parse_arch, resolve_source, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A .safetensors file, a model directory or a hub id in the local cache.
+    /// A .safetensors file, a model directory or a Hugging Face hub id.
     model: String,
     /// Check against this architecture instead of the inferred one.
     #[arg(long, default_value = "auto")]
@@ -23,7 +23,7 @@ pub struct Args {
 }
 
 pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
-    let source = resnet_io::resolve_model(&args.model)?;
+    let source = resolve_source(&args.model)?;
     let files = WeightFiles::open(&source.weights)?;
     let arch = parse_arch(&args.arch)?;
     let inspection = resnet_io::inspect(&files, arch.as_ref().or(source.config.as_ref()))?;
@@ -101,7 +101,7 @@ pub struct ConvertArgs {
 
 pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
     let scheme: NamingScheme = args.naming.parse().map_err(anyhow::Error::msg)?;
-    let source = resnet_io::resolve_model(&args.input)?;
+    let source = resolve_source(&args.input)?;
     let files = WeightFiles::open(&source.weights)?;
     let dtype: DType = global.dtype;
     let config = resnet_io::convert(&files, &args.output, scheme, dtype, source.config.as_ref())?;

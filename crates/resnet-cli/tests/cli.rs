@@ -341,3 +341,43 @@ fn every_error_is_one_line_and_a_failure_exit() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_hub_id_missing_from_the_cache_is_downloaded_by_default() -> Result<()> {
+    use resnet_tests::hub_server::HubServer;
+    let dir = fixtures().join("models/timm_resnet18_tiny");
+    let mut files = std::collections::HashMap::new();
+    for name in ["config.json", "model.safetensors"] {
+        files.insert(name.to_string(), std::fs::read(dir.join(name))?);
+    }
+    let server = HubServer::start("tiny-org/resnet18-tiny", files)?;
+    let cache = tempfile::tempdir()?;
+    let classify = |offline: &str| {
+        Command::new(env!("CARGO_BIN_EXE_resnet"))
+            .env("HF_ENDPOINT", &server.endpoint)
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", offline)
+            .env_remove("HF_TOKEN")
+            .args(["classify", "--model", "tiny-org/resnet18-tiny", "--json"])
+            .arg(fixtures().join("images/square.jpg"))
+            .output()
+    };
+    // Offline and not cached: a clear message, no request.
+    let output = classify("1")?;
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(
+        !output.status.success() && stderr.contains("HF_HUB_OFFLINE"),
+        "{stderr}"
+    );
+    assert!(server.requests().is_empty());
+    // Online: downloaded, said so, classified.
+    let output = classify("0")?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let result = stdout_json(&output)?;
+    assert!(stderr.contains("downloading model.safetensors"), "{stderr}");
+    assert_eq!(result["images"].as_array().map(Vec::len), Some(1));
+    // Offline again: served from the cache.
+    let output = classify("1")?;
+    stdout_json(&output)?;
+    Ok(())
+}

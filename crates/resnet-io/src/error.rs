@@ -84,6 +84,16 @@ pub enum Error {
         /// Where it was looked for.
         reason: String,
     },
+    /// A model could not be downloaded from the hub.
+    #[error("model '{id}': downloading {file}: {reason}")]
+    Download {
+        /// The hub id.
+        id: String,
+        /// The file of the repository.
+        file: String,
+        /// What went wrong, and what to do about it.
+        reason: String,
+    },
     /// An image cannot be decoded or preprocessed.
     #[error("{}: {reason}", path.display())]
     Image {

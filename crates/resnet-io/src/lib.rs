@@ -9,7 +9,7 @@
 //! - [`inspect`] infers the architecture and reports loaded / missing / unexpected /
 //!   mismatched tensors without failing; [`load_resnet`] fails on any of them.
 //! - [`resolve_model`] finds a file, a model directory or a hub id in the local
-//!   Hugging Face cache; [`PreprocessConfig`] turns images into inputs as timm does.
+//!   Hugging Face cache (with the `hub` feature, downloading it there when missing); [`PreprocessConfig`] turns images into inputs as timm does.
 //!
 //! ```no_run
 //! use candle_core::{DType, Device};
@@ -28,6 +28,9 @@
 
 mod checkpoint;
 mod error;
+#[cfg(feature = "hub")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
+mod hub;
 mod infer;
 mod labels;
 mod load;
@@ -40,11 +43,15 @@ mod save;
 
 pub use checkpoint::{Checkpoint, TensorInfo, MAX_HEADER_BYTES};
 pub use error::{Error, Result};
+#[cfg(feature = "hub")]
+pub use hub::{DownloadProgress, HubClient, DEFAULT_ENDPOINT};
 pub use infer::{infer_config, Shapes};
 pub use labels::{builtin_labels, read_labels, CIFAR10};
 pub use load::{
     inspect, load_file, load_resnet, safetensors_paths, Inspection, LoadedModel, WeightFiles,
 };
+#[cfg(feature = "hub")]
+pub use model_dir::resolve_model_with;
 pub use model_dir::{hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, ModelSource};
 pub use naming::{is_ignored, NamingScheme};
 pub use preprocess::{

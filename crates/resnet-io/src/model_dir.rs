@@ -61,13 +61,56 @@ impl ModelSource {
 /// model directory, or a hub id (`timm/resnet50.a1_in1k`, `microsoft/resnet-50`) found in
 /// the local Hugging Face cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub`). With the `hub` feature a hub id not in the cache is
-/// downloaded.
+/// downloaded into it ([`HubClient::from_env`](crate::HubClient::from_env)'s settings).
 pub fn resolve_model(model: &str) -> Result<ModelSource> {
+    #[cfg(feature = "hub")]
+    return resolve_model_with(
+        model,
+        &crate::HubClient::from_env(&hub_cache_dir()),
+        &mut (),
+    );
+    #[cfg(not(feature = "hub"))]
     resolve_model_in(model, &hub_cache_dir())
 }
 
-/// [`resolve_model`] with hub ids looked up in the cache at `cache_dir`.
+/// [`resolve_model`] with hub ids looked up in the cache at `cache_dir`, never
+/// downloaded.
 pub fn resolve_model_in(model: &str, cache_dir: &Path) -> Result<ModelSource> {
+    resolve(model, cache_dir, |id| {
+        Err(Error::NotFound {
+            id: id.to_string(),
+            reason: format!(
+                "no model.safetensors for it in the Hugging Face cache at {}{}",
+                cache_dir.display(),
+                if cfg!(feature = "hub") {
+                    ""
+                } else {
+                    " (this build has no `hub` feature to download it)"
+                }
+            ),
+        })
+    })
+}
+
+/// [`resolve_model`] with `hub`'s cache, downloading a hub id missing from it,
+/// reporting to `progress`.
+#[cfg(feature = "hub")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
+pub fn resolve_model_with(
+    model: &str,
+    hub: &crate::HubClient,
+    progress: &mut dyn crate::DownloadProgress,
+) -> Result<ModelSource> {
+    resolve(model, hub.cache_dir(), |id| {
+        hub.download_model(id, progress)
+    })
+}
+
+fn resolve(
+    model: &str,
+    cache_dir: &Path,
+    missing: impl FnOnce(&str) -> Result<ModelSource>,
+) -> Result<ModelSource> {
     let path = Path::new(model);
     if path.exists() {
         if path.is_dir() {
@@ -80,16 +123,32 @@ pub fn resolve_model_in(model: &str, cache_dir: &Path) -> Result<ModelSource> {
             preprocess: None,
         });
     }
-    if looks_like_hub_id(model) {
-        return resolve_hub_id(model, cache_dir);
+    if !looks_like_hub_id(model) {
+        return Err(Error::NotFound {
+            id: model.to_string(),
+            reason: "no such file or directory, and not a hub id of the form owner/name".into(),
+        });
     }
-    Err(Error::NotFound {
-        id: model.to_string(),
-        reason: "no such file or directory, and not a hub id of the form owner/name".into(),
-    })
+    let repo = hf_hub::Cache::new(cache_dir.to_path_buf()).model(model.to_string());
+    let snapshot_file = |name: &str| repo.get(name);
+    let weights = snapshot_file("model.safetensors")
+        .or_else(|| snapshot_file("model.safetensors.index.json"));
+    match weights {
+        Some(weights) => {
+            let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let mut source = match snapshot_file("config.json") {
+                Some(config_path) => read_config(&config_path, &dir)?,
+                None => ModelSource::default(),
+            };
+            source.weights = safetensors_paths(&weights)?;
+            Ok(source)
+        }
+        None => missing(model),
+    }
 }
 
-fn looks_like_hub_id(model: &str) -> bool {
+/// `owner/name`, each part of letters, digits, `-`, `_` and `.`, neither `.` nor `..`.
+pub(crate) fn looks_like_hub_id(model: &str) -> bool {
     let mut parts = model.split('/');
     let valid = |s: &str| {
         !s.is_empty()
@@ -107,57 +166,6 @@ pub fn hub_cache_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     hf_hub::Cache::from_env().path().clone()
-}
-
-fn resolve_hub_id(id: &str, cache_dir: &Path) -> Result<ModelSource> {
-    let cache = hf_hub::Cache::new(cache_dir.to_path_buf());
-    let repo = cache.model(id.to_string());
-    let snapshot_file = |name: &str| repo.get(name);
-    let weights = snapshot_file("model.safetensors");
-    let index = snapshot_file("model.safetensors.index.json");
-    match (weights.or(index), snapshot_file("config.json")) {
-        (Some(weights), config) => {
-            let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let mut source = match config {
-                Some(config_path) => read_config(&config_path, &dir)?,
-                None => ModelSource::default(),
-            };
-            source.weights = safetensors_paths(&weights)?;
-            Ok(source)
-        }
-        (None, _) => download(id, cache_dir).map_err(|reason| Error::NotFound {
-            id: id.to_string(),
-            reason: format!(
-                "no model.safetensors for it in the Hugging Face cache at {} ({reason})",
-                cache_dir.display()
-            ),
-        }),
-    }
-}
-
-#[cfg(feature = "hub")]
-fn download(id: &str, cache_dir: &Path) -> std::result::Result<ModelSource, String> {
-    if std::env::var_os("HF_HUB_OFFLINE").is_some_and(|v| v != "0") {
-        return Err("HF_HUB_OFFLINE is set".into());
-    }
-    let api =
-        hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir.to_path_buf()))
-            .build()
-            .map_err(|e| e.to_string())?;
-    let repo = api.model(id.to_string());
-    let weights = repo.get("model.safetensors").map_err(|e| e.to_string())?;
-    let dir = weights.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut source = match repo.get("config.json") {
-        Ok(config) => read_config(&config, &dir).map_err(|e| e.to_string())?,
-        Err(_) => ModelSource::default(),
-    };
-    source.weights = vec![weights];
-    Ok(source)
-}
-
-#[cfg(not(feature = "hub"))]
-fn download(_: &str, _: &Path) -> std::result::Result<ModelSource, String> {
-    Err("this build has no `hub` feature to download it".into())
 }
 
 /// Reads a model directory: `config.json` and `model.safetensors` (or its shard index,
