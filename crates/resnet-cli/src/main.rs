@@ -10,16 +10,48 @@ mod forward;
 mod inspect;
 
 use std::process::ExitCode;
+use std::sync::LazyLock;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use common::GlobalOptions;
+
+/// `--version`: the crate version and the cargo features this binary was built with.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    let features: Vec<&str> = [
+        ("hub", cfg!(feature = "hub")),
+        ("cuda", cfg!(feature = "cuda")),
+        ("cudnn", cfg!(feature = "cudnn")),
+        ("metal", cfg!(feature = "metal")),
+        ("mkl", cfg!(feature = "mkl")),
+        ("accelerate", cfg!(feature = "accelerate")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    let features = if features.is_empty() {
+        "none".to_string()
+    } else {
+        features.join(", ")
+    };
+    format!(
+        "{} (features: {features}; candle 0.11; {})",
+        env!("CARGO_PKG_VERSION"),
+        std::env::consts::ARCH
+    )
+});
 
 #[derive(Parser)]
 #[command(
     name = "resnet",
-    version,
-    about = "ResNets on Candle: classify, evaluate, inspect, convert, benchmark"
+    version = VERSION.as_str(),
+    about = "ResNets on Candle: classify, evaluate, inspect, convert, benchmark",
+    after_help = "Examples:
+  resnet eval --data weights/samples                 # the embedded CIFAR-10 ResNet-20
+  resnet classify --model timm/resnet50.a1_in1k cat.jpg
+  resnet inspect microsoft/resnet-50
+  resnet forward --arch resnet101 --shape 4,3,224,224
+  resnet completions bash > ~/.local/share/bash-completion/completions/resnet"
 )]
 struct Cli {
     #[command(flatten)]
@@ -31,17 +63,52 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Classify images and print the top-k labels with probabilities.
+    #[command(after_help = "Examples:
+  resnet classify weights/samples/cat/0000.jpg           # the embedded CIFAR-10 ResNet-20
+  resnet classify --model timm/resnet50.a1_in1k cat.jpg dog.png
+  resnet classify --model microsoft/resnet-50 --top-k 3 --json *.jpg
+  resnet classify --model ./my-model-dir --labels labels.txt photo.png")]
     Classify(classify::Args),
     /// Evaluate on an ImageFolder tree: top-1, top-5, per-class accuracy, speed.
+    #[command(after_help = "Examples:
+  resnet eval --data weights/samples                     # the embedded CIFAR-10 ResNet-20
+  resnet eval --model resnet20.safetensors --data cifar10-test --json
+  resnet eval --model timm/resnet18.a1_in1k --data imagenet-val --predictions out.json")]
     Eval(eval::Args),
     /// Run a tensor (or a random batch) through a network.
+    #[command(after_help = "Examples:
+  resnet forward --arch resnet101 --shape 4,3,224,224    # random weights: -> [4, 1000]
+  resnet forward --arch auto --model resnet50.safetensors --input x.safetensors --output y.safetensors
+  resnet forward --arch auto --model timm/resnet50.a1_in1k --shape 1,3,224,224 --features")]
     Forward(forward::Args),
     /// Show a checkpoint's naming scheme, architecture, parameters and validation report.
+    #[command(after_help = "Examples:
+  resnet inspect resnet50.safetensors
+  resnet inspect microsoft/resnet-50 --json
+  resnet inspect resnet20.safetensors --arch resnet32    # why it does not fit")]
     Inspect(inspect::Args),
     /// Convert a checkpoint to torchvision (or another) naming and any dtype.
+    #[command(after_help = "Examples:
+  resnet convert microsoft/resnet-50 resnet50.safetensors
+  resnet convert resnet50.safetensors resnet50-f16.safetensors --dtype f16
+  resnet convert resnet20.safetensors resnet20-tf.safetensors --naming transformers")]
     Convert(inspect::ConvertArgs),
     /// Time inference: median and min ms per batch, images per second.
+    #[command(after_help = "Examples:
+  resnet bench --arch resnet50 --batch 8
+  resnet bench --arch resnet20 --batch 128 --threads 2 --json
+  resnet bench --arch auto --model timm/resnet50.a1_in1k --dtype f16 --device cuda")]
     Bench(bench::Args),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    #[command(after_help = "Examples:
+  resnet completions bash > ~/.local/share/bash-completion/completions/resnet
+  resnet completions zsh > ~/.zfunc/_resnet             # with fpath+=~/.zfunc
+  resnet completions fish > ~/.config/fish/completions/resnet.fish
+  resnet completions powershell >> $PROFILE")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -87,6 +154,10 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Convert(args) => inspect::convert(&cli.global, args),
         Command::Bench(args) => bench::run(&cli.global, args),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "resnet", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,5 +166,59 @@ fn main() -> ExitCode {
             eprintln!("error: {}", message.trim_end());
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every line of every "Examples:" section parses as the command it shows.
+    #[test]
+    fn every_help_example_parses() {
+        let mut command = Cli::command();
+        let mut examples = Vec::new();
+        let mut help_texts = vec![command.render_help().to_string()];
+        command.build();
+        for sub in command
+            .get_subcommands_mut()
+            .filter(|s| s.get_name() != "help")
+        {
+            let help = sub.render_help().to_string();
+            assert!(
+                help.contains("Examples:"),
+                "{} has no examples",
+                sub.get_name()
+            );
+            help_texts.push(help);
+        }
+        for help in &help_texts {
+            let section = help.split("Examples:").nth(1).unwrap_or_default();
+            for line in section
+                .lines()
+                .filter(|l| l.trim_start().starts_with("resnet "))
+            {
+                // Drop the comment and the shell redirection.
+                let line = line.split(" #").next().unwrap_or_default();
+                let line = line.split(['>', '|']).next().unwrap_or_default();
+                examples.push(
+                    line.split_whitespace()
+                        .map(String::from)
+                        .collect::<Vec<_>>(),
+                );
+            }
+        }
+        assert!(examples.len() >= 20, "{examples:?}");
+        for example in examples {
+            if let Err(error) = Cli::try_parse_from(&example) {
+                panic!("{example:?}: {error}");
+            }
+        }
+    }
+
+    #[test]
+    fn version_names_the_features() {
+        assert!(VERSION.contains("features:"));
+        assert_eq!(VERSION.contains("hub"), cfg!(feature = "hub"));
     }
 }

@@ -149,3 +149,61 @@ fn classify_without_model_uses_the_embedded_default() -> Result<()> {
     assert_eq!(stderr.lines().count(), 1, "one line of note: {stderr}");
     Ok(())
 }
+
+#[test]
+fn version_help_and_completions() -> Result<()> {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_resnet"))
+            .args(args)
+            .output()
+    };
+    let version = String::from_utf8(run(&["--version"])?.stdout)?;
+    assert!(
+        version.starts_with("resnet ") && version.contains("features: hub"),
+        "{version}"
+    );
+    for command in [
+        "classify",
+        "eval",
+        "forward",
+        "inspect",
+        "convert",
+        "bench",
+        "completions",
+    ] {
+        let help = String::from_utf8(run(&[command, "--help"])?.stdout)?;
+        assert!(help.contains("Examples:\n  resnet "), "{command}: {help}");
+    }
+    for shell in ["bash", "zsh", "fish", "powershell"] {
+        let output = run(&["completions", shell])?;
+        let script = String::from_utf8(output.stdout)?;
+        assert!(
+            output.status.success() && script.contains("classify"),
+            "{shell}"
+        );
+    }
+    // The bash script completes a subcommand and a flag, where bash is installed.
+    let bash = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "source <('{}' completions bash) && COMP_WORDS=(resnet cl) COMP_CWORD=1 && \
+             _resnet resnet cl resnet && echo \"${{COMPREPLY[@]}}\" && \
+             COMP_WORDS=(resnet eval --da) COMP_CWORD=2 && _resnet resnet --da eval && \
+             echo \"${{COMPREPLY[@]}}\"",
+            env!("CARGO_BIN_EXE_resnet")
+        ))
+        .output();
+    match bash {
+        Ok(output) if output.status.success() => {
+            assert_eq!(String::from_utf8(output.stdout)?, "classify\n--data\n");
+        }
+        _ => eprintln!("SKIPPED the bash completion check: no bash"),
+    }
+    let output = run(&["completions", "tcsh"])?;
+    let stderr = String::from_utf8(output.stderr)?;
+    assert!(
+        !output.status.success() && stderr.contains("tcsh"),
+        "{stderr}"
+    );
+    Ok(())
+}
