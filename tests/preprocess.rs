@@ -33,7 +33,7 @@ fn matches_timm_eval_transform() -> Result<()> {
             interpolation,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
-            resize: true,
+            resize: resnet_io::Resize::CenterCrop,
         };
         for image in [
             "landscape.jpg",

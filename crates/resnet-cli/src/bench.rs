@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::common::{model_or_random, GlobalOptions};
+use crate::common::{check_forward_memory, model_or_random, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -43,6 +43,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         resnet_core::StemKind::Cifar => 32,
         _ => 224,
     });
+    check_forward_memory([args.batch, config.in_channels, size, size], dtype, &device)?;
     let input = Tensor::randn(
         0f32,
         1.0,

@@ -24,7 +24,8 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-    /// JPEG or PNG files.
+    /// Image files: JPEG, PNG, WebP, TIFF, BMP, GIF, PPM/PGM. One that cannot be read is
+    /// reported, the others classified; the exit status says whether any failed.
     #[arg(required = true)]
     images: Vec<PathBuf>,
 }
@@ -33,7 +34,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 || args.top_k == 0 {
         bail!("--batch-size and --top-k must be at least 1");
     }
-    let model = load_model(global, args.model.model.as_deref(), &args.model.arch)?;
+    let model = load_model(global, &args.model)?;
     if model.config.num_classes == 0 {
         bail!("the model is headless (no classifier): use `resnet forward --features` for its features");
     }
@@ -47,28 +48,53 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             .and_then(|l| l.get(index).cloned())
             .unwrap_or_else(|| format!("class {index}"))
     };
-    let mut results = Vec::new();
+    // One result per image, in order: its top-k, or why it could not be read.
+    let mut results: Vec<(PathBuf, std::result::Result<Vec<(usize, f32)>, String>)> = Vec::new();
     for chunk in args.images.chunks(args.batch_size) {
-        // Decode in parallel; a bad image fails the command with its path.
-        let images = chunk
+        let decoded: Vec<_> = chunk
             .par_iter()
-            .map(|path| model.preprocess.load_image(path))
-            .collect::<resnet_io::Result<Vec<_>>>()?;
-        let input = resnet_io::batch(&images, &model.device, model.dtype)?;
+            .map(|path| model.preprocess.load_image_sized(path))
+            .collect();
+        let mut tensors = Vec::new();
+        let mut slots = Vec::new();
+        for (path, decoded) in chunk.iter().zip(decoded) {
+            match decoded {
+                Ok((tensor, (width, height))) => {
+                    if let Some(note) = model.preprocess.resize_note(width, height) {
+                        eprintln!("note: {}: {note}", path.display());
+                    }
+                    slots.push(results.len());
+                    tensors.push(tensor);
+                    results.push((path.clone(), Ok(Vec::new())));
+                }
+                Err(error) if args.images.len() == 1 => return Err(error.into()),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    results.push((path.clone(), Err(error.to_string())));
+                }
+            }
+        }
+        if tensors.is_empty() {
+            continue;
+        }
+        let input = resnet_io::batch(&tensors, &model.device, model.dtype)?;
         let logits = model.model.forward(&input)?;
-        for (path, top) in chunk.iter().zip(top_k(&logits, args.top_k)?) {
-            results.push((path.clone(), top));
+        for (slot, top) in slots.into_iter().zip(top_k(&logits, args.top_k)?) {
+            results[slot].1 = Ok(top);
         }
     }
     if args.json {
         let images: Vec<_> = results
             .iter()
-            .map(|(path, top)| {
-                let predictions: Vec<_> = top
-                    .iter()
-                    .map(|&(index, p)| json!({"index": index, "label": name(index), "probability": p}))
-                    .collect();
-                json!({"image": path.display().to_string(), "predictions": predictions})
+            .map(|(path, result)| match result {
+                Ok(top) => {
+                    let predictions: Vec<_> = top
+                        .iter()
+                        .map(|&(index, p)| json!({"index": index, "label": name(index), "probability": p}))
+                        .collect();
+                    json!({"image": path.display().to_string(), "predictions": predictions})
+                }
+                Err(error) => json!({"image": path.display().to_string(), "error": error}),
             })
             .collect();
         println!(
@@ -76,12 +102,20 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             serde_json::to_string_pretty(&json!({ "images": images }))?
         );
     } else {
-        for (path, top) in &results {
+        for (path, result) in &results {
+            let Ok(top) = result else { continue };
             println!("{}", path.display());
             for &(index, probability) in top {
                 println!("  {:>6.2}%  {} ({index})", probability * 100.0, name(index));
             }
         }
+    }
+    let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} images could not be classified (the others were)",
+            results.len()
+        );
     }
     Ok(())
 }

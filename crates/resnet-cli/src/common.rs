@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 use clap::Args;
 use resnet_core::{ResNet, ResNetConfig};
-use resnet_io::{inspect, Checkpoint, ModelSource, PreprocessConfig, WeightFiles};
+use resnet_io::{inspect, Checkpoint, ModelSource, PreprocessConfig, Resize, WeightFiles};
 
 /// Device, dtype and threads, accepted before or after the command.
 #[derive(Args, Debug, Clone)]
@@ -16,7 +16,7 @@ pub struct GlobalOptions {
     /// f32, f16 or bf16.
     #[arg(long, global = true, default_value = "f32", value_parser = parse_dtype)]
     pub dtype: DType,
-    /// CPU threads (default: all cores).
+    /// CPU threads, at least 1 (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
 }
@@ -32,10 +32,22 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
 
 impl GlobalOptions {
     /// Sets the thread count candle and rayon use; must run before either starts.
-    pub fn apply_threads(&self) {
-        if let Some(threads) = self.threads.filter(|&t| t > 0) {
-            std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    pub fn apply_threads(&self) -> Result<()> {
+        let Some(threads) = self.threads else {
+            return Ok(());
+        };
+        if threads == 0 {
+            bail!("--threads 0: expected at least 1 (leave --threads out to use every core)");
         }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if threads > 4 * cores {
+            eprintln!(
+                "warning: --threads {threads} is more than 4 times the {cores} cores here: \
+                 the threads will take turns, not run faster"
+            );
+        }
+        std::env::set_var("RAYON_NUM_THREADS", threads.min(4096).to_string());
+        Ok(())
     }
 
     pub fn device(&self) -> Result<Device> {
@@ -53,6 +65,11 @@ pub struct ModelArgs {
     /// `auto` (from the checkpoint) or an architecture name such as resnet50.
     #[arg(long, default_value = "auto")]
     pub arch: String,
+    /// How images of another size reach the model: crop (shorter side, then a centre
+    /// crop, keeping the aspect ratio), squash (straight to the input size) or none
+    /// (refuse them). Default: the model's (crop; squash for CIFAR models).
+    #[arg(long, value_parser = clap::value_parser!(Resize))]
+    pub resize: Option<Resize>,
 }
 
 /// `--arch`: `auto` or a preset name.
@@ -84,7 +101,15 @@ pub struct Model {
 /// Loads `--model` (file, directory or hub id; `None`: the embedded default) for
 /// `--arch` (auto or a preset; a preset takes its class and input-channel counts from
 /// the checkpoint).
-pub fn load_model(global: &GlobalOptions, model: Option<&str>, arch: &str) -> Result<Model> {
+pub fn load_model(global: &GlobalOptions, args: &ModelArgs) -> Result<Model> {
+    let mut model = load_model_named(global, args.model.as_deref(), &args.arch)?;
+    if let Some(resize) = args.resize {
+        model.preprocess.resize = resize;
+    }
+    Ok(model)
+}
+
+fn load_model_named(global: &GlobalOptions, model: Option<&str>, arch: &str) -> Result<Model> {
     let device = global.device()?;
     let dtype = global.dtype;
     let (name, source, files) = match model {
@@ -120,6 +145,12 @@ pub fn load_model(global: &GlobalOptions, model: Option<&str>, arch: &str) -> Re
         &device,
         dtype,
     )
+    .map_err(|error| match error {
+        resnet_io::Error::Mismatch { .. } => {
+            anyhow::anyhow!("{error} (`resnet inspect {name} --arch {arch}` lists every tensor)")
+        }
+        other => anyhow::Error::new(other),
+    })
     .with_context(|| format!("loading model '{name}'"))?;
     let labels = source.labels(loaded.config.num_classes);
     let preprocess = source.preprocess(&loaded.config);
@@ -206,7 +237,7 @@ pub fn model_or_random(
 ) -> Result<(ResNet, Device, DType)> {
     match model {
         Some(path) => {
-            let loaded = load_model(global, Some(path), arch)?;
+            let loaded = load_model_named(global, Some(path), arch)?;
             Ok((loaded.model, loaded.device, loaded.dtype))
         }
         None => {
@@ -251,4 +282,42 @@ pub fn top_k(logits: &candle_core::Tensor, k: usize) -> Result<Vec<Vec<(usize, f
             indexed
         })
         .collect())
+}
+
+/// Refuses, before anything is allocated, a forward pass over `shape` (N, C, H, W) whose
+/// activations cannot fit in this machine's memory (or whose size overflows).
+pub fn check_forward_memory(shape: [usize; 4], dtype: DType, device: &Device) -> Result<()> {
+    // The widest maps of a ResNet hold about 16 (up to 64, for wide variants) values
+    // per input pixel, and a pass holds a few of them at once.
+    const VALUES_PER_PIXEL: u64 = 256;
+    let [n, c, h, w] = shape.map(|d| d as u64);
+    let bytes = n
+        .checked_mul(h)
+        .and_then(|v| v.checked_mul(w))
+        .and_then(|pixels| pixels.checked_mul(VALUES_PER_PIXEL + c))
+        .and_then(|values| values.checked_mul(dtype.size_in_bytes().max(4) as u64));
+    let described = format!("a {n}x{c}x{h}x{w} forward pass");
+    let Some(bytes) = bytes else {
+        bail!("{described} is too large: its size overflows 64 bits");
+    };
+    let (limit, source) = match (device.is_cpu(), available_memory()) {
+        (true, Some(available)) => (available, "the memory available (MemAvailable)"),
+        _ => (1 << 40, "the limit of 1 TiB"),
+    };
+    if bytes > limit {
+        bail!(
+            "{described} needs about {:.1} GB for its activations, more than {source}: {:.1} GB",
+            bytes as f64 / 1e9,
+            limit as f64 / 1e9
+        );
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (Linux).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }

@@ -31,66 +31,121 @@ pub struct Args {
     predictions: Option<PathBuf>,
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
-
-/// An ImageFolder tree: class names (sorted folder names) and every image with its class.
+/// An ImageFolder tree: class names (sorted folder names), every image with its class,
+/// and every other entry of the class folders with why it is not scored.
 struct ImageFolder {
     classes: Vec<String>,
     images: Vec<(PathBuf, usize)>,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+/// Sorted entries of `dir`.
+fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut entries = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    entries.sort();
+    Ok(entries)
+}
+
+/// How deep class folders are searched, as torchvision's ImageFolder walks them.
+const MAX_DEPTH: usize = 16;
+
+/// Every file under `dir` (sub-folders walked, symbolic links to folders not followed):
+/// an image to score, or an entry counted with its reason.
+fn walk_class(dir: &Path, class: usize, depth: usize, folder: &mut ImageFolder) -> Result<()> {
+    for path in entries(dir)? {
+        let kind = std::fs::symlink_metadata(&path).map(|m| m.file_type());
+        if kind.as_ref().is_ok_and(|k| k.is_dir()) {
+            if depth >= MAX_DEPTH {
+                folder
+                    .skipped
+                    .push((path, format!("a folder more than {MAX_DEPTH} levels deep")));
+            } else {
+                walk_class(&path, class, depth + 1, folder)?;
+            }
+        } else if !resnet_io::has_image_extension(&path) {
+            let reason = format!(
+                "not an image file name (expected .{})",
+                resnet_io::IMAGE_EXTENSIONS.join(", .")
+            );
+            folder.skipped.push((path, reason));
+        } else if kind.as_ref().is_ok_and(|k| k.is_symlink()) && path.is_dir() {
+            folder
+                .skipped
+                .push((path, "a symbolic link to a folder (not followed)".into()));
+        } else {
+            // FIFOs, devices and dangling links are counted when they fail to open.
+            folder.images.push((path, class));
+        }
+    }
+    Ok(())
 }
 
 fn image_folder(root: &Path) -> Result<ImageFolder> {
-    let read_dir = |dir: &Path| -> Result<Vec<PathBuf>> {
-        let mut entries = std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .map(|e| e.map(|e| e.path()))
-            .collect::<std::io::Result<Vec<_>>>()
-            .with_context(|| format!("reading {}", dir.display()))?;
-        entries.sort();
-        Ok(entries)
-    };
-    let class_dirs: Vec<PathBuf> = read_dir(root)?.into_iter().filter(|p| p.is_dir()).collect();
+    let class_dirs: Vec<PathBuf> = entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
     if class_dirs.is_empty() {
         bail!(
             "{}: expected an ImageFolder tree (one folder per class), found no folders",
             root.display()
         );
     }
-    let mut classes = Vec::new();
-    let mut images = Vec::new();
+    let mut folder = ImageFolder {
+        classes: Vec::new(),
+        images: Vec::new(),
+        skipped: Vec::new(),
+    };
     for (index, dir) in class_dirs.iter().enumerate() {
-        classes.push(
-            dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        for path in read_dir(dir)? {
-            let is_image = path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-            if is_image && path.is_file() {
-                images.push((path, index));
-            }
+        folder.classes.push(lossless_name(
+            dir.file_name().unwrap_or_default().as_encoded_bytes(),
+        ));
+        let before = folder.images.len();
+        walk_class(dir, index, 0, &mut folder)?;
+        if folder.images.len() == before {
+            bail!(
+                "{}: the class folder has no image files (torchvision's ImageFolder refuses \
+                 an empty class too)",
+                dir.display()
+            );
         }
     }
-    Ok(ImageFolder { classes, images })
+    Ok(folder)
 }
 
-type DecodedBatch = Vec<(usize, resnet_io::Result<Tensor>)>;
+/// A file name as a string that maps back to its bytes: UTF-8 as it is, `\` doubled,
+/// any other byte as `\xNN`.
+fn lossless_name(bytes: &[u8]) -> String {
+    let mut name = String::new();
+    for chunk in bytes.utf8_chunks() {
+        name.push_str(&chunk.valid().replace('\\', "\\\\"));
+        for byte in chunk.invalid() {
+            name.push_str(&format!("\\x{byte:02X}"));
+        }
+    }
+    name
+}
+
+type DecodedBatch = Vec<(usize, resnet_io::Result<(Tensor, (u32, u32))>)>;
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let ImageFolder { classes, images } = image_folder(&args.data)?;
-    if images.is_empty() {
-        bail!(
-            "{}: no .jpg, .jpeg or .png images in the class folders",
-            args.data.display()
-        );
-    }
-    let model = load_model(global, args.model.model.as_deref(), &args.model.arch)?;
+    let ImageFolder {
+        classes,
+        images,
+        skipped,
+    } = image_folder(&args.data)?;
+    // The predictions' destination is checked (and its temporary file made) before the
+    // evaluation, not after it.
+    let predictions_file = args
+        .predictions
+        .as_ref()
+        .map(resnet_io::OutputFile::create)
+        .transpose()?;
+    let model = load_model(global, &args.model)?;
     if model.config.num_classes < classes.len() {
         bail!(
             "the model has {} classes but {} has {} class folders",
@@ -122,7 +177,12 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             let decoded: DecodedBatch = chunk
                 .par_iter()
                 .enumerate()
-                .map(|(i, path)| (chunk_index * batch_size + i, preprocess.load_image(path)))
+                .map(|(i, path)| {
+                    (
+                        chunk_index * batch_size + i,
+                        preprocess.load_image_sized(path),
+                    )
+                })
                 .collect();
             if sender.send(decoded).is_err() {
                 break;
@@ -132,20 +192,32 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
 
     let mut predictions: Vec<Option<usize>> = vec![None; images.len()];
     let mut top5_hits = 0usize;
-    let mut unreadable = Vec::new();
+    let mut unreadable: Vec<(PathBuf, String)> = skipped;
+    let mut resize_notes = 0usize;
     for batch in receiver {
         progress.inc(batch.len() as u64);
         let mut indices = Vec::with_capacity(batch.len());
         let mut tensors = Vec::with_capacity(batch.len());
         for (index, decoded) in batch {
             match decoded {
-                Ok(tensor) => {
+                Ok((tensor, (width, height))) => {
+                    if let Some(note) = model.preprocess.resize_note(width, height) {
+                        if resize_notes == 0 {
+                            let path = images[index].0.display();
+                            progress.suspend(|| eprintln!("note: {path}: {note}"));
+                        }
+                        resize_notes += 1;
+                    }
                     indices.push(index);
                     tensors.push(tensor);
                 }
                 Err(error) => {
                     progress.suspend(|| eprintln!("warning: skipping unreadable image: {error}"));
-                    unreadable.push(error.to_string());
+                    let reason = match error {
+                        resnet_io::Error::Image { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    unreadable.push((images[index].0.clone(), reason));
                 }
             }
         }
@@ -191,17 +263,35 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let top5 = ratio(top5_hits, evaluated);
     let images_per_sec = evaluated as f64 / elapsed.max(1e-9);
 
-    if let Some(path) = &args.predictions {
+    if resize_notes > 1 {
+        eprintln!("note: {resize_notes} images were resized that way (--resize to choose how)");
+    }
+    let relative = |path: &Path| {
+        lossless_name(
+            path.strip_prefix(&args.data)
+                .unwrap_or(path)
+                .as_os_str()
+                .as_encoded_bytes(),
+        )
+    };
+    let unreadable_files: BTreeMap<String, &str> = unreadable
+        .iter()
+        .map(|(path, reason)| (relative(path), reason.as_str()))
+        .collect();
+    if let Some(mut output) = predictions_file {
         let map: BTreeMap<String, usize> = images
             .iter()
             .zip(&predictions)
-            .filter_map(|((path, _), p)| {
-                let relative = path.strip_prefix(&args.data).unwrap_or(path);
-                p.map(|p| (relative.to_string_lossy().into_owned(), p))
-            })
+            .filter_map(|((path, _), p)| p.map(|p| (relative(path), p)))
             .collect();
-        let text = serde_json::to_string_pretty(&json!({"classes": classes, "predictions": map}))?;
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        let text = serde_json::to_string_pretty(&json!({
+            "classes": classes,
+            "predictions": map,
+            "unreadable": unreadable_files,
+            "names": "relative to --data; bytes that are not UTF-8 as \\xNN, a backslash doubled",
+        }))?;
+        std::io::Write::write_all(output.file()?, text.as_bytes())?;
+        output.commit()?;
     }
 
     let per_class_json: BTreeMap<&str, f64> = classes
@@ -211,10 +301,11 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .collect();
     if args.json {
         let summary = json!({
-            "model": model.name,
+            "model": model.name.clone(),
             "architecture": model.config.describe(),
             "images": evaluated,
             "unreadable": unreadable.len(),
+            "unreadable_files": unreadable_files,
             "top1": top1,
             "top5": top5,
             "per_class": per_class_json,

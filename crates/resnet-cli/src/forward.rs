@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use crate::common::{model_or_random, GlobalOptions};
+use crate::common::{check_forward_memory, model_or_random, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -45,6 +45,15 @@ fn parse_shape(s: &str) -> std::result::Result<[usize; 4], String> {
 }
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
+    // Checked before the work, not after it.
+    let output_file = args
+        .output
+        .as_ref()
+        .map(resnet_io::OutputFile::create)
+        .transpose()?;
+    if let Some(shape) = &args.shape {
+        check_forward_memory(*shape, global.dtype, &global.device()?)?;
+    }
     let (model, device, dtype) = model_or_random(global, args.model.as_deref(), &args.arch)?;
     let input = match (&args.shape, &args.input) {
         (Some(shape), _) => Tensor::randn(0f32, 1.0, shape.as_slice(), &device)?.to_dtype(dtype)?,
@@ -64,12 +73,15 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         "logits"
     };
     println!("input {:?} -> {name} {:?}", input.dims(), output.dims());
-    if let Some(path) = &args.output {
+    if let (Some(path), Some(file)) = (&args.output, output_file) {
         let output = output.to_device(&Device::Cpu)?;
         let tensors = HashMap::from([(name.to_string(), output)]);
-        candle_core::safetensors::save(&tensors, path)
+        candle_core::safetensors::save(&tensors, file.temporary_path())
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+        let replaced = file.replaces_existing();
+        file.commit()?;
+        let verb = if replaced { "replaced" } else { "wrote" };
+        println!("{verb} {}", path.display());
     }
     Ok(())
 }

@@ -92,7 +92,7 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
 pub struct ConvertArgs {
     /// Input checkpoint (file, directory or hub id), any naming scheme and dtype.
     input: String,
-    /// Output .safetensors file.
+    /// Output .safetensors file (written atomically; an existing file is replaced).
     output: PathBuf,
     /// Naming of the output: torchvision (timm), transformers or cifar.
     #[arg(long, default_value = "torchvision")]
@@ -101,12 +101,16 @@ pub struct ConvertArgs {
 
 pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
     let scheme: NamingScheme = args.naming.parse().map_err(anyhow::Error::msg)?;
+    // A destination that cannot be written is found before a download or a load.
+    drop(resnet_io::OutputFile::create(&args.output)?);
     let source = resolve_source(&args.input)?;
     let files = WeightFiles::open(&source.weights)?;
     let dtype: DType = global.dtype;
+    let replaced = args.output.is_file();
     let config = resnet_io::convert(&files, &args.output, scheme, dtype, source.config.as_ref())?;
     println!(
-        "wrote {} ({}, {scheme} naming, {})",
+        "{} {} ({}, {scheme} naming, {})",
+        if replaced { "replaced" } else { "wrote" },
         args.output.display(),
         config.describe(),
         format!("{dtype:?}").to_lowercase()

@@ -136,17 +136,20 @@ fn main() -> ExitCode {
                 }
                 _ => {}
             }
-            // One line: clap's own message without the usage block after it.
-            let rendered = error.render().to_string();
-            let line = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{} (see --help)", line.trim_end());
+            eprintln!("{}", one_line(&error.render().to_string()));
             return ExitCode::from(2);
         }
     };
-    cli.global.apply_threads();
+    // Ctrl-C or SIGTERM: no half-written output file is left behind.
+    let _ = ctrlc::set_handler(|| {
+        resnet_io::remove_partial_outputs();
+        eprintln!("error: interrupted");
+        std::process::exit(130);
+    });
+    if let Err(error) = cli.global.apply_threads() {
+        eprintln!("error: {error:#}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Classify(args) => classify::run(&cli.global, args),
         Command::Eval(args) => eval::run(&cli.global, args),
@@ -167,6 +170,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's message on one line: every line before the usage block, the missing
+/// arguments' names and the "tip" included.
+fn one_line(rendered: &str) -> String {
+    let parts: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let mut line = parts.join(" ").replace(": ", ": ").replace(":  ", ": ");
+    if line.is_empty() {
+        line = "error: invalid arguments".into();
+    }
+    format!("{line} (see --help)")
 }
 
 #[cfg(test)]

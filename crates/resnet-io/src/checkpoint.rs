@@ -79,7 +79,7 @@ fn io_error(path: &Path, source: std::io::Error) -> Error {
 }
 
 /// What a non-regular file is, for the error message.
-fn file_kind(file_type: std::fs::FileType) -> &'static str {
+pub(crate) fn file_kind(file_type: std::fs::FileType) -> &'static str {
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
@@ -103,7 +103,9 @@ fn file_kind(file_type: std::fs::FileType) -> &'static str {
     }
 }
 
-fn open_regular_file(path: &Path) -> Result<File> {
+/// Opens `path` for reading if it is a regular file (checked again on the open handle),
+/// never blocking on a FIFO.
+pub(crate) fn open_regular_file(path: &Path) -> Result<File> {
     let metadata = std::fs::metadata(path).map_err(|e| io_error(path, e))?;
     if !metadata.is_file() {
         return Err(Error::NotAFile {

@@ -58,8 +58,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The checkpoint does not fit the architecture: every problem, listed.
-    #[error("{}: checkpoint does not fit {architecture}:\n{report}", path.display())]
+    /// The checkpoint does not fit the architecture: one line (see
+    /// [`LoadReport::summary`]); the report lists every problem.
+    #[error("{}: checkpoint does not fit {architecture}: {}", path.display(), report.summary())]
     Mismatch {
         /// The file.
         path: PathBuf,

@@ -31,11 +31,14 @@ mod error;
 #[cfg(feature = "hub")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
 mod hub;
+mod image_formats;
+mod image_read;
 mod infer;
 mod labels;
 mod load;
 mod model_dir;
 mod naming;
+mod output;
 mod preprocess;
 mod report;
 mod resample;
@@ -45,6 +48,11 @@ pub use checkpoint::{Checkpoint, TensorInfo, MAX_HEADER_BYTES};
 pub use error::{Error, Result};
 #[cfg(feature = "hub")]
 pub use hub::{DownloadProgress, HubClient, DEFAULT_ENDPOINT};
+pub use image_read::{
+    decode_image, decode_image_bytes, decode_memory_budget, has_image_extension, read_image_bytes,
+    set_decode_memory_budget, DEFAULT_DECODE_MEMORY_BUDGET, IMAGE_EXTENSIONS, MAX_IMAGE_FILE_BYTES,
+    MAX_IMAGE_PIXELS,
+};
 pub use infer::{infer_config, Shapes};
 pub use labels::{builtin_labels, read_labels, CIFAR10};
 pub use load::{
@@ -54,10 +62,8 @@ pub use load::{
 pub use model_dir::resolve_model_with;
 pub use model_dir::{hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, ModelSource};
 pub use naming::{is_ignored, NamingScheme};
-pub use preprocess::{
-    batch, decode_image, Interpolation, PreprocessConfig, IMAGENET_MEAN, IMAGENET_STD,
-    MAX_IMAGE_PIXELS,
-};
+pub use output::{remove_partial_outputs, write_output, OutputFile};
+pub use preprocess::{batch, Interpolation, PreprocessConfig, Resize, IMAGENET_MEAN, IMAGENET_STD};
 pub use report::{LoadReport, ShapeMismatch};
 pub use safetensors::Dtype;
 pub use save::{config_from_metadata, convert, save, CONFIG_METADATA_KEY};

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use image::{DynamicImage, RgbImage};
 
 use crate::error::{Error, Result};
+use crate::image_read::with_decoded_image;
 
 /// Resampling filter of the resize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,9 +48,35 @@ pub struct PreprocessConfig {
     pub mean: [f32; 3],
     /// Per-channel standard deviation.
     pub std: [f32; 3],
-    /// Resize and crop at all; `false` only checks the image already has `size`
-    /// (CIFAR models, which are fed their 32x32 images as they are).
-    pub resize: bool,
+    /// How an image of another size is brought to `size`.
+    pub resize: Resize,
+}
+
+/// How an image of another size than the model's input is brought to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resize {
+    /// timm's eval transform: the shorter side to `size / crop_pct`, then a centre crop
+    /// (ImageNet models; the aspect ratio is kept).
+    CenterCrop,
+    /// Straight to `size`, whatever the aspect ratio (CIFAR models, whose own 32x32
+    /// images pass unchanged).
+    Squash,
+    /// Not at all: an image of another size is an error.
+    Exact,
+}
+
+impl FromStr for Resize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "crop" | "center-crop" => Ok(Self::CenterCrop),
+            "squash" => Ok(Self::Squash),
+            "none" | "exact" => Ok(Self::Exact),
+            _ => Err(format!(
+                "unknown resize policy '{s}', expected crop, squash or none"
+            )),
+        }
+    }
 }
 
 /// ImageNet mean, as torchvision and timm use it.
@@ -66,7 +93,7 @@ impl PreprocessConfig {
             interpolation: Interpolation::Bilinear,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
-            resize: true,
+            resize: Resize::CenterCrop,
         }
     }
 
@@ -78,29 +105,56 @@ impl PreprocessConfig {
             interpolation: Interpolation::Bilinear,
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
-            resize: false,
+            resize: Resize::Squash,
         }
     }
 
-    /// Decodes and preprocesses an image file to a `(3, H, W)` f32 tensor.
+    /// Decodes (see [`crate::decode_image`]) and preprocesses an image file to a
+    /// `(3, H, W)` f32 tensor, the decoded image counted in the decode memory budget
+    /// until it is preprocessed.
     pub fn load_image(&self, path: &Path) -> Result<Tensor> {
-        let image = decode_image(path)?;
-        self.apply(&image).map_err(|e| Error::Image {
+        self.load_image_sized(path).map(|(tensor, _)| tensor)
+    }
+
+    /// [`PreprocessConfig::load_image`], with the image's own (width, height).
+    pub fn load_image_sized(&self, path: &Path) -> Result<(Tensor, (u32, u32))> {
+        with_decoded_image(path, |rgb| {
+            let size = rgb.dimensions();
+            self.apply_rgb(rgb).map(|tensor| (tensor, size))
+        })?
+        .map_err(|e| Error::Image {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason: match e {
+                Error::Config { reason, .. } => reason,
+                other => other.to_string(),
+            },
         })
     }
 
     /// Preprocesses a decoded image to a `(3, H, W)` f32 tensor on the CPU.
     pub fn apply(&self, image: &DynamicImage) -> Result<Tensor> {
+        self.apply_rgb(image.to_rgb8())
+    }
+
+    fn apply_rgb(&self, rgb: RgbImage) -> Result<Tensor> {
         let (height, width) = self.size;
-        let rgb = image.to_rgb8();
-        let rgb = if self.resize {
-            self.resize_and_crop(rgb)
-        } else if (rgb.height() as usize, rgb.width() as usize) == self.size {
-            rgb
-        } else {
-            crate::resample::resize(&rgb, width as u32, height as u32, self.interpolation)
+        let same_size = (rgb.height() as usize, rgb.width() as usize) == self.size;
+        let rgb = match self.resize {
+            Resize::CenterCrop => self.resize_and_crop(rgb),
+            _ if same_size => rgb,
+            Resize::Squash => {
+                crate::resample::resize(&rgb, width as u32, height as u32, self.interpolation)
+            }
+            Resize::Exact => {
+                return Err(Error::Config {
+                    path: Default::default(),
+                    reason: format!(
+                        "the image is {}x{}; the model takes {width}x{height} and resizing is off",
+                        rgb.width(),
+                        rgb.height()
+                    ),
+                })
+            }
         };
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let mut data = vec![0f32; 3 * h * w];
@@ -110,6 +164,31 @@ impl PreprocessConfig {
             }
         }
         Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
+    }
+
+    /// A note for a user when an image of `width` x `height` is distorted or blown up
+    /// on its way to the model: its aspect ratio changed by more than 10% (squashed),
+    /// or enlarged more than 4 times.
+    pub fn resize_note(&self, width: u32, height: u32) -> Option<String> {
+        let (target_h, target_w) = (self.size.0 as f64, self.size.1 as f64);
+        let (w, h) = (f64::from(width.max(1)), f64::from(height.max(1)));
+        if (w, h) == (target_w, target_h) {
+            return None;
+        }
+        let aspect_change = (w / h) / (target_w / target_h);
+        if self.resize == Resize::Squash && !(1.0 / 1.1..=1.1).contains(&aspect_change) {
+            return Some(format!(
+                "{width}x{height} squashed to {}x{} (aspect ratio changed {aspect_change:.2}x; --resize crop keeps it)",
+                self.size.1, self.size.0
+            ));
+        }
+        let enlarged = (target_w / w).min(target_h / h);
+        (self.resize != Resize::Exact && enlarged > 4.0).then(|| {
+            format!(
+                "{width}x{height} enlarged {enlarged:.1}x to {}x{}",
+                self.size.1, self.size.0
+            )
+        })
     }
 
     /// timm's `Resize(int(size / crop_pct))` on the shorter side, then `CenterCrop(size)`.
@@ -159,77 +238,6 @@ impl PreprocessConfig {
         }
         out
     }
-}
-
-/// Largest image accepted, in pixels: a decompression bomb is refused before decoding.
-pub const MAX_IMAGE_PIXELS: u64 = 100_000_000;
-
-/// Decodes a JPEG or PNG file to RGB. JPEGs go through libjpeg-turbo's algorithms (as
-/// mozjpeg), bit-exact with Pillow, so predictions match PyTorch references made with it;
-/// other formats through the `image` crate.
-pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    let error = |reason: String| Error::Image {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let bytes = std::fs::read(path).map_err(|e| error(format!("cannot read ({e})")))?;
-    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
-        return decode_jpeg(&bytes).map_err(error);
-    }
-    let reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
-        .with_guessed_format()
-        .map_err(|e| error(e.to_string()))?;
-    let (width, height) = reader
-        .into_dimensions()
-        .map_err(|e| error(format!("cannot decode ({e})")))?;
-    check_pixels(width, height).map_err(error)?;
-    image::load_from_memory(&bytes).map_err(|e| error(format!("cannot decode ({e})")))
-}
-
-fn check_pixels(width: u32, height: u32) -> std::result::Result<(), String> {
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels == 0 || pixels > MAX_IMAGE_PIXELS {
-        return Err(format!(
-            "image of {width}x{height} pixels; expected between 1 and {MAX_IMAGE_PIXELS} pixels"
-        ));
-    }
-    Ok(())
-}
-
-fn decode_jpeg(bytes: &[u8]) -> std::result::Result<DynamicImage, String> {
-    // libjpeg reports fatal errors by unwinding (without the panic hook); catch them.
-    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<(u32, u32, Vec<u8>)>> {
-        let decompress = mozjpeg::Decompress::new_mem(bytes)?;
-        let (width, height) = (decompress.width() as u32, decompress.height() as u32);
-        if check_pixels(width, height).is_err() {
-            return Ok(Some((width, height, Vec::new())));
-        }
-        let mut rgb = decompress.rgb()?;
-        let pixels: Vec<[u8; 3]> = rgb.read_scanlines()?;
-        rgb.finish()?;
-        Ok(Some((
-            width,
-            height,
-            pixels.into_iter().flatten().collect(),
-        )))
-    });
-    let (width, height, data) = match decoded {
-        Ok(Ok(Some(image))) => image,
-        Ok(Ok(None)) => return Err("cannot decode JPEG".into()),
-        Ok(Err(e)) => return Err(format!("cannot decode JPEG ({e})")),
-        Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "libjpeg error".into());
-            return Err(format!("cannot decode JPEG ({message})"));
-        }
-    };
-    check_pixels(width, height)?;
-    RgbImage::from_raw(width, height, data)
-        .map(DynamicImage::ImageRgb8)
-        .ok_or_else(|| "truncated JPEG data".to_string())
 }
 
 /// Stacks `(3, H, W)` images into a batch in `dtype` on `device`.

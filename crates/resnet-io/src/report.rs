@@ -63,6 +63,50 @@ impl LoadReport {
     }
 }
 
+impl LoadReport {
+    /// One line: the counts, and the first few names of each kind of problem.
+    pub fn summary(&self) -> String {
+        fn first<T>(items: &[T], show: impl Fn(&T) -> String) -> String {
+            let mut shown: Vec<String> = items.iter().take(2).map(show).collect();
+            if items.len() > 2 {
+                shown.push(format!("{} more", items.len() - 2));
+            }
+            shown.join(", ")
+        }
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            let names = first(&self.missing, |(n, _)| n.clone());
+            parts.push(format!("{} missing ({names})", self.missing.len()));
+        }
+        if !self.unexpected.is_empty() {
+            let names = first(&self.unexpected, String::clone);
+            parts.push(format!("{} unexpected ({names})", self.unexpected.len()));
+        }
+        if !self.mismatched.is_empty() {
+            let names = first(&self.mismatched, |m| {
+                format!("{}: expected {:?}, found {:?}", m.name, m.expected, m.found)
+            });
+            parts.push(format!(
+                "{} with the wrong shape ({names})",
+                self.mismatched.len()
+            ));
+        }
+        if !self.wrong_dtype.is_empty() {
+            let names = first(&self.wrong_dtype, |(n, d)| {
+                format!("{n}: expected F32, F16 or BF16, found {d}")
+            });
+            parts.push(format!(
+                "{} with the wrong dtype ({names})",
+                self.wrong_dtype.len()
+            ));
+        }
+        if parts.is_empty() {
+            return format!("{} loaded", self.loaded.len());
+        }
+        format!("{} loaded, {}", self.loaded.len(), parts.join(", "))
+    }
+}
+
 impl fmt::Display for LoadReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(

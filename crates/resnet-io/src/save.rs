@@ -9,6 +9,7 @@ use resnet_core::{ResNet, ResNetConfig};
 use crate::error::{Error, Result};
 use crate::load::{load_resnet, WeightFiles};
 use crate::naming::NamingScheme;
+use crate::output::OutputFile;
 
 /// Metadata key under which the architecture is stored as JSON.
 pub const CONFIG_METADATA_KEY: &str = "resnet_config";
@@ -21,7 +22,8 @@ pub fn config_from_metadata(
 }
 
 /// Writes every tensor of `model` (parameters and BatchNorm statistics) to `path` in
-/// `scheme`'s naming and `dtype`, with the architecture in the metadata. Loading it back
+/// `scheme`'s naming and `dtype`, with the architecture in the metadata, as an
+/// [`OutputFile`] (atomically; a FIFO, device or directory is refused). Loading it back
 /// gives the same network (bit for bit in the same dtype).
 pub fn save(
     model: &ResNet,
@@ -55,15 +57,18 @@ pub fn save(
         ("naming".to_string(), scheme.to_string()),
     ]);
     let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    // Checked (and the temporary file created) before the tensors are serialised.
+    let output = OutputFile::create(path)?;
     safetensors::serialize_to_file(
         views.iter().map(|(n, t)| (n.as_str(), t)),
         Some(metadata),
-        path,
+        output.temporary_path(),
     )
     .map_err(|e| Error::Io {
         path: path.to_path_buf(),
         source: std::io::Error::other(e.to_string()),
-    })
+    })?;
+    output.commit()
 }
 
 /// Converts a checkpoint of any naming scheme and dtype to `scheme` and `dtype`: loads it
@@ -76,6 +81,8 @@ pub fn convert(
     dtype: DType,
     config: Option<&ResNetConfig>,
 ) -> Result<ResNetConfig> {
+    // The destination is checked before the (possibly long) load.
+    drop(OutputFile::create(output.as_ref())?);
     let loaded = load_resnet(input, config, &Device::Cpu, dtype)?;
     save(&loaded.model, output, scheme, dtype)?;
     Ok(loaded.config)
