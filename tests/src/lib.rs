@@ -190,3 +190,24 @@ pub fn assert_close(actual: &Tensor, expected: &Tensor, relative: f64, what: &st
     );
     Ok(())
 }
+
+/// Writes a `width` x `height` baseline JPEG (4:2:0, quality 90) of a smooth gradient:
+/// a large image in a small file, for memory tests.
+pub fn write_gradient_jpeg(path: &std::path::Path, width: usize, height: usize) -> Result<()> {
+    let mut rgb = vec![0u8; width * height * 3];
+    for (i, pixel) in rgb.chunks_mut(3).enumerate() {
+        let (x, y) = (i % width, i / width);
+        pixel.copy_from_slice(&[(x * 255 / width) as u8, (y * 255 / height) as u8, 128]);
+    }
+    let jpeg = libjpeg_turbo_rs::compress(
+        &rgb,
+        width,
+        height,
+        libjpeg_turbo_rs::PixelFormat::Rgb,
+        90,
+        libjpeg_turbo_rs::Subsampling::S420,
+    )
+    .map_err(|e| anyhow::anyhow!("encoding a test JPEG: {e}"))?;
+    std::fs::write(path, jpeg)?;
+    Ok(())
+}

@@ -321,3 +321,27 @@ fn available_memory() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
 }
+
+/// This process's peak resident memory (`VmHWM` of /proc/self/status), Linux only.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `RESNET_DECODE_MEMORY_MB`: the memory all image-decoding threads may hold together.
+pub fn apply_decode_memory_budget() -> Result<()> {
+    let Some(value) = std::env::var_os("RESNET_DECODE_MEMORY_MB") else {
+        return Ok(());
+    };
+    let megabytes: u64 = value
+        .to_str()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|&mb| mb > 0)
+        .with_context(|| {
+            format!("RESNET_DECODE_MEMORY_MB={value:?}: expected a positive number of megabytes")
+        })?;
+    resnet_io::set_decode_memory_budget(megabytes.saturating_mul(1 << 20));
+    Ok(())
+}

@@ -313,6 +313,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             "seconds": elapsed,
             "device": resnet_core::device_name(&model.device),
             "dtype": format!("{:?}", model.dtype).to_lowercase(),
+            "peak_rss_bytes": crate::common::peak_rss_bytes(),
         });
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

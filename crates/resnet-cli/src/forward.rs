@@ -1,10 +1,9 @@
 //! `resnet forward`: the article's shape test, and tensor in, tensor out.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 use crate::common::{check_forward_memory, model_or_random, GlobalOptions};
 
@@ -74,12 +73,8 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     };
     println!("input {:?} -> {name} {:?}", input.dims(), output.dims());
     if let (Some(path), Some(file)) = (&args.output, output_file) {
-        let output = output.to_device(&Device::Cpu)?;
-        let tensors = HashMap::from([(name.to_string(), output)]);
-        candle_core::safetensors::save(&tensors, file.temporary_path())
-            .with_context(|| format!("writing {}", path.display()))?;
         let replaced = file.replaces_existing();
-        file.commit()?;
+        resnet_io::write_tensors_to(file, &[(name.to_string(), output)], None)?;
         let verb = if replaced { "replaced" } else { "wrote" };
         println!("{verb} {}", path.display());
     }

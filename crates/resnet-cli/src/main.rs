@@ -146,7 +146,11 @@ fn main() -> ExitCode {
         eprintln!("error: interrupted");
         std::process::exit(130);
     });
-    if let Err(error) = cli.global.apply_threads() {
+    if let Err(error) = cli
+        .global
+        .apply_threads()
+        .and_then(|()| common::apply_decode_memory_budget())
+    {
         eprintln!("error: {error:#}");
         return ExitCode::from(2);
     }

@@ -66,4 +66,6 @@ pub use output::{remove_partial_outputs, write_output, OutputFile};
 pub use preprocess::{batch, Interpolation, PreprocessConfig, Resize, IMAGENET_MEAN, IMAGENET_STD};
 pub use report::{LoadReport, ShapeMismatch};
 pub use safetensors::Dtype;
-pub use save::{config_from_metadata, convert, save, CONFIG_METADATA_KEY};
+pub use save::{
+    config_from_metadata, convert, save, write_tensors, write_tensors_to, CONFIG_METADATA_KEY,
+};

@@ -57,17 +57,46 @@ pub fn save(
         ("naming".to_string(), scheme.to_string()),
     ]);
     let views: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    // Checked (and the temporary file created) before the tensors are serialised.
-    let output = OutputFile::create(path)?;
-    safetensors::serialize_to_file(
-        views.iter().map(|(n, t)| (n.as_str(), t)),
-        Some(metadata),
-        output.temporary_path(),
-    )
-    .map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    write_tensors(path, &views, Some(metadata))
+}
+
+/// Writes `tensors` (on any device, contiguous or not) as a safetensors file through an
+/// [`OutputFile`]: checked destination, atomic replacement, the umask's mode.
+pub fn write_tensors(
+    path: impl AsRef<Path>,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    write_tensors_to(OutputFile::create(path)?, tensors, metadata)
+}
+
+/// [`write_tensors`] to an [`OutputFile`] created (and so checked) earlier.
+pub fn write_tensors_to(
+    mut output: OutputFile,
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    use std::io::Write;
+    let path = output.destination().to_path_buf();
+    let on_cpu = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<Vec<_>>>()?;
+    let bytes =
+        safetensors::serialize(on_cpu.iter().map(|(n, t)| (*n, t)), metadata).map_err(|e| {
+            Error::Io {
+                path: path.clone(),
+                source: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    let temporary = output.temporary_path().to_path_buf();
+    output
+        .file()?
+        .write_all(&bytes)
+        .map_err(|source| Error::Io {
+            path: temporary,
+            source,
+        })?;
     output.commit()
 }
 
