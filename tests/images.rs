@@ -129,27 +129,21 @@ fn a_file_over_the_size_limit_is_refused_unread() -> Result<()> {
     Ok(())
 }
 
-/// Sets the size in a baseline JPEG's SOF0 segment.
-fn claim_size(jpeg: &[u8], width: u16, height: u16) -> Vec<u8> {
-    let mut bytes = jpeg.to_vec();
-    let sof = bytes
-        .windows(2)
-        .position(|w| w == [0xFF, 0xC0])
-        .expect("a baseline JPEG");
-    bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
-    bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
-    bytes
-}
-
 #[test]
 fn a_small_jpeg_claiming_a_huge_size_is_refused_before_decoding() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let jpeg = std::fs::read(corpus().join("rgb_420.jpg"))?;
     let path = dir.path().join("claims_10000x10000.jpg");
-    std::fs::write(&path, claim_size(&jpeg, 10_000, 10_000))?;
+    std::fs::write(
+        &path,
+        resnet_tests::jpeg_claiming_size(&jpeg, 10_000, 10_000)?,
+    )?;
     assert_refused(&path, "image file is truncated");
     let path = dir.path().join("claims_65535x65535.jpg");
-    std::fs::write(&path, claim_size(&jpeg, 65_535, 65_535))?;
+    std::fs::write(
+        &path,
+        resnet_tests::jpeg_claiming_size(&jpeg, 65_535, 65_535)?,
+    )?;
     assert_refused(&path, "expected between 1 and");
     Ok(())
 }

@@ -211,3 +211,16 @@ pub fn write_gradient_jpeg(path: &std::path::Path, width: usize, height: usize) 
     std::fs::write(path, jpeg)?;
     Ok(())
 }
+
+/// A copy of a baseline JPEG whose SOF0 segment claims `width` x `height`: a small file
+/// that claims a huge image.
+pub fn jpeg_claiming_size(jpeg: &[u8], width: u16, height: u16) -> Result<Vec<u8>> {
+    let mut bytes = jpeg.to_vec();
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .context("a baseline JPEG (SOF0)")?;
+    bytes[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    Ok(bytes)
+}

@@ -30,6 +30,9 @@ pub struct Args {
     images: Vec<PathBuf>,
 }
 
+/// An image's top-k classes with probabilities, or why it could not be read.
+type Classified = std::result::Result<Vec<(usize, f32)>, String>;
+
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch_size == 0 || args.top_k == 0 {
         bail!("--batch-size and --top-k must be at least 1");
@@ -49,7 +52,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             .unwrap_or_else(|| format!("class {index}"))
     };
     // One result per image, in order: its top-k, or why it could not be read.
-    let mut results: Vec<(PathBuf, std::result::Result<Vec<(usize, f32)>, String>)> = Vec::new();
+    let mut results: Vec<(PathBuf, Classified)> = Vec::new();
     for chunk in args.images.chunks(args.batch_size) {
         let decoded: Vec<_> = chunk
             .par_iter()

@@ -185,7 +185,7 @@ fn one_line(rendered: &str) -> String {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    let mut line = parts.join(" ").replace(": ", ": ").replace(":  ", ": ");
+    let mut line = parts.join(" ");
     if line.is_empty() {
         line = "error: invalid arguments".into();
     }

@@ -125,7 +125,7 @@ pub fn read_image_bytes(path: &Path) -> Result<Vec<u8>> {
 
 /// Decodes an image file to RGB as Pillow's `Image.open(path).convert("RGB")` does.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    with_decoded_image(path, |image| DynamicImage::ImageRgb8(image))
+    with_decoded_image(path, DynamicImage::ImageRgb8)
 }
 
 /// Decodes `path` to RGB and hands it to `use_image` while its memory is still counted
