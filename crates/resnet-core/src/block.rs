@@ -367,13 +367,9 @@ impl Shortcut {
                 pad_before,
                 pad_after,
             } => {
-                // A 1x1 average pool with stride s is exactly `x[:, :, ::s, ::s]`.
-                let subsampled = if *stride == 1 {
-                    xs.clone()
-                } else {
-                    xs.avg_pool2d_with_stride(1, *stride)?
-                };
-                subsampled.pad_with_zeros(1, *pad_before, *pad_after)
+                // `x[:, :, ::s, ::s]`, differentiable (candle's average pool with a
+                // kernel smaller than its stride has no backward).
+                crate::ops::subsample(xs, *stride)?.pad_with_zeros(1, *pad_before, *pad_after)
             }
             Self::Projection(conv_bn) => conv_bn.forward_with(xs, None, false, train),
         }

@@ -33,6 +33,7 @@ mod config;
 mod cpu_conv;
 mod device;
 mod model;
+pub mod ops;
 mod winograd;
 
 pub use allocator::retain_freed_memory;

@@ -46,12 +46,8 @@ impl Stem {
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
         match self.kind {
             StemKind::ImageNet if xs.rank() == 5 => crate::blocked::max_pool(xs, 3, 2, 1),
-            // 3x3/2 max-pool with padding 1. Zero padding equals PyTorch's -inf padding
-            // here because the input comes straight out of a ReLU.
-            StemKind::ImageNet => xs
-                .pad_with_zeros(2, 1, 1)?
-                .pad_with_zeros(3, 1, 1)?
-                .max_pool2d_with_stride(3, 2),
+            // Differentiable (candle's max pool has no backward): the network trains.
+            StemKind::ImageNet => crate::ops::max_pool_3x3_stride2(xs),
             StemKind::Cifar => Ok(xs.clone()),
         }
     }

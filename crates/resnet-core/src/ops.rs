@@ -1,0 +1,94 @@
+//! Differentiable forms of the two operations candle 0.11's autograd refuses (max
+//! pooling, and average pooling whose kernel differs from its stride), written as
+//! compositions of ops that have a backward on every candle device. The folded inference
+//! path has its own kernels; these serve the unfolded network, which trains.
+
+use candle_core::{Result, Tensor};
+
+/// `xs[:, :, ::stride, ::stride]` of an NCHW tensor (exactly), by a reshape: the option-A
+/// shortcut's subsampling.
+pub fn subsample(xs: &Tensor, stride: usize) -> Result<Tensor> {
+    if stride <= 1 {
+        return Ok(xs.clone());
+    }
+    let (n, c, h, w) = xs.dims4()?;
+    let (rows, cols) = (h.div_ceil(stride), w.div_ceil(stride));
+    // Padded at the end to whole multiples of the stride; the padding is never selected.
+    xs.pad_with_zeros(2, 0, rows * stride - h)?
+        .pad_with_zeros(3, 0, cols * stride - w)?
+        .reshape((n, c, rows, stride, cols, stride))?
+        .narrow(3, 0, 1)?
+        .narrow(5, 0, 1)?
+        .reshape((n, c, rows, cols))
+}
+
+/// The ImageNet stem's 3x3 max pool with stride 2 and padding 1, as the maximum of its
+/// nine strided views. The input comes out of a ReLU, so zero padding equals PyTorch's
+/// -inf padding. Where two inputs tie for a window's maximum the gradient is split
+/// between them (PyTorch gives it to the first); after a ReLU such ties are zeros, whose
+/// gradient the ReLU drops anyway.
+pub fn max_pool_3x3_stride2(xs: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    let (out_h, out_w) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
+    // One row and column of padding before; after, enough for every view to be whole.
+    let padded =
+        xs.pad_with_zeros(2, 1, 2 * out_h + 1 - h)?
+            .pad_with_zeros(3, 1, 2 * out_w + 1 - w)?;
+    let mut pooled: Option<Tensor> = None;
+    for dy in 0..3 {
+        for dx in 0..3 {
+            let view = padded.narrow(2, dy, 2 * out_h)?.narrow(3, dx, 2 * out_w)?;
+            let view = subsample(&view, 2)?;
+            pooled = Some(match pooled {
+                None => view,
+                Some(max) => max.maximum(&view)?,
+            });
+        }
+    }
+    pooled.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn subsample_is_strided_slicing() -> Result<()> {
+        for (h, w, stride) in [(8, 8, 2), (7, 5, 2), (1, 1, 2), (9, 10, 3)] {
+            let xs = Tensor::arange(0f32, (2 * 3 * h * w) as f32, &Device::Cpu)?
+                .reshape((2, 3, h, w))?;
+            let expected = xs.avg_pool2d_with_stride(1, stride)?;
+            let got = subsample(&xs, stride)?;
+            assert_eq!(got.dims(), expected.dims());
+            let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{h}x{w}/{stride}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn max_pool_matches_candle_and_has_a_gradient() -> Result<()> {
+        for (h, w) in [(8, 8), (7, 9), (1, 2), (16, 11)] {
+            let xs = Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?;
+            let expected = xs
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2)?;
+            let got = max_pool_3x3_stride2(&xs)?;
+            assert_eq!(got.dims(), expected.dims(), "{h}x{w}");
+            let diff = (&got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{h}x{w}");
+        }
+        // Each output's gradient reaches the one input that is its maximum.
+        let xs = Var::from_tensor(&Tensor::rand(0f32, 1.0, (1, 1, 6, 6), &Device::Cpu)?)?;
+        let grads = max_pool_3x3_stride2(xs.as_tensor())?
+            .sum_all()?
+            .backward()?;
+        let grad = grads
+            .get(xs.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+        assert_eq!(grad.sum_all()?.to_scalar::<f32>()?, 9.0);
+        Ok(())
+    }
+}

@@ -1,0 +1,24 @@
+//! Training ResNets on Candle. So far: the optimizers, with PyTorch's exact update rules
+//! (`torch/optim/sgd.py`, `adamw.py`), over the named variables of a
+//! [`candle_nn::VarMap`], their state saved and loaded as named tensors.
+//!
+//! ```
+//! use candle_core::{DType, Device, ModuleT, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use resnet_train::{parameters, Sgd, SgdConfig};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let weight = vb.get((4, 3), "fc.weight")?;
+//! let mut sgd = Sgd::new(parameters(&varmap, true), SgdConfig::default())?;
+//! let loss = Tensor::ones((2, 3), DType::F32, &Device::Cpu)?.matmul(&weight.t()?)?.sum_all()?;
+//! sgd.step(&loss.backward()?)?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod optim;
+
+pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};

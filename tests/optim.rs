@@ -1,0 +1,173 @@
+//! Optimizers against torch.optim: three training steps of a CIFAR ResNet-8 (option A
+//! shortcuts) with SGD (momentum, Nesterov, dampening, weight decay, no decay on
+//! BatchNorm and biases) and AdamW reproduce PyTorch's losses, weights and BatchNorm
+//! running statistics within the f32 tolerance (max |Δ| ≤ 1e-4 · max |reference|).
+//! Fixtures: `fixtures/optimizer/*.safetensors`, by `fixtures/generate_optimizer_steps.py`.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use resnet_core::{ResNet, ResNetConfig};
+use resnet_tests::{assert_close, fixtures_dir, hashed_tensor, F32_RELATIVE_TOLERANCE};
+use resnet_train::{parameters, AdamW, AdamWConfig, Sgd, SgdConfig};
+
+enum Optimizer {
+    Sgd(Sgd),
+    AdamW(AdamW),
+}
+
+fn check_steps(fixture: &str, make: impl FnOnce(&VarMap) -> Result<Optimizer>) -> Result<()> {
+    let path = fixtures_dir().join(format!("optimizer/{fixture}.safetensors"));
+    let expected = candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let device = Device::Cpu;
+    let varmap = VarMap::new();
+    let model = ResNet::new(
+        &ResNetConfig::cifar(1),
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
+    // The seeded values (Idelbayev's head is hashed under its name, `linear`).
+    for (name, var) in varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+    {
+        let hashed_name = name.replacen("fc.", "linear.", 1);
+        var.set(&hashed_tensor(&hashed_name, var.dims(), &device)?)?;
+    }
+    let mut optimizer = make(&varmap)?;
+    let mut losses = Vec::new();
+    for step in 0..3 {
+        let input = hashed_tensor(&format!("input{step}"), &[8, 3, 16, 16], &device)?;
+        let targets = Tensor::new(&[0u32, 1, 2, 3, 4, 5, 6, 7], &device)?;
+        let loss = candle_nn::loss::cross_entropy(&model.forward_t(&input, true)?, &targets)?;
+        let grads = loss.backward()?;
+        match &mut optimizer {
+            Optimizer::Sgd(sgd) => sgd.step(&grads)?,
+            Optimizer::AdamW(adamw) => adamw.step(&grads)?,
+        }
+        losses.push(loss.to_scalar::<f32>()?);
+    }
+    assert_close(
+        &Tensor::new(losses.as_slice(), &device)?,
+        &expected["loss"],
+        F32_RELATIVE_TOLERANCE,
+        "losses",
+    )?;
+    let data = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut compared = 0;
+    for (key, reference) in &expected {
+        let Some(name) = key.strip_prefix("after.") else {
+            continue;
+        };
+        let var = data
+            .get(name)
+            .with_context(|| format!("no variable {name}"))?;
+        assert_close(
+            var.as_tensor(),
+            reference,
+            F32_RELATIVE_TOLERANCE,
+            &format!("{fixture}: {name}"),
+        )?;
+        compared += 1;
+    }
+    assert_eq!(compared, data.len(), "{fixture}: every tensor compared");
+    Ok(())
+}
+
+#[test]
+fn sgd_momentum_without_decay_on_batch_norm_and_biases() -> Result<()> {
+    check_steps("sgd_momentum_no_decay_on_bn", |varmap| {
+        let config = SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            ..SgdConfig::default()
+        };
+        Ok(Optimizer::Sgd(Sgd::new(parameters(varmap, true), config)?))
+    })
+}
+
+#[test]
+fn sgd_nesterov() -> Result<()> {
+    check_steps("sgd_nesterov", |varmap| {
+        let config = SgdConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+            ..SgdConfig::default()
+        };
+        Ok(Optimizer::Sgd(Sgd::new(parameters(varmap, false), config)?))
+    })
+}
+
+#[test]
+fn sgd_dampening() -> Result<()> {
+    check_steps("sgd_dampening", |varmap| {
+        let config = SgdConfig {
+            lr: 0.1,
+            momentum: 0.8,
+            dampening: 0.3,
+            weight_decay: 1e-3,
+            nesterov: false,
+        };
+        Ok(Optimizer::Sgd(Sgd::new(parameters(varmap, false), config)?))
+    })
+}
+
+#[test]
+fn adamw() -> Result<()> {
+    check_steps("adamw", |varmap| {
+        let config = AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        };
+        Ok(Optimizer::AdamW(AdamW::new(
+            parameters(varmap, true),
+            config,
+        )?))
+    })
+}
+
+#[test]
+fn invalid_settings_are_refused() {
+    assert!(Sgd::new(
+        Vec::new(),
+        SgdConfig {
+            lr: -1.0,
+            ..SgdConfig::default()
+        }
+    )
+    .is_err());
+    assert!(Sgd::new(
+        Vec::new(),
+        SgdConfig {
+            nesterov: true,
+            dampening: 0.1,
+            ..SgdConfig::default()
+        }
+    )
+    .is_err());
+    assert!(AdamW::new(
+        Vec::new(),
+        AdamWConfig {
+            beta1: 1.0,
+            ..AdamWConfig::default()
+        }
+    )
+    .is_err());
+    assert!(AdamW::new(
+        Vec::new(),
+        AdamWConfig {
+            lr: f64::NAN,
+            ..AdamWConfig::default()
+        }
+    )
+    .is_err());
+}
