@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 status=0
-for crate in resnet-core resnet-io resnet-cli resnet-tests resnet-benches; do
+for crate in resnet-core resnet-io resnet-train resnet-cli resnet-tests resnet-benches; do
     for feature in cuda cudnn metal mkl accelerate; do
         for dep in candle-core candle-nn; do
             if cargo tree -q -e features -i "$dep" -p "$crate" --features "$feature" --target all 2>/dev/null \
