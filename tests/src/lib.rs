@@ -224,3 +224,33 @@ pub fn jpeg_claiming_size(jpeg: &[u8], width: u16, height: u16) -> Result<Vec<u8
     bytes[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
     Ok(bytes)
 }
+
+/// A PNG chunk: length, type, data, CRC-32.
+pub fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in kind.iter().chain(data) {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    chunk.extend_from_slice(kind);
+    chunk.extend_from_slice(data);
+    chunk.extend_from_slice(&(!crc).to_be_bytes());
+    chunk
+}
+
+/// `png` with `chunks` inserted after its IHDR chunk (which ends at byte 33).
+pub fn png_with_chunks(png: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = png[..33].to_vec();
+    for chunk in chunks {
+        out.extend_from_slice(chunk);
+    }
+    out.extend_from_slice(&png[33..]);
+    out
+}

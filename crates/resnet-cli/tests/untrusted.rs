@@ -149,6 +149,20 @@ fn eval_refuses_an_empty_class_folder_and_checks_its_output_first() -> Result<()
     Ok(())
 }
 
+#[cfg(unix)]
+#[test]
+fn classify_refuses_a_fifo_without_waiting_for_a_writer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fifo = dir.path().join("photo.jpg");
+    if !Command::new("mkfifo").arg(&fifo).status()?.success() {
+        eprintln!("SKIPPED: no mkfifo");
+        return Ok(());
+    }
+    let output = resnet(&["classify", path(&fifo)])?;
+    assert_one_line_error(&output, 1, "expected a regular file, found a FIFO");
+    Ok(())
+}
+
 #[test]
 fn classify_reports_a_bad_image_and_classifies_the_others() -> Result<()> {
     let output = resnet(&[
@@ -257,6 +271,26 @@ fn sizes_flags_and_messages() -> Result<()> {
     ])?;
     assert_one_line_error(&output, 1, "60 missing (layer1.3.conv1.weight");
     assert!(stderr(&output).contains("`resnet inspect"));
+    // Too many threads: a warning, and the work is done.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (4 * cores + 1).to_string();
+    let output = resnet(&[
+        "--threads",
+        &threads,
+        "bench",
+        "--arch",
+        "resnet20",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+    ])?;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("more than 4 times"),
+        "{}",
+        stderr(&output)
+    );
     // A photo squashed for a CIFAR model is said so.
     let output = resnet(&[
         "classify",
@@ -395,8 +429,9 @@ fn a_killed_convert_leaves_no_temporary_file() -> Result<()> {
 
 #[test]
 fn eight_decoding_threads_share_one_memory_budget() -> Result<()> {
-    // Eight 4000x4000 JPEGs (48 MB of pixels each once decoded) and eight 35 KB files
-    // that claim 10000x10000, decoded by 8 threads under a 256 MB budget.
+    // Eight 4000x4000 JPEGs (48 MB of pixels each once decoded), eight small files that
+    // claim 10000x10000 and eight PNG text bombs, decoded by 8 threads under a 256 MB
+    // budget.
     let data = tempfile::tempdir()?;
     let class = data.path().join("big");
     std::fs::create_dir(&class)?;
@@ -404,14 +439,20 @@ fn eight_decoding_threads_share_one_memory_budget() -> Result<()> {
         resnet_tests::write_gradient_jpeg(&class.join(format!("{i}.jpg")), 4000, 4000)?;
     }
     let small = std::fs::read(corpus("rgb_420.jpg"))?;
+    let claim = resnet_tests::jpeg_claiming_size(&small, 10_000, 10_000)?;
     for i in 0..8 {
-        let mut claim = small.clone();
-        let sof = claim
-            .windows(2)
-            .position(|w| w == [0xFF, 0xC0])
-            .context("SOF0")?;
-        claim[sof + 5..sof + 9].copy_from_slice(&[0x27, 0x10, 0x27, 0x10]);
-        std::fs::write(class.join(format!("claim{i}.jpg")), claim)?;
+        std::fs::write(class.join(format!("claim{i}.jpg")), &claim)?;
+    }
+    // And eight 1 MB PNGs of 450 zTXt chunks that would inflate to 2 MiB each (900 MiB a
+    // file): refused, as Pillow refuses them, after inflating one chunk up to 1 MiB.
+    let zeros = vec![0u8; 2 << 20];
+    let mut ztxt = b"Comment\0\0".to_vec();
+    ztxt.extend(miniz_oxide::deflate::compress_to_vec_zlib(&zeros, 9));
+    let chunks = vec![resnet_tests::png_chunk(b"zTXt", &ztxt); 450];
+    let bomb = resnet_tests::png_with_chunks(&std::fs::read(corpus("rgb.png"))?, &chunks);
+    assert!(bomb.len() > 900_000, "{} bytes", bomb.len());
+    for i in 0..8 {
+        std::fs::write(class.join(format!("text{i}.png")), &bomb)?;
     }
     let output = Command::new(env!("CARGO_BIN_EXE_resnet"))
         .env("RESNET_DECODE_MEMORY_MB", "256")
@@ -429,7 +470,7 @@ fn eight_decoding_threads_share_one_memory_budget() -> Result<()> {
     ensure!(output.status.success(), "{}", stderr(&output));
     let summary: Value = serde_json::from_slice(&output.stdout)?;
     assert_eq!(summary["images"], 8);
-    assert_eq!(summary["unreadable"], 8);
+    assert_eq!(summary["unreadable"], 16);
     let peak_mb = summary["peak_rss_bytes"]
         .as_f64()
         .context("peak_rss_bytes")?

@@ -21,6 +21,9 @@ pub(crate) fn decode_other(
                 .into(),
         );
     };
+    if format == image::ImageFormat::Png {
+        check_png_text(bytes)?;
+    }
     let (width, height) = reader
         .into_dimensions()
         .map_err(|e| format!("cannot decode ({e})"))?;
@@ -110,4 +113,81 @@ pub(crate) fn decode_gif(
     };
     let rgb: Vec<u8> = indices.into_iter().flat_map(colour).collect();
     RgbImage::from_raw(width, height, rgb).ok_or_else(|| "cannot decode GIF".to_string())
+}
+
+/// Pillow's `MAX_TEXT_CHUNK`: a compressed text or ICC chunk that inflates past it is
+/// refused (`_safe_zlib_decompress`).
+const MAX_TEXT_CHUNK: usize = 1 << 20;
+/// Pillow's `MAX_TEXT_MEMORY`: all text chunks together.
+const MAX_TEXT_MEMORY: usize = 64 * MAX_TEXT_CHUNK;
+
+/// Pillow's verdicts on the ancillary chunks it reads before the image data: a zTXt,
+/// compressed iTXt or iCCP chunk that inflates past 1 MiB, or text chunks past 64 MiB in
+/// all, make it refuse the file ("Decompressed data too large"); zlib errors in them it
+/// ignores. Each chunk is inflated at most 1 MiB + 1 byte: bounded work.
+fn check_png_text(bytes: &[u8]) -> Result<(), String> {
+    let mut at = 8;
+    let mut text_memory = 0usize;
+    while let Some(header) = bytes.get(at..at + 8) {
+        let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let kind = &header[4..8];
+        let Some(data) = bytes.get(at + 8..(at + 8).saturating_add(length)) else {
+            return Ok(()); // truncated: the decoder says so
+        };
+        if kind == b"IDAT" || kind == b"IEND" {
+            return Ok(());
+        }
+        // The compressed payload after the keyword (and, for iTXt, its flags and tags).
+        let after_keyword = |data: &[u8]| data.iter().position(|&b| b == 0).map(|i| i + 1);
+        let text = match kind {
+            b"tEXt" => {
+                text_memory += data.len();
+                None
+            }
+            b"zTXt" | b"iCCP" => after_keyword(data)
+                .and_then(|i| data.get(i..))
+                .filter(|rest| rest.first() == Some(&0))
+                .map(|rest| &rest[1..]),
+            b"iTXt" => after_keyword(data).and_then(|i| {
+                let (flag, method) = (*data.get(i)?, *data.get(i + 1)?);
+                let rest = data.get(i + 2..)?;
+                // Language tag, then translated keyword, each NUL-terminated.
+                let tag_end = rest.iter().position(|&b| b == 0)? + 1;
+                let keyword_end = rest[tag_end..].iter().position(|&b| b == 0)? + tag_end + 1;
+                let value = &rest[keyword_end..];
+                if flag == 0 {
+                    text_memory += value.len();
+                    None
+                } else {
+                    (method == 0).then_some(value)
+                }
+            }),
+            _ => None,
+        };
+        if let Some(compressed) = text {
+            match miniz_oxide::inflate::decompress_to_vec_zlib_with_limit(
+                compressed,
+                MAX_TEXT_CHUNK,
+            ) {
+                Ok(inflated) if kind != b"iCCP" => text_memory += inflated.len(),
+                Ok(_) => {}
+                Err(e) if e.status == miniz_oxide::inflate::TINFLStatus::HasMoreOutput => {
+                    return Err(format!(
+                        "a compressed {} chunk inflates past {MAX_TEXT_CHUNK} bytes (Pillow refuses it: \
+                         \"Decompressed data too large\")",
+                        String::from_utf8_lossy(kind)
+                    ));
+                }
+                Err(_) => {} // corrupt: ignored, as Pillow ignores zlib errors there
+            }
+        }
+        if text_memory > MAX_TEXT_MEMORY {
+            return Err(format!(
+                "text chunks of more than {MAX_TEXT_MEMORY} bytes (Pillow refuses them: \
+                 \"Too much memory used in text chunks\")"
+            ));
+        }
+        at = at.saturating_add(12).saturating_add(length);
+    }
+    Ok(())
 }
