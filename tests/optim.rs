@@ -171,3 +171,55 @@ fn invalid_settings_are_refused() {
     )
     .is_err());
 }
+
+fn losses_and_schedules() -> Result<std::collections::HashMap<String, Tensor>> {
+    let path = fixtures_dir().join("optimizer/losses_and_schedules.safetensors");
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+#[test]
+fn label_smoothing_as_pytorch() -> Result<()> {
+    let expected = losses_and_schedules()?;
+    let targets = Tensor::new(&[0u32, 1, 2, 3, 4, 5], &Device::Cpu)?;
+    for smoothing in [0.0, 0.1, 0.3] {
+        let loss = resnet_train::cross_entropy(&expected["logits"], &targets, smoothing)?;
+        let reference = &expected[&format!("loss_smoothing_{smoothing:?}")];
+        assert_close(
+            &loss.reshape(1)?,
+            reference,
+            F32_RELATIVE_TOLERANCE,
+            &format!("ε = {smoothing}"),
+        )?;
+    }
+    assert!(resnet_train::cross_entropy(&expected["logits"], &targets, 1.5).is_err());
+    Ok(())
+}
+
+#[test]
+fn schedules_as_pytorch() -> Result<()> {
+    use resnet_train::{Schedule, ScheduleKind};
+    let expected = losses_and_schedules()?;
+    let cases = [
+        ("lr_cosine_20", ScheduleKind::Cosine),
+        (
+            "lr_multistep_5_12",
+            ScheduleKind::Step {
+                milestones: vec![5, 12],
+                gamma: 0.1,
+            },
+        ),
+    ];
+    for (name, kind) in cases {
+        let schedule = Schedule::new(0.1, 20, 0, kind)?;
+        let reference: Vec<f64> = expected[name].to_vec1()?;
+        for (t, want) in reference.iter().enumerate() {
+            let got = schedule.lr(t as u64);
+            assert!(
+                (got - want).abs() <= 1e-12 + 1e-9 * want.abs(),
+                "{name}[{t}]: {got} against {want}"
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,6 +1,7 @@
 //! Training ResNets on Candle. So far: the optimizers, with PyTorch's exact update rules
 //! (`torch/optim/sgd.py`, `adamw.py`), over the named variables of a
-//! [`candle_nn::VarMap`], their state saved and loaded as named tensors.
+//! [`candle_nn::VarMap`], their state saved and loaded as named tensors; learning-rate
+//! schedules stepped per iteration; cross-entropy with label smoothing.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -19,6 +20,10 @@
 //! ```
 #![deny(missing_docs)]
 
+mod loss;
 mod optim;
+mod schedule;
 
+pub use loss::cross_entropy;
 pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};
+pub use schedule::{Schedule, ScheduleKind};
