@@ -8,7 +8,6 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use candle_nn::VarBuilder;
 use resnet_core::{BlockKind, ResNet, ResNetConfig};
 use resnet_tests::{
     assert_close, fixtures_dir, hashed_tensor, hashed_var_builder, test_device,
@@ -40,23 +39,13 @@ fn check_gradients(
     } else {
         seeded
     };
-    let values = ResNet::new(config, seeded)?.named_tensors()?;
-    // Every parameter a variable; running statistics plain tensors.
-    let mut variables = HashMap::new();
-    let mut tensors = HashMap::new();
-    for (name, value) in values {
-        if name.contains("running_") {
-            tensors.insert(name, value);
-        } else {
-            let var = Var::from_tensor(&value)?;
-            tensors.insert(name.clone(), var.as_tensor().clone());
-            variables.insert(name, var);
-        }
-    }
-    let model = ResNet::new(
-        config,
-        VarBuilder::from_tensors(tensors, DType::F32, device),
-    )?;
+    // Every tensor a variable (resnet_train::trainable); the parameters are those the
+    // optimizer would update.
+    let (model, varmap) = resnet_train::trainable(&ResNet::new(config, seeded)?)?;
+    let variables: HashMap<String, Var> = resnet_train::parameters(&varmap, false)
+        .into_iter()
+        .map(|p| (p.name, p.var))
+        .collect();
     let input = hashed_tensor("input", input_shape, device)?;
     let targets: Vec<u32> = (0..input_shape[0] as u32)
         .map(|i| i % config.num_classes as u32)

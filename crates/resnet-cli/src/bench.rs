@@ -1,4 +1,4 @@
-//! `resnet bench`: inference time per batch.
+//! `resnet bench`: inference time per batch, or a training step's (`--train`).
 
 use std::time::Instant;
 
@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 use candle_core::Tensor;
 use serde_json::json;
 
-use crate::common::{check_forward_memory, model_or_random, GlobalOptions};
+use crate::common::{
+    check_forward_memory, load_model_named, model_or_random, random_unfolded, GlobalOptions,
+};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -31,11 +33,82 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Time one full training step instead: train-mode forward, cross-entropy, backward,
+    /// SGD update (momentum 0.9, weight decay 1e-4).
+    #[arg(long)]
+    train: bool,
+}
+
+/// Median (ms) of each phase of a training step, and of the whole.
+struct StepTimes {
+    total: Vec<f64>,
+    forward: Vec<f64>,
+    backward: Vec<f64>,
+    update: Vec<f64>,
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// `iters` timed training steps after `warmup` untimed ones.
+fn time_training(
+    model: &resnet_core::ResNet,
+    varmap: &candle_nn::VarMap,
+    input: &Tensor,
+    iters: usize,
+    warmup: usize,
+) -> Result<StepTimes> {
+    use candle_core::ModuleT;
+    let device = input.device().clone();
+    let classes = model.config().num_classes;
+    if classes == 0 {
+        bail!("--train needs a network with a classifier (num_classes > 0)");
+    }
+    let batch = input.dim(0)?;
+    let targets: Vec<u32> = (0..batch).map(|i| (i % classes) as u32).collect();
+    let targets = Tensor::from_vec(targets, batch, &device)?;
+    let mut sgd = resnet_train::Sgd::new(
+        resnet_train::parameters(varmap, true),
+        resnet_train::SgdConfig::default(),
+    )?;
+    let mut times = StepTimes {
+        total: Vec::new(),
+        forward: Vec::new(),
+        backward: Vec::new(),
+        update: Vec::new(),
+    };
+    let elapsed = |since: Instant| since.elapsed().as_secs_f64() * 1e3;
+    for i in 0..warmup + iters {
+        let started = Instant::now();
+        let logits = model.forward_t(input, true)?;
+        let loss = resnet_train::cross_entropy(&logits, &targets, 0.0)?;
+        device.synchronize()?;
+        let forward = elapsed(started);
+        let backward_started = Instant::now();
+        let grads = loss.backward()?;
+        device.synchronize()?;
+        let backward = elapsed(backward_started);
+        let update_started = Instant::now();
+        sgd.step(&grads)?;
+        device.synchronize()?;
+        if i >= warmup {
+            times.update.push(elapsed(update_started));
+            times.forward.push(forward);
+            times.backward.push(backward);
+            times.total.push(elapsed(started));
+        }
+    }
+    Ok(times)
 }
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.batch == 0 || args.iters == 0 {
         bail!("--batch and --iters must be at least 1");
+    }
+    if args.train {
+        return run_training(global, &args);
     }
     let (model, device, dtype) = model_or_random(global, args.model.as_deref(), &args.arch)?;
     let config = model.config();
@@ -89,6 +162,78 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     } else {
         println!(
             "{} batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median:.2} ms, min {min:.2} ms, {images_per_sec:.1} images/s",
+            config.describe(),
+            args.batch,
+            dtype,
+            resnet_core::device_name(&device)
+        );
+    }
+    Ok(())
+}
+
+fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
+    let (model, device, dtype) = match &args.model {
+        Some(path) => {
+            let loaded = load_model_named(global, Some(path), &args.arch, false)?;
+            (loaded.model, loaded.device, loaded.dtype)
+        }
+        None => {
+            let device = global.device()?;
+            let model = random_unfolded(&args.arch, &device, global.dtype)?;
+            (model, device, global.dtype)
+        }
+    };
+    let config = model.config().clone();
+    let size = args.size.unwrap_or(match config.stem {
+        resnet_core::StemKind::Cifar => 32,
+        _ => 224,
+    });
+    // A training step holds every activation for the backward pass: about 4 times what
+    // inference does.
+    check_forward_memory(
+        [args.batch.saturating_mul(4), config.in_channels, size, size],
+        dtype,
+        &device,
+    )?;
+    let (model, varmap) = resnet_train::trainable(&model)?;
+    let input = Tensor::randn(
+        0f32,
+        1.0,
+        (args.batch, config.in_channels, size, size),
+        &device,
+    )?
+    .to_dtype(dtype)?;
+    let mut times = time_training(&model, &varmap, &input, args.iters, args.warmup)?;
+    let median_ms = median(&mut times.total);
+    let (forward, backward, update) = (
+        median(&mut times.forward),
+        median(&mut times.backward),
+        median(&mut times.update),
+    );
+    let min = times.total[0];
+    let images_per_sec = args.batch as f64 / (median_ms / 1e3);
+    let threads = candle_core::utils::get_num_threads();
+    if args.json {
+        let summary = json!({
+            "arch": config.describe(),
+            "train": true,
+            "batch": args.batch,
+            "size": size,
+            "dtype": format!("{dtype:?}").to_lowercase(),
+            "device": resnet_core::device_name(&device),
+            "threads": threads,
+            "iters": args.iters,
+            "median_ms": median_ms,
+            "min_ms": min,
+            "images_per_sec": images_per_sec,
+            "forward_ms": forward,
+            "backward_ms": backward,
+            "update_ms": update,
+        });
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "{} training step, batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median_ms:.1} ms (forward {forward:.1}, backward {backward:.1}, update {update:.1}), min {min:.1} ms, {images_per_sec:.1} images/s",
             config.describe(),
             args.batch,
             dtype,

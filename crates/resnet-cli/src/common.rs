@@ -102,14 +102,20 @@ pub struct Model {
 /// `--arch` (auto or a preset; a preset takes its class and input-channel counts from
 /// the checkpoint).
 pub fn load_model(global: &GlobalOptions, args: &ModelArgs) -> Result<Model> {
-    let mut model = load_model_named(global, args.model.as_deref(), &args.arch)?;
+    let mut model = load_model_named(global, args.model.as_deref(), &args.arch, true)?;
     if let Some(resize) = args.resize {
         model.preprocess.resize = resize;
     }
     Ok(model)
 }
 
-fn load_model_named(global: &GlobalOptions, model: Option<&str>, arch: &str) -> Result<Model> {
+/// Loads a model; `fold`: with BatchNorm folded for inference (else as it is, to train).
+pub fn load_model_named(
+    global: &GlobalOptions,
+    model: Option<&str>,
+    arch: &str,
+    fold: bool,
+) -> Result<Model> {
     let device = global.device()?;
     let dtype = global.dtype;
     let (name, source, files) = match model {
@@ -154,9 +160,14 @@ fn load_model_named(global: &GlobalOptions, model: Option<&str>, arch: &str) -> 
     .with_context(|| format!("loading model '{name}'"))?;
     let labels = source.labels(loaded.config.num_classes);
     let preprocess = source.preprocess(&loaded.config);
-    // Every command only infers: BatchNorm folded into the convolutions.
-    let model = loaded.model.fold_batch_norm()?;
-    after_loading();
+    // Inference: BatchNorm folded into the convolutions.
+    let model = if fold {
+        let folded = loaded.model.fold_batch_norm()?;
+        after_loading();
+        folded
+    } else {
+        loaded.model
+    };
     Ok(Model {
         name,
         model,
@@ -237,7 +248,7 @@ pub fn model_or_random(
 ) -> Result<(ResNet, Device, DType)> {
     match model {
         Some(path) => {
-            let loaded = load_model_named(global, Some(path), arch)?;
+            let loaded = load_model_named(global, Some(path), arch, true)?;
             Ok((loaded.model, loaded.device, loaded.dtype))
         }
         None => {
@@ -248,16 +259,22 @@ pub fn model_or_random(
     }
 }
 
-/// A network of architecture `arch` with candle's random initialisation, BatchNorm
-/// folded for inference.
-fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
+/// A network of architecture `arch` with candle's random initialisation, not folded.
+pub fn random_unfolded(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
     let Some(config) = parse_arch(arch)? else {
         bail!("--arch auto needs --model to infer the architecture from");
     };
     let varmap = candle_nn::VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, dtype, device);
-    let model = ResNet::new(&config, vb)?.fold_batch_norm()?;
-    drop(varmap);
+    Ok(ResNet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, dtype, device),
+    )?)
+}
+
+/// A network of architecture `arch` with candle's random initialisation, BatchNorm
+/// folded for inference.
+fn random_model(arch: &str, device: &Device, dtype: DType) -> Result<ResNet> {
+    let model = random_unfolded(arch, device, dtype)?.fold_batch_norm()?;
     after_loading();
     Ok(model)
 }

@@ -93,11 +93,13 @@ enum Command {
   resnet convert resnet50.safetensors resnet50-f16.safetensors --dtype f16
   resnet convert resnet20.safetensors resnet20-tf.safetensors --naming transformers")]
     Convert(inspect::ConvertArgs),
-    /// Time inference: median and min ms per batch, images per second.
+    /// Time inference (or, with --train, a training step): median and min ms per batch,
+    /// images per second.
     #[command(after_help = "Examples:
   resnet bench --arch resnet50 --batch 8
   resnet bench --arch resnet20 --batch 128 --threads 2 --json
-  resnet bench --arch auto --model timm/resnet50.a1_in1k --dtype f16 --device cuda")]
+  resnet bench --arch auto --model timm/resnet50.a1_in1k --dtype f16 --device cuda
+  resnet bench --arch resnet20 --batch 128 --train --json  # forward, backward, SGD step")]
     Bench(bench::Args),
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
     #[command(after_help = "Examples:

@@ -381,3 +381,35 @@ fn a_hub_id_missing_from_the_cache_is_downloaded_by_default() -> Result<()> {
     stdout_json(&output)?;
     Ok(())
 }
+
+#[test]
+fn bench_train_times_a_full_training_step() -> Result<()> {
+    let summary = stdout_json(&resnet(&[
+        "bench", "--arch", "resnet20", "--batch", "4", "--iters", "2", "--warmup", "0", "--train",
+        "--json",
+    ])?)?;
+    assert_eq!(summary["train"], true);
+    for field in [
+        "median_ms",
+        "images_per_sec",
+        "forward_ms",
+        "backward_ms",
+        "update_ms",
+    ] {
+        assert!(
+            summary[field].as_f64().context(field)? > 0.0,
+            "{field}: {summary}"
+        );
+    }
+    // A headless network has nothing to train against.
+    let output = resnet(&[
+        "bench",
+        "--arch",
+        "resnet18",
+        "--train",
+        "--model",
+        "/no/such.safetensors",
+    ])?;
+    assert!(!output.status.success());
+    Ok(())
+}

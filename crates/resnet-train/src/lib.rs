@@ -23,7 +23,9 @@
 mod loss;
 mod optim;
 mod schedule;
+mod trainable;
 
 pub use loss::cross_entropy;
 pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};
 pub use schedule::{Schedule, ScheduleKind};
+pub use trainable::trainable;
