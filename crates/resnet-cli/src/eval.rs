@@ -5,11 +5,13 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::json;
+
+use resnet_io::{lossless_name, ImageFolder};
 
 use crate::common::{load_model, top_k, GlobalOptions, ModelArgs};
 
@@ -31,102 +33,6 @@ pub struct Args {
     predictions: Option<PathBuf>,
 }
 
-/// An ImageFolder tree: class names (sorted folder names), every image with its class,
-/// and every other entry of the class folders with why it is not scored.
-struct ImageFolder {
-    classes: Vec<String>,
-    images: Vec<(PathBuf, usize)>,
-    skipped: Vec<(PathBuf, String)>,
-}
-
-/// Sorted entries of `dir`.
-fn entries(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut entries = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("reading {}", dir.display()))?;
-    entries.sort();
-    Ok(entries)
-}
-
-/// How deep class folders are searched, as torchvision's ImageFolder walks them.
-const MAX_DEPTH: usize = 16;
-
-/// Every file under `dir` (sub-folders walked, symbolic links to folders not followed):
-/// an image to score, or an entry counted with its reason.
-fn walk_class(dir: &Path, class: usize, depth: usize, folder: &mut ImageFolder) -> Result<()> {
-    for path in entries(dir)? {
-        let kind = std::fs::symlink_metadata(&path).map(|m| m.file_type());
-        if kind.as_ref().is_ok_and(|k| k.is_dir()) {
-            if depth >= MAX_DEPTH {
-                folder
-                    .skipped
-                    .push((path, format!("a folder more than {MAX_DEPTH} levels deep")));
-            } else {
-                walk_class(&path, class, depth + 1, folder)?;
-            }
-        } else if !resnet_io::has_image_extension(&path) {
-            let reason = format!(
-                "not an image file name (expected .{})",
-                resnet_io::IMAGE_EXTENSIONS.join(", .")
-            );
-            folder.skipped.push((path, reason));
-        } else if kind.as_ref().is_ok_and(|k| k.is_symlink()) && path.is_dir() {
-            folder
-                .skipped
-                .push((path, "a symbolic link to a folder (not followed)".into()));
-        } else {
-            // FIFOs, devices and dangling links are counted when they fail to open.
-            folder.images.push((path, class));
-        }
-    }
-    Ok(())
-}
-
-fn image_folder(root: &Path) -> Result<ImageFolder> {
-    let class_dirs: Vec<PathBuf> = entries(root)?.into_iter().filter(|p| p.is_dir()).collect();
-    if class_dirs.is_empty() {
-        bail!(
-            "{}: expected an ImageFolder tree (one folder per class), found no folders",
-            root.display()
-        );
-    }
-    let mut folder = ImageFolder {
-        classes: Vec::new(),
-        images: Vec::new(),
-        skipped: Vec::new(),
-    };
-    for (index, dir) in class_dirs.iter().enumerate() {
-        folder.classes.push(lossless_name(
-            dir.file_name().unwrap_or_default().as_encoded_bytes(),
-        ));
-        let before = folder.images.len();
-        walk_class(dir, index, 0, &mut folder)?;
-        if folder.images.len() == before {
-            bail!(
-                "{}: the class folder has no image files (torchvision's ImageFolder refuses \
-                 an empty class too)",
-                dir.display()
-            );
-        }
-    }
-    Ok(folder)
-}
-
-/// A file name as a string that maps back to its bytes: UTF-8 as it is, `\` doubled,
-/// any other byte as `\xNN`.
-fn lossless_name(bytes: &[u8]) -> String {
-    let mut name = String::new();
-    for chunk in bytes.utf8_chunks() {
-        name.push_str(&chunk.valid().replace('\\', "\\\\"));
-        for byte in chunk.invalid() {
-            name.push_str(&format!("\\x{byte:02X}"));
-        }
-    }
-    name
-}
-
 type DecodedBatch = Vec<(usize, resnet_io::Result<(Tensor, (u32, u32))>)>;
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
@@ -137,7 +43,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         classes,
         images,
         skipped,
-    } = image_folder(&args.data)?;
+    } = ImageFolder::open(&args.data)?;
     // The predictions' destination is checked (and its temporary file made) before the
     // evaluation, not after it.
     let predictions_file = args

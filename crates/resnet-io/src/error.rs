@@ -95,6 +95,14 @@ pub enum Error {
         /// What went wrong, and what to do about it.
         reason: String,
     },
+    /// A data folder cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Dataset {
+        /// The folder.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// An image cannot be decoded or preprocessed.
     #[error("{}: {reason}", path.display())]
     Image {

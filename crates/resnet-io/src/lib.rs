@@ -31,6 +31,7 @@ mod error;
 #[cfg(feature = "hub")]
 #[cfg_attr(docsrs, doc(cfg(feature = "hub")))]
 mod hub;
+mod image_folder;
 mod image_formats;
 mod image_read;
 mod infer;
@@ -48,6 +49,7 @@ pub use checkpoint::{Checkpoint, TensorInfo, MAX_HEADER_BYTES};
 pub use error::{Error, Result};
 #[cfg(feature = "hub")]
 pub use hub::{DownloadProgress, HubClient, DEFAULT_ENDPOINT};
+pub use image_folder::{lossless_name, ImageFolder};
 pub use image_read::{
     decode_image, decode_image_bytes, decode_memory_budget, has_image_extension, read_image_bytes,
     set_decode_memory_budget, DEFAULT_DECODE_MEMORY_BUDGET, IMAGE_EXTENSIONS, MAX_IMAGE_FILE_BYTES,
