@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 
 /// An ImageFolder tree: class names (sorted folder names), every image with its class,
 /// and every other entry of the class folders with why it is not scored.
+#[derive(Debug, Clone)]
 pub struct ImageFolder {
     /// Class names: the sorted folder names (non-UTF-8 bytes escaped, see [`lossless_name`]).
     pub classes: Vec<String>,

@@ -67,6 +67,8 @@ pub use naming::{is_ignored, NamingScheme};
 pub use output::{remove_partial_outputs, write_output, OutputFile};
 pub use preprocess::{batch, Interpolation, PreprocessConfig, Resize, IMAGENET_MEAN, IMAGENET_STD};
 pub use report::{LoadReport, ShapeMismatch};
+/// Pillow's `Image.resize`, bit for bit (nearest, bilinear and bicubic, antialiased).
+pub use resample::resize as resize_like_pillow;
 pub use safetensors::Dtype;
 pub use save::{
     config_from_metadata, convert, save, write_tensors, write_tensors_to, CONFIG_METADATA_KEY,

@@ -156,6 +156,12 @@ impl PreprocessConfig {
                 })
             }
         };
+        self.normalize(&rgb)
+    }
+
+    /// Scales an RGB image to [0, 1] and normalises it with `mean` and `std`, as it is:
+    /// a `(3, H, W)` f32 tensor on the CPU (training's augmentations resize themselves).
+    pub fn normalize(&self, rgb: &RgbImage) -> Result<Tensor> {
         let (w, h) = (rgb.width() as usize, rgb.height() as usize);
         let mut data = vec![0f32; 3 * h * w];
         for (i, pixel) in rgb.pixels().enumerate() {

@@ -1,7 +1,8 @@
 //! Training ResNets on Candle. So far: the optimizers, with PyTorch's exact update rules
 //! (`torch/optim/sgd.py`, `adamw.py`), over the named variables of a
 //! [`candle_nn::VarMap`], their state saved and loaded as named tensors; learning-rate
-//! schedules stepped per iteration; cross-entropy with label smoothing.
+//! schedules stepped per iteration; cross-entropy with label smoothing; ImageFolder
+//! training data with the CIFAR and ImageNet augmentations, seeded.
 //!
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
@@ -20,11 +21,13 @@
 //! ```
 #![deny(missing_docs)]
 
+mod data;
 mod loss;
 mod optim;
 mod schedule;
 mod trainable;
 
+pub use data::{pad_crop, random_resized_crop, Augmentation, Batch, Random, TrainingSet};
 pub use loss::cross_entropy;
 pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};
 pub use schedule::{Schedule, ScheduleKind};
