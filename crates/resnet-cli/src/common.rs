@@ -90,6 +90,8 @@ pub const EMBEDDED_MODEL_NAME: &str = "embedded:resnet20-cifar10";
 pub struct Model {
     /// What the user gave as `--model`, or [`EMBEDDED_MODEL_NAME`].
     pub name: String,
+    /// The naming scheme of its checkpoint (a trained model is saved in it).
+    pub scheme: resnet_io::NamingScheme,
     pub model: ResNet,
     pub config: ResNetConfig,
     pub labels: Option<Vec<String>>,
@@ -170,6 +172,7 @@ pub fn load_model_named(
     };
     Ok(Model {
         name,
+        scheme: loaded.scheme,
         model,
         config: loaded.config,
         labels,

@@ -62,7 +62,9 @@ pub use load::{
 };
 #[cfg(feature = "hub")]
 pub use model_dir::resolve_model_with;
-pub use model_dir::{hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, ModelSource};
+pub use model_dir::{
+    hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, write_model_dir, ModelSource,
+};
 pub use naming::{is_ignored, NamingScheme};
 pub use output::{remove_partial_outputs, write_output, OutputFile};
 pub use preprocess::{batch, Interpolation, PreprocessConfig, Resize, IMAGENET_MEAN, IMAGENET_STD};

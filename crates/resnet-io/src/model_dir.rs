@@ -261,6 +261,18 @@ pub fn read_config(path: &Path, dir: &Path) -> Result<ModelSource> {
     if let Some(architecture) = config.get("architecture").and_then(Value::as_str) {
         return timm_config(&config, architecture).map_err(error);
     }
+    // Written by `write_model_dir` for a network that is no preset: the architecture
+    // comes from the weights' metadata, the rest from here.
+    if config.get("pretrained_cfg").is_some() {
+        let num_classes = config.get("num_classes").and_then(usize_of).unwrap_or(0);
+        let pretrained = &config["pretrained_cfg"];
+        return Ok(ModelSource {
+            weights: vec![],
+            config: None,
+            labels: labels_of(&config, num_classes),
+            preprocess: Some(pretrained_preprocess(pretrained).map_err(error)?),
+        });
+    }
     Err(error(
         "expected a timm config (\"architecture\") or a transformers config (\"model_type\": \"resnet\")".into(),
     ))
@@ -319,6 +331,20 @@ fn timm_config(config: &Value, architecture: &str) -> std::result::Result<ModelS
     }
     resnet.validate().map_err(|e| e.to_string())?;
     let pretrained = config.get("pretrained_cfg").unwrap_or(&Value::Null);
+    let preprocess = pretrained_preprocess(pretrained)?;
+    let labels =
+        labels_of(config, resnet.num_classes).or_else(|| labels_of(pretrained, resnet.num_classes));
+    Ok(ModelSource {
+        weights: vec![],
+        config: Some(resnet),
+        labels,
+        preprocess: Some(preprocess),
+    })
+}
+
+/// timm's `pretrained_cfg` (input size, crop_pct, mean, std, interpolation), and the
+/// `resize` policy this crate records for the networks it trains.
+fn pretrained_preprocess(pretrained: &Value) -> std::result::Result<PreprocessConfig, String> {
     let mut preprocess = PreprocessConfig::imagenet();
     if let Some(size) = pretrained.get("input_size").and_then(Value::as_array) {
         let dims: Vec<usize> = size.iter().filter_map(usize_of).collect();
@@ -338,14 +364,78 @@ fn timm_config(config: &Value, architecture: &str) -> std::result::Result<ModelS
     if let Some(interpolation) = pretrained.get("interpolation").and_then(Value::as_str) {
         preprocess.interpolation = interpolation.parse()?;
     }
-    let labels =
-        labels_of(config, resnet.num_classes).or_else(|| labels_of(pretrained, resnet.num_classes));
-    Ok(ModelSource {
-        weights: vec![],
-        config: Some(resnet),
-        labels,
-        preprocess: Some(preprocess),
-    })
+    if let Some(resize) = pretrained.get("resize").and_then(Value::as_str) {
+        preprocess.resize = resize.parse()?;
+    }
+    Ok(preprocess)
+}
+
+/// An f32 as the shortest decimal that reads back to it.
+fn round_f32(value: f32) -> f64 {
+    value.to_string().parse().unwrap_or(f64::from(value))
+}
+
+/// Writes a model directory that every command reads back: `model.safetensors` (in
+/// `scheme`'s names, the architecture in its metadata) and a timm-style `config.json`
+/// with the class names and the preprocessing the model was trained with.
+pub fn write_model_dir(
+    dir: &Path,
+    model: &resnet_core::ResNet,
+    scheme: crate::NamingScheme,
+    labels: Option<&[String]>,
+    preprocess: &PreprocessConfig,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    crate::save(model, dir.join("model.safetensors"), scheme, DType::F32)?;
+    let config = model.config();
+    let base = ResNetConfig {
+        num_classes: 0,
+        in_channels: 3,
+        ..config.clone()
+    };
+    let preset = resnet_core::PRESET_NAMES.iter().find(|name| {
+        ResNetConfig::preset(name)
+            .map(|p| p.with_num_classes(0))
+            .as_ref()
+            == Some(&base)
+    });
+    let resize = match preprocess.resize {
+        crate::Resize::CenterCrop => "crop",
+        crate::Resize::Squash => "squash",
+        crate::Resize::Exact => "none",
+    };
+    let interpolation = match preprocess.interpolation {
+        Interpolation::Nearest => "nearest",
+        Interpolation::Bilinear => "bilinear",
+        Interpolation::Bicubic => "bicubic",
+    };
+    let mut json = serde_json::json!({
+        "num_classes": config.num_classes,
+        "in_chans": config.in_channels,
+        "pretrained_cfg": {
+            "input_size": [config.in_channels, preprocess.size.0, preprocess.size.1],
+            "crop_pct": preprocess.crop_pct,
+            "interpolation": interpolation,
+            // f32 to the decimal a user wrote (0.485, not 0.48500001430511475).
+            "mean": preprocess.mean.map(round_f32),
+            "std": preprocess.std.map(round_f32),
+            "resize": resize,
+        },
+    });
+    if let Some(name) = preset {
+        json["architecture"] = Value::from(*name);
+    }
+    if let Some(labels) = labels {
+        json["label_names"] = Value::from(labels.to_vec());
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| Error::Config {
+        path: dir.join("config.json"),
+        reason: e.to_string(),
+    })?;
+    crate::write_output(dir.join("config.json"), text.as_bytes())
 }
 
 fn transformers_config(config: &Value) -> std::result::Result<ModelSource, String> {

@@ -1,0 +1,460 @@
+//! `resnet train`: train or fine-tune on an ImageFolder tree.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, ModuleT, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use indicatif::{ProgressBar, ProgressStyle};
+use resnet_core::{ResNet, ResNetConfig};
+use resnet_io::{ImageFolder, NamingScheme, PreprocessConfig};
+use resnet_train::{
+    AdamW, AdamWConfig, Augmentation, Schedule, ScheduleKind, Sgd, SgdConfig, TrainingSet,
+};
+use serde_json::json;
+
+use crate::common::{load_model_named, parse_arch, top_k, GlobalOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Start from a preset with fresh weights (resnet20, resnet50, ...).
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    arch: Option<String>,
+    /// Start from a checkpoint: a .safetensors file, a model directory or a hub id.
+    #[arg(long)]
+    model: Option<String>,
+    /// ImageFolder tree of training images.
+    #[arg(long)]
+    data: PathBuf,
+    /// ImageFolder tree for validation after each epoch (top-1, top-5).
+    #[arg(long)]
+    val: Option<PathBuf>,
+    /// Passes over the training data.
+    #[arg(long)]
+    epochs: u64,
+    /// Images per step (the last batch of an epoch may be smaller).
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// sgd or adamw.
+    #[arg(long, default_value = "sgd")]
+    optimizer: String,
+    /// Base learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f64,
+    /// Nesterov momentum (SGD).
+    #[arg(long)]
+    nesterov: bool,
+    /// Weight decay (L2 for SGD, decoupled for AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    /// No weight decay on BatchNorm weights and biases.
+    #[arg(long)]
+    no_decay_on_norm_and_bias: bool,
+    /// cosine (to zero over the run), step (at --milestones) or constant.
+    #[arg(long, default_value = "cosine")]
+    schedule: String,
+    /// Epochs at which the step schedule multiplies the rate by --gamma, e.g. 100,150.
+    #[arg(long, value_delimiter = ',')]
+    milestones: Vec<u64>,
+    /// The step schedule's factor.
+    #[arg(long, default_value_t = 0.1)]
+    gamma: f64,
+    /// Epochs of linear warm-up before the schedule.
+    #[arg(long, default_value_t = 0)]
+    warmup_epochs: u64,
+    /// Label smoothing of the cross-entropy.
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Classes (default: the class folders of --data); a checkpoint with another count
+    /// gets a new classifier.
+    #[arg(long)]
+    num_classes: Option<usize>,
+    /// Train the classifier only; the backbone stays as it is, its BatchNorm in eval mode.
+    #[arg(long)]
+    freeze_backbone: bool,
+    /// Train on the evaluation transform (no crops, no flips).
+    #[arg(long)]
+    no_augment: bool,
+    /// Keep ImageFolder's sorted order.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Seed of the data order and the augmentation (and of fresh weights where the
+    /// device's generator can be seeded).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Where the trained model goes: a .safetensors file, or a model directory
+    /// (config.json + model.safetensors) that every command loads.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// One JSON object per epoch (JSON lines) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+enum Optimizer {
+    Sgd(Sgd),
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    fn set_lr(&mut self, lr: f64) {
+        match self {
+            Self::Sgd(o) => o.set_lr(lr),
+            Self::AdamW(o) => o.set_lr(lr),
+        }
+    }
+
+    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        match self {
+            Self::Sgd(o) => o.step(grads)?,
+            Self::AdamW(o) => o.step(grads)?,
+        }
+        Ok(())
+    }
+}
+
+/// The network to train and what it was loaded from.
+struct Start {
+    model: ResNet,
+    scheme: NamingScheme,
+    preprocess: PreprocessConfig,
+    device: Device,
+}
+
+/// `--arch` (fresh weights) or `--model` (a checkpoint, unfolded).
+fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Start> {
+    if let Some(model) = &args.model {
+        let loaded = load_model_named(global, Some(model), "auto", false)?;
+        return Ok(Start {
+            model: loaded.model,
+            scheme: loaded.scheme,
+            preprocess: loaded.preprocess,
+            device: loaded.device,
+        });
+    }
+    let arch = args.arch.as_deref().unwrap_or_default();
+    let Some(config) = parse_arch(arch)? else {
+        bail!("--arch auto needs --model");
+    };
+    let config = config.with_num_classes(num_classes);
+    let device = global.device()?;
+    // The CPU's generator cannot be seeded; a GPU's can.
+    let _ = device.set_seed(args.seed);
+    let varmap = VarMap::new();
+    let model = ResNet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, global.dtype, &device),
+    )?;
+    let preprocess = match config.stem {
+        resnet_core::StemKind::Cifar => PreprocessConfig::cifar(),
+        _ => PreprocessConfig::imagenet(),
+    };
+    Ok(Start {
+        model,
+        scheme: NamingScheme::Torchvision,
+        preprocess,
+        device,
+    })
+}
+
+/// A copy of `model` whose tensors are variables, with a fresh classifier when the class
+/// count differs.
+fn with_classes(model: &ResNet, num_classes: usize) -> Result<(ResNet, VarMap)> {
+    let (trainable, varmap) = resnet_train::trainable(model)?;
+    if model.config().num_classes == num_classes {
+        return Ok((trainable, varmap));
+    }
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        data.retain(|name, _| !name.starts_with("fc."));
+    }
+    let config: ResNetConfig = model.config().clone().with_num_classes(num_classes);
+    let dtype = model
+        .named_tensors()?
+        .first()
+        .map_or(candle_core::DType::F32, |(_, t)| t.dtype());
+    let fresh = ResNet::new(
+        &config,
+        VarBuilder::from_varmap(&varmap, dtype, model.device()),
+    )?;
+    Ok((fresh, varmap))
+}
+
+pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
+    if args.epochs == 0 || args.batch_size == 0 {
+        bail!("--epochs and --batch-size must be at least 1");
+    }
+    // Checked before any work: the output folder must be writable.
+    if let Some(output) = &args.output {
+        check_output(output)?;
+    }
+    let folder = ImageFolder::open(&args.data)?;
+    let classes = folder.classes.clone();
+    if classes.len() < 2 {
+        bail!(
+            "{}: {} class folder(s); training a classifier needs at least 2",
+            args.data.display(),
+            classes.len()
+        );
+    }
+    let num_classes = match args.num_classes {
+        Some(n) if n != classes.len() => bail!(
+            "--num-classes {n} contradicts {}, which has {} class folders",
+            args.data.display(),
+            classes.len()
+        ),
+        _ => classes.len(),
+    };
+    if args.batch_size > folder.images.len() {
+        bail!(
+            "--batch-size {} is larger than the {} images of {}",
+            args.batch_size,
+            folder.images.len(),
+            args.data.display()
+        );
+    }
+    let Start {
+        model,
+        scheme,
+        preprocess,
+        device,
+    } = start(global, &args, num_classes)?;
+    let (model, varmap) = with_classes(&model, num_classes)?;
+    let mut parameters = resnet_train::parameters(&varmap, args.no_decay_on_norm_and_bias);
+    if args.freeze_backbone {
+        parameters.retain(|p| p.name.starts_with("fc."));
+    }
+    let mut optimizer = match args.optimizer.as_str() {
+        "sgd" => Optimizer::Sgd(Sgd::new(
+            parameters,
+            SgdConfig {
+                lr: args.lr,
+                momentum: args.momentum,
+                dampening: 0.0,
+                nesterov: args.nesterov,
+                weight_decay: args.weight_decay,
+            },
+        )?),
+        "adamw" => Optimizer::AdamW(AdamW::new(
+            parameters,
+            AdamWConfig {
+                lr: args.lr,
+                weight_decay: args.weight_decay,
+                ..AdamWConfig::default()
+            },
+        )?),
+        other => bail!("unknown optimizer '{other}', expected sgd or adamw"),
+    };
+    let augmentation = if args.no_augment {
+        Augmentation::None
+    } else {
+        Augmentation::for_input(preprocess.size)
+    };
+    let data = TrainingSet::open(
+        &args.data,
+        preprocess.clone(),
+        augmentation,
+        args.seed,
+        !args.no_shuffle,
+    )?;
+    let steps_per_epoch = data.batch_count(args.batch_size) as u64;
+    let kind = match args.schedule.as_str() {
+        "cosine" => ScheduleKind::Cosine,
+        "constant" => ScheduleKind::Constant,
+        "step" => ScheduleKind::Step {
+            milestones: args
+                .milestones
+                .iter()
+                .map(|e| e * steps_per_epoch)
+                .collect(),
+            gamma: args.gamma,
+        },
+        other => bail!("unknown schedule '{other}', expected cosine, step or constant"),
+    };
+    let schedule = Schedule::new(
+        args.lr,
+        args.epochs * steps_per_epoch,
+        args.warmup_epochs * steps_per_epoch,
+        kind,
+    )?;
+    let validation = args
+        .val
+        .as_ref()
+        .map(|dir| ImageFolder::open(dir))
+        .transpose()?;
+
+    for epoch in 0..args.epochs {
+        let started = Instant::now();
+        let progress = if args.json {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(steps_per_epoch)
+        };
+        progress.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} {bar:30} {pos}/{len} steps, {msg}, eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        progress.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
+        let (mut loss_sum, mut seen, mut unreadable) = (0.0f64, 0usize, 0usize);
+        for step in 0..steps_per_epoch {
+            let iteration = epoch * steps_per_epoch + step;
+            let lr = schedule.lr(iteration);
+            optimizer.set_lr(lr);
+            let batch = data.batch(epoch, step as usize, args.batch_size, &device)?;
+            for (path, reason) in &batch.unreadable {
+                progress.suspend(|| {
+                    eprintln!(
+                        "warning: skipping unreadable image {}: {reason}",
+                        path.display()
+                    )
+                });
+            }
+            unreadable += batch.unreadable.len();
+            let logits = if args.freeze_backbone {
+                // The backbone as it is (BatchNorm in eval mode), no gradient through it.
+                let features = model.forward_features(&batch.images)?.detach();
+                model.forward_head(&features, false)?
+            } else {
+                model.forward_t(&batch.images, true)?
+            };
+            let loss = resnet_train::cross_entropy(&logits, &batch.labels, args.label_smoothing)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            if !value.is_finite() {
+                bail!(
+                    "the loss is {value} at step {} (epoch {}, lr {lr}): training diverged; \
+                     try a smaller --lr or a --warmup-epochs (nothing was saved after this step)",
+                    iteration + 1,
+                    epoch + 1
+                );
+            }
+            optimizer.step(&loss.backward()?)?;
+            let count = batch.images.dim(0)?;
+            loss_sum += value * count as f64;
+            seen += count;
+            progress.inc(1);
+            let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress.set_message(format!(
+                "loss {:.4}, lr {lr:.4}, {rate:.1} images/s",
+                loss_sum / seen as f64
+            ));
+        }
+        progress.finish_and_clear();
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let (top1, top5) = match &validation {
+            Some(folder) => {
+                let (top1, top5) = evaluate(&model, folder, &preprocess, &device, args.batch_size)?;
+                (Some(top1), Some(top5))
+            }
+            None => (None, None),
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let lr = schedule.lr((epoch + 1) * steps_per_epoch - 1);
+        if args.json {
+            println!(
+                "{}",
+                json!({"epoch": epoch + 1, "train_loss": train_loss, "val_top1": top1, "val_top5": top5,
+                       "lr": lr, "seconds": seconds, "images": seen, "unreadable": unreadable})
+            );
+        } else {
+            let val = match (top1, top5) {
+                (Some(t1), Some(t5)) => {
+                    format!(", val top-1 {:.2}% top-5 {:.2}%", t1 * 100.0, t5 * 100.0)
+                }
+                _ => String::new(),
+            };
+            println!(
+                "epoch {}/{}: train loss {train_loss:.4}{val}, lr {lr:.5}, {seconds:.1} s{}",
+                epoch + 1,
+                args.epochs,
+                if unreadable > 0 {
+                    format!(" ({unreadable} unreadable images skipped)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(output) = &args.output {
+            save(&model, output, scheme, &classes, &preprocess)?;
+        }
+    }
+    if let Some(output) = &args.output {
+        if !args.json {
+            println!("wrote {}", output.display());
+        }
+    }
+    Ok(())
+}
+
+/// Top-1 and top-5 on an ImageFolder tree with the evaluation transform, BatchNorm in
+/// eval mode.
+fn evaluate(
+    model: &ResNet,
+    folder: &ImageFolder,
+    preprocess: &PreprocessConfig,
+    device: &Device,
+    batch_size: usize,
+) -> Result<(f64, f64)> {
+    use rayon::prelude::*;
+    let (mut top1, mut top5, mut total) = (0usize, 0usize, 0usize);
+    for chunk in folder.images.chunks(batch_size) {
+        let loaded: Vec<_> = chunk
+            .par_iter()
+            .filter_map(|(path, label)| preprocess.load_image(path).ok().map(|t| (t, *label)))
+            .collect();
+        if loaded.is_empty() {
+            continue;
+        }
+        let images: Vec<Tensor> = loaded.iter().map(|(t, _)| t.clone()).collect();
+        let input = resnet_io::batch(&images, device, candle_core::DType::F32)?;
+        let logits = model.forward_t(&input, false)?;
+        for ((_, label), top) in loaded.iter().zip(top_k(&logits, 5)?) {
+            total += 1;
+            top1 += usize::from(top.first().is_some_and(|&(c, _)| c == *label));
+            top5 += usize::from(top.iter().any(|&(c, _)| c == *label));
+        }
+    }
+    let ratio = |hits: usize| hits as f64 / total.max(1) as f64;
+    Ok((ratio(top1), ratio(top5)))
+}
+
+/// The output path: a `.safetensors` file, else a model directory.
+fn is_file_output(output: &Path) -> bool {
+    output.extension().is_some_and(|e| e == "safetensors")
+}
+
+fn check_output(output: &Path) -> Result<()> {
+    if is_file_output(output) {
+        drop(resnet_io::OutputFile::create(output)?);
+    } else {
+        std::fs::create_dir_all(output)
+            .with_context(|| format!("creating the output directory {}", output.display()))?;
+        drop(resnet_io::OutputFile::create(
+            output.join("model.safetensors"),
+        )?);
+    }
+    Ok(())
+}
+
+fn save(
+    model: &ResNet,
+    output: &Path,
+    scheme: NamingScheme,
+    classes: &[String],
+    preprocess: &PreprocessConfig,
+) -> Result<()> {
+    if is_file_output(output) {
+        resnet_io::save(model, output, scheme, candle_core::DType::F32)?;
+    } else {
+        resnet_io::write_model_dir(output, model, scheme, Some(classes), preprocess)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! `resnet train` end to end: step for step as torch.optim.SGD, and the bad inputs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Context, Result};
+use candle_core::Device;
+use resnet_tests::{assert_close, F32_RELATIVE_TOLERANCE};
+
+fn resnet(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(args)
+        .output()?)
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The first `per_class` images of each class of `source`, as an ImageFolder tree in `dir`.
+fn subset(source: &Path, dir: &Path, per_class: usize) -> Result<()> {
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(source)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<_>>()?;
+    classes.sort();
+    for class in classes {
+        let name = class.file_name().context("class name")?;
+        std::fs::create_dir_all(dir.join(name))?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&class)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()?;
+        files.sort();
+        for file in files.iter().take(per_class) {
+            std::fs::copy(
+                file,
+                dir.join(name).join(file.file_name().context("file name")?),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs the training issue's parity command (`--lr` varies) on the first 6 images of
+/// each class of the CIFAR-10 training set and compares the saved checkpoint with the
+/// fixture `fixtures/train/resnet20_sgd_3_steps_{name}.safetensors`
+/// (`fixtures/generate_train_step.py`) within `tolerance` (max |Δ| ≤ tolerance · max
+/// |reference|, per tensor). Returns the number of tensors compared.
+fn check_train_steps(shared: &Path, lr: &str, name: &str, tolerance: f64) -> Result<usize> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&shared.join("data/cifar10-train"), &data, 6)?;
+    let out = dir.path().join("out.safetensors");
+    let model = shared.join("weights/cifar10/resnet20.safetensors");
+    let output = resnet(&[
+        "train",
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--lr",
+        lr,
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "5e-4",
+        "--schedule",
+        "constant",
+        "--no-shuffle",
+        "--no-augment",
+        "--output",
+        path(&out),
+        "--json",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let ours = candle_core::safetensors::load(&out, &Device::Cpu)?;
+    let fixture =
+        resnet_tests::fixtures_dir().join(format!("train/resnet20_sgd_3_steps_{name}.safetensors"));
+    let expected = candle_core::safetensors::load(&fixture, &Device::Cpu)?;
+    let mut compared = 0;
+    for (tensor_name, reference) in &expected {
+        if tensor_name == "losses" {
+            continue;
+        }
+        let tensor = ours
+            .get(tensor_name)
+            .with_context(|| format!("{tensor_name} not saved"))?;
+        assert_close(
+            tensor,
+            reference,
+            tolerance,
+            &format!("{name}: {tensor_name}"),
+        )?;
+        compared += 1;
+    }
+    assert_eq!(
+        compared,
+        ours.len(),
+        "every saved tensor compared, CIFAR names kept"
+    );
+    let epoch: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let mean_loss = f64::from(expected["losses"].mean_all()?.to_scalar::<f32>()?);
+    let ours_loss = epoch["train_loss"].as_f64().context("train_loss")?;
+    assert!(
+        (ours_loss - mean_loss).abs() <= tolerance * mean_loss.abs(),
+        "{name}: mean loss {ours_loss} against {mean_loss}"
+    );
+    Ok(compared)
+}
+
+/// The training issue's step-parity command, as given (lr 0.1): this short run diverges
+/// (loss 1.70 -> 4.00 -> 3.44), and PyTorch's own float32 run ends 1.6e-3 (relative)
+/// from its float64 run, so the reference is PyTorch in float64 and the tolerance that
+/// float32 error, rounded up: 2e-3, stated before the test first ran.
+#[test]
+fn train_command_as_pytorch_sgd_at_lr_0_1() -> Result<()> {
+    let Some(shared) = resnet_tests::shared_dir("train_command_as_pytorch_sgd_at_lr_0_1") else {
+        return Ok(());
+    };
+    assert_eq!(check_train_steps(&shared, "0.1", "lr0.1_f64", 2e-3)?, 97);
+    Ok(())
+}
+
+/// The same command at lr 0.01, where float32 is exact (PyTorch's float32 and float64
+/// runs agree within 2e-7): the project's f32 tolerance, 1e-4, against PyTorch float32.
+#[test]
+fn train_command_as_pytorch_sgd_at_lr_0_01() -> Result<()> {
+    let Some(shared) = resnet_tests::shared_dir("train_command_as_pytorch_sgd_at_lr_0_01") else {
+        return Ok(());
+    };
+    let compared = check_train_steps(&shared, "0.01", "lr0.01_f32", F32_RELATIVE_TOLERANCE)?;
+    assert_eq!(compared, 97);
+    Ok(())
+}
+
+#[test]
+fn trains_writes_a_model_directory_every_command_reads() -> Result<()> {
+    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&samples, &data, 2)?;
+    let out = dir.path().join("model");
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let output = resnet(&[
+        "train",
+        "--model",
+        path(&model),
+        "--data",
+        path(&data),
+        "--val",
+        path(&data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--output",
+        path(&out),
+        "--json",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<serde_json::Result<_>>()?;
+    assert_eq!(lines.len(), 2, "one JSON line per epoch");
+    assert!(lines[1]["val_top1"].as_f64().is_some());
+    let eval = resnet(&[
+        "eval",
+        "--model",
+        path(&out),
+        "--data",
+        path(&data),
+        "--json",
+    ])?;
+    ensure!(eval.status.success(), "{}", stderr(&eval));
+    let summary: serde_json::Value = serde_json::from_slice(&eval.stdout)?;
+    assert_eq!(summary["images"], 20);
+    // A frozen backbone with a new head: only fc changes.
+    let small = dir.path().join("three");
+    subset(&data, &small, 2)?;
+    for class in ["automobile", "bird", "cat", "deer", "dog", "frog", "horse"] {
+        std::fs::remove_dir_all(small.join(class))?;
+    }
+    let frozen = dir.path().join("frozen.safetensors");
+    let output = resnet(&[
+        "train",
+        "--model",
+        path(&model),
+        "--data",
+        path(&small),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "3",
+        "--freeze-backbone",
+        "--output",
+        path(&frozen),
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let before = candle_core::safetensors::load(&model, &Device::Cpu)?;
+    let after = candle_core::safetensors::load(&frozen, &Device::Cpu)?;
+    assert_eq!(after["linear.weight"].dims(), &[3, 64]);
+    for (name, tensor) in &after {
+        if !name.starts_with("linear.") {
+            let diff = (tensor - &before[name])?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name} changed with a frozen backbone");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn bad_training_inputs_are_one_line_errors() -> Result<()> {
+    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let dir = tempfile::tempdir()?;
+    let one_class = dir.path().join("one");
+    std::fs::create_dir_all(one_class.join("cat"))?;
+    std::fs::copy(samples.join("cat/0000.jpg"), one_class.join("cat/0000.jpg"))?;
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(empty.join("cat"))?;
+    std::fs::create_dir_all(empty.join("dog"))?;
+    let samples = path(&samples);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                path(&one_class),
+                "--epochs",
+                "1",
+            ],
+            "needs at least 2",
+        ),
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                path(&empty),
+                "--epochs",
+                "1",
+            ],
+            "no image files",
+        ),
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                samples,
+                "--epochs",
+                "1",
+                "--num-classes",
+                "7",
+            ],
+            "--num-classes 7 contradicts",
+        ),
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                samples,
+                "--epochs",
+                "1",
+                "--batch-size",
+                "1000",
+            ],
+            "larger than the 100 images",
+        ),
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                samples,
+                "--epochs",
+                "1",
+                "--output",
+                "/proc/no/such",
+            ],
+            "/proc/no/such",
+        ),
+        (
+            vec![
+                "--arch",
+                "resnet20",
+                "--data",
+                samples,
+                "--epochs",
+                "1",
+                "--lr",
+                "1e30",
+                "--batch-size",
+                "50",
+            ],
+            "training diverged",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["train"];
+        full.extend(args.iter().copied());
+        let output = resnet(&full)?;
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{full:?} succeeded");
+        assert!(
+            text.contains(expected),
+            "{full:?}: expected '{expected}' in '{text}'"
+        );
+        assert_eq!(text.trim_end().lines().count(), 1, "{full:?}: {text}");
+    }
+    Ok(())
+}
