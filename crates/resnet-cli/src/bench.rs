@@ -47,6 +47,38 @@ struct StepTimes {
     update: Vec<f64>,
 }
 
+/// `--size`, else the architecture's usual input: 32 for CIFAR networks, else 224.
+fn input_size(size: Option<usize>, stem: resnet_core::StemKind) -> usize {
+    size.unwrap_or(match stem {
+        resnet_core::StemKind::Cifar => 32,
+        _ => 224,
+    })
+}
+
+/// The fields every `--json` summary has.
+fn summary(
+    config: &resnet_core::ResNetConfig,
+    args: &Args,
+    size: usize,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    median_ms: f64,
+    min_ms: f64,
+) -> serde_json::Value {
+    json!({
+        "arch": config.describe(),
+        "batch": args.batch,
+        "size": size,
+        "dtype": format!("{dtype:?}").to_lowercase(),
+        "device": resnet_core::device_name(device),
+        "threads": candle_core::utils::get_num_threads(),
+        "iters": args.iters,
+        "median_ms": median_ms,
+        "min_ms": min_ms,
+        "images_per_sec": args.batch as f64 / (median_ms / 1e3),
+    })
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -112,10 +144,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     }
     let (model, device, dtype) = model_or_random(global, args.model.as_deref(), &args.arch)?;
     let config = model.config();
-    let size = args.size.unwrap_or(match config.stem {
-        resnet_core::StemKind::Cifar => 32,
-        _ => 224,
-    });
+    let size = input_size(args.size, config.stem);
     check_forward_memory([args.batch, config.in_channels, size, size], dtype, &device)?;
     let input = Tensor::randn(
         0f32,
@@ -146,18 +175,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let images_per_sec = args.batch as f64 / (median / 1e3);
     let threads = candle_core::utils::get_num_threads();
     if args.json {
-        let summary = json!({
-            "arch": config.describe(),
-            "batch": args.batch,
-            "size": size,
-            "dtype": format!("{dtype:?}").to_lowercase(),
-            "device": resnet_core::device_name(&device),
-            "threads": threads,
-            "iters": args.iters,
-            "median_ms": median,
-            "min_ms": min,
-            "images_per_sec": images_per_sec,
-        });
+        let summary = summary(config, &args, size, &device, dtype, median, min);
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
@@ -184,10 +202,7 @@ fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
         }
     };
     let config = model.config().clone();
-    let size = args.size.unwrap_or(match config.stem {
-        resnet_core::StemKind::Cifar => 32,
-        _ => 224,
-    });
+    let size = input_size(args.size, config.stem);
     // A training step holds every activation for the backward pass: about 4 times what
     // inference does.
     check_forward_memory(
@@ -214,22 +229,11 @@ fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
     let images_per_sec = args.batch as f64 / (median_ms / 1e3);
     let threads = candle_core::utils::get_num_threads();
     if args.json {
-        let summary = json!({
-            "arch": config.describe(),
-            "train": true,
-            "batch": args.batch,
-            "size": size,
-            "dtype": format!("{dtype:?}").to_lowercase(),
-            "device": resnet_core::device_name(&device),
-            "threads": threads,
-            "iters": args.iters,
-            "median_ms": median_ms,
-            "min_ms": min,
-            "images_per_sec": images_per_sec,
-            "forward_ms": forward,
-            "backward_ms": backward,
-            "update_ms": update,
-        });
+        let mut summary = summary(&config, args, size, &device, dtype, median_ms, min);
+        summary["train"] = json!(true);
+        summary["forward_ms"] = json!(forward);
+        summary["backward_ms"] = json!(backward);
+        summary["update_ms"] = json!(update);
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
