@@ -36,6 +36,18 @@ mod model;
 pub mod ops;
 mod winograd;
 
+/// The candle this crate is built on: use it rather than guessing the matching version.
+pub use candle_core;
+/// candle-nn, as this crate uses it.
+pub use candle_nn;
+
+/// What a program using the model needs, in one `use resnet_core::prelude::*;`.
+pub mod prelude {
+    pub use crate::{BlockKind, ResNet, ResNetConfig, ShortcutKind, StemKind};
+    pub use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
+    pub use candle_nn::{VarBuilder, VarMap};
+}
+
 pub use allocator::retain_freed_memory;
 pub use batch_norm::BatchNorm2d;
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
