@@ -55,6 +55,13 @@ impl GlobalOptions {
     }
 }
 
+/// Set by a command that handles Ctrl-C itself (training checkpoints first).
+pub static DEFER_INTERRUPT: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+/// Set by the Ctrl-C handler when the command handles it.
+pub static INTERRUPT_REQUESTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// Which model to run: `--model` and `--arch`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {

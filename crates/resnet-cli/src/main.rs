@@ -150,7 +150,15 @@ fn main() -> ExitCode {
         }
     };
     // Ctrl-C or SIGTERM: no half-written output file is left behind.
+    // `resnet train` asks to finish its step and checkpoint first (a second Ctrl-C stops).
     let _ = ctrlc::set_handler(|| {
+        use std::sync::atomic::Ordering;
+        if common::DEFER_INTERRUPT.load(Ordering::SeqCst)
+            && !common::INTERRUPT_REQUESTED.swap(true, Ordering::SeqCst)
+        {
+            eprintln!("\ninterrupted: finishing the current step and writing a checkpoint (Ctrl-C again to stop now)");
+            return;
+        }
         resnet_io::remove_partial_outputs();
         eprintln!("error: interrupted");
         std::process::exit(130);

@@ -19,11 +19,18 @@ use crate::common::{load_model_named, parse_arch, top_k, GlobalOptions};
 #[derive(clap::Args)]
 pub struct Args {
     /// Start from a preset with fresh weights (resnet20, resnet50, ...).
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    #[arg(long, conflicts_with_all = ["model", "resume"], required_unless_present_any = ["model", "resume"])]
     arch: Option<String>,
     /// Start from a checkpoint: a .safetensors file, a model directory or a hub id.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     model: Option<String>,
+    /// Continue the run whose --output this is (the model and the training state beside
+    /// it: optimizer, step, seed), with the same flags; writes there unless --output.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Stop (checkpointed) after this many epochs of the run, to continue with --resume.
+    #[arg(long)]
+    stop_after_epochs: Option<u64>,
     /// ImageFolder tree of training images.
     #[arg(long)]
     data: PathBuf,
@@ -101,6 +108,21 @@ enum Optimizer {
 }
 
 impl Optimizer {
+    fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        Ok(match self {
+            Self::Sgd(o) => o.state(),
+            Self::AdamW(o) => o.state()?,
+        })
+    }
+
+    fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Self::Sgd(o) => o.load_state(state)?,
+            Self::AdamW(o) => o.load_state(state)?,
+        }
+        Ok(())
+    }
+
     fn set_lr(&mut self, lr: f64) {
         match self {
             Self::Sgd(o) => o.set_lr(lr),
@@ -127,7 +149,11 @@ struct Start {
 
 /// `--arch` (fresh weights) or `--model` (a checkpoint, unfolded).
 fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Start> {
-    if let Some(model) = &args.model {
+    let model = args
+        .model
+        .clone()
+        .or_else(|| args.resume.as_ref().map(|p| p.display().to_string()));
+    if let Some(model) = &model {
         let loaded = load_model_named(global, Some(model), "auto", false)?;
         return Ok(Start {
             model: loaded.model,
@@ -191,8 +217,9 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     if args.epochs == 0 || args.batch_size == 0 {
         bail!("--epochs and --batch-size must be at least 1");
     }
+    let output = args.output.clone().or_else(|| args.resume.clone());
     // Checked before any work: the output folder must be writable.
-    if let Some(output) = &args.output {
+    if let Some(output) = &output {
         check_output(output)?;
     }
     let folder = ImageFolder::open(&args.data)?;
@@ -289,8 +316,30 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .as_ref()
         .map(|dir| ImageFolder::open(dir))
         .transpose()?;
+    let first_iteration = match &args.resume {
+        Some(resume) => {
+            let (iteration, state) = read_state(resume, &device, args.seed, steps_per_epoch)?;
+            optimizer.load_state(&state)?;
+            iteration
+        }
+        None => 0,
+    };
+    let stop_after = args
+        .stop_after_epochs
+        .unwrap_or(args.epochs)
+        .min(args.epochs);
+    crate::common::DEFER_INTERRUPT.store(true, std::sync::atomic::Ordering::SeqCst);
+    let checkpoint = |iteration: u64, optimizer: &Optimizer| -> Result<()> {
+        match &output {
+            Some(output) => {
+                save(&model, output, scheme, &classes, &preprocess)?;
+                write_state(output, optimizer, iteration, args.seed, steps_per_epoch)
+            }
+            None => Ok(()),
+        }
+    };
 
-    for epoch in 0..args.epochs {
+    for epoch in first_iteration / steps_per_epoch..stop_after {
         let started = Instant::now();
         let progress = if args.json {
             ProgressBar::hidden()
@@ -305,7 +354,12 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         );
         progress.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
         let (mut loss_sum, mut seen, mut unreadable) = (0.0f64, 0usize, 0usize);
-        for step in 0..steps_per_epoch {
+        let first_step = if epoch == first_iteration / steps_per_epoch {
+            first_iteration % steps_per_epoch
+        } else {
+            0
+        };
+        for step in first_step..steps_per_epoch {
             let iteration = epoch * steps_per_epoch + step;
             let lr = schedule.lr(iteration);
             optimizer.set_lr(lr);
@@ -346,6 +400,23 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
                 "loss {:.4}, lr {lr:.4}, {rate:.1} images/s",
                 loss_sum / seen as f64
             ));
+            if crate::common::INTERRUPT_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
+                progress.finish_and_clear();
+                checkpoint(iteration + 1, &optimizer)?;
+                let place = output
+                    .as_ref()
+                    .map_or("no --output: nothing saved".to_string(), |o| {
+                        format!(
+                            "checkpoint written to {0}; continue with --resume {0}",
+                            o.display()
+                        )
+                    });
+                bail!(
+                    "interrupted after step {} of {}: {place}",
+                    iteration + 1,
+                    args.epochs * steps_per_epoch
+                );
+            }
         }
         progress.finish_and_clear();
         let train_loss = loss_sum / seen.max(1) as f64;
@@ -382,16 +453,89 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
                 }
             );
         }
-        if let Some(output) = &args.output {
-            save(&model, output, scheme, &classes, &preprocess)?;
-        }
+        checkpoint((epoch + 1) * steps_per_epoch, &optimizer)?;
     }
-    if let Some(output) = &args.output {
+    if let Some(output) = &output {
         if !args.json {
             println!("wrote {}", output.display());
+            if stop_after < args.epochs {
+                println!(
+                    "stopped after epoch {stop_after}: continue with --resume {}",
+                    output.display()
+                );
+            }
         }
     }
     Ok(())
+}
+
+/// Where the training state of a run's output is kept.
+fn state_path(output: &Path) -> PathBuf {
+    if is_file_output(output) {
+        output.with_extension("training-state.safetensors")
+    } else {
+        output.join("training-state.safetensors")
+    }
+}
+
+/// The optimizer's tensors and where the run stands, beside the model.
+fn write_state(
+    output: &Path,
+    optimizer: &Optimizer,
+    iteration: u64,
+    seed: u64,
+    steps_per_epoch: u64,
+) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = optimizer.state()?.into_iter().collect();
+    let metadata = std::collections::HashMap::from([
+        ("iteration".to_string(), iteration.to_string()),
+        ("seed".to_string(), seed.to_string()),
+        ("steps_per_epoch".to_string(), steps_per_epoch.to_string()),
+    ]);
+    resnet_io::write_tensors(state_path(output), &tensors, Some(metadata))?;
+    Ok(())
+}
+
+/// The step to continue from and the optimizer's tensors, checked against this run.
+fn read_state(
+    resume: &Path,
+    device: &Device,
+    seed: u64,
+    steps_per_epoch: u64,
+) -> Result<(u64, std::collections::HashMap<String, Tensor>)> {
+    let path = state_path(resume);
+    let state = resnet_io::Checkpoint::open(&path)
+        .with_context(|| format!("--resume {}: no training state", resume.display()))?;
+    let number = |key: &str| -> Result<u64> {
+        state
+            .metadata()
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{}: no valid '{key}' in its metadata", path.display()))
+    };
+    if number("seed")? != seed {
+        bail!(
+            "--resume: the run used --seed {}, this one --seed {seed}",
+            number("seed")?
+        );
+    }
+    if number("steps_per_epoch")? != steps_per_epoch {
+        bail!(
+            "--resume: the run had {} steps per epoch, this one {steps_per_epoch}: the data or --batch-size changed",
+            number("steps_per_epoch")?
+        );
+    }
+    let tensors = state
+        .tensors()
+        .iter()
+        .map(|info| {
+            Ok((
+                info.name.clone(),
+                state.load(&info.name, device, candle_core::DType::F32)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    Ok((number("iteration")?, tensors))
 }
 
 /// Top-1 and top-5 on an ImageFolder tree with the evaluation transform, BatchNorm in

@@ -325,3 +325,172 @@ fn bad_training_inputs_are_one_line_errors() -> Result<()> {
     }
     Ok(())
 }
+
+/// A run stopped after epoch 1 and resumed ends with the same bits as one run straight
+/// through: model, BatchNorm statistics, momentum, data order and augmentation all resume.
+#[test]
+fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
+    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&samples, &data, 2)?;
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let train = |output: &Path, extra: &[&str]| -> Result<Output> {
+        let mut args = vec![
+            "train",
+            "--model",
+            path(&model),
+            "--data",
+            path(&data),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "6",
+            "--lr",
+            "0.05",
+            "--seed",
+            "3",
+            "--output",
+            path(output),
+        ];
+        args.extend_from_slice(extra);
+        resnet(&args)
+    };
+    let straight = dir.path().join("straight.safetensors");
+    let output = train(&straight, &[])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let resumed = dir.path().join("resumed.safetensors");
+    let output = train(&resumed, &["--stop-after-epochs", "1"])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8(output.stdout)?.contains("continue with --resume"));
+    let after_one = candle_core::safetensors::load(&resumed, &Device::Cpu)?;
+    let output = resnet(&[
+        "train",
+        "--resume",
+        path(&resumed),
+        "--data",
+        path(&data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--lr",
+        "0.05",
+        "--seed",
+        "3",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let (a, b) = (
+        candle_core::safetensors::load(&straight, &Device::Cpu)?,
+        candle_core::safetensors::load(&resumed, &Device::Cpu)?,
+    );
+    assert_eq!(a.len(), b.len());
+    let mut moved = false;
+    for (name, tensor) in &a {
+        let diff = (tensor - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0, "{name} differs after resuming");
+        moved |= (tensor - &after_one[name])?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?
+            > 0.0;
+    }
+    assert!(moved, "the resumed run trained its second epoch");
+    // Resuming with other settings is refused.
+    let output = resnet(&[
+        "train",
+        "--resume",
+        path(&resumed),
+        "--data",
+        path(&data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--seed",
+        "4",
+    ])?;
+    assert!(
+        !output.status.success() && stderr(&output).contains("--seed 3"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}
+
+/// Ctrl-C (SIGINT) finishes the step, writes a checkpoint mid-epoch, and `--resume`
+/// from it ends bit-identical to a run straight through.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_mid_epoch_and_the_run_resumes_exactly() -> Result<()> {
+    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let dir = tempfile::tempdir()?;
+    let args = |output: &Path| -> Vec<String> {
+        [
+            "train",
+            "--data",
+            path(&samples),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+            "--lr",
+            "0.01",
+            "--output",
+            path(output),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let straight = dir.path().join("straight.safetensors");
+    let output = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(args(&straight))
+        .args(["--model", path(&model)])
+        .output()?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+
+    let interrupted = dir.path().join("interrupted.safetensors");
+    let child = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(args(&interrupted))
+        .args(["--model", path(&model)])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()?;
+    let output = child.wait_with_output()?;
+    let text = stderr(&output);
+    if output.status.success() {
+        eprintln!("SKIPPED: the run ended before the signal ({text})");
+        return Ok(());
+    }
+    assert!(
+        text.contains("interrupted after step") && text.contains("--resume"),
+        "{text}"
+    );
+    let mut resume = args(&interrupted);
+    resume.extend(["--resume".to_string(), path(&interrupted).to_string()]);
+    let output = Command::new(env!("CARGO_BIN_EXE_resnet"))
+        .args(&resume)
+        .output()?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let (a, b) = (
+        candle_core::safetensors::load(&straight, &Device::Cpu)?,
+        candle_core::safetensors::load(&interrupted, &Device::Cpu)?,
+    );
+    for (name, tensor) in &a {
+        let diff = (tensor - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(
+            diff, 0.0,
+            "{name} differs after the interrupted run resumed"
+        );
+    }
+    Ok(())
+}

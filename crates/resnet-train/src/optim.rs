@@ -310,4 +310,37 @@ impl AdamW {
         }
         Ok(state)
     }
+
+    /// Restores [`AdamW::state`]; moments for an unknown parameter, of another shape, or
+    /// without their step count are an error.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        let mut moments = HashMap::new();
+        for parameter in &self.parameters {
+            let name = &parameter.name;
+            let get = |prefix: &str| state.get(&format!("{prefix}.{name}"));
+            let (m, v, step) = match (get("exp_avg"), get("exp_avg_sq"), get("step")) {
+                (None, None, None) => continue,
+                (Some(m), Some(v), Some(step)) => (m, v, step),
+                _ => bail!("optimizer state for '{name}' is incomplete"),
+            };
+            for moment in [m, v] {
+                if moment.dims() != parameter.var.dims() {
+                    bail!(
+                        "moments of '{name}': expected shape {:?}, found {:?}",
+                        parameter.var.dims(),
+                        moment.dims()
+                    );
+                }
+            }
+            let step = step.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let Some(&step) = step.first().filter(|s| s.is_finite() && **s >= 0.0) else {
+                bail!("step count of '{name}' is not a count");
+            };
+            let device = parameter.var.device();
+            let to = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(device);
+            moments.insert(name.clone(), (step as u64, to(m)?, to(v)?));
+        }
+        self.moments = moments;
+        Ok(())
+    }
 }
