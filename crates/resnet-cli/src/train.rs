@@ -316,10 +316,14 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .as_ref()
         .map(|dir| ImageFolder::open(dir))
         .transpose()?;
+    // (train loss, validation top-1) of every finished epoch, for the curves.
+    let mut history: Vec<(f64, Option<f64>)> = Vec::new();
     let first_iteration = match &args.resume {
         Some(resume) => {
-            let (iteration, state) = read_state(resume, &device, args.seed, steps_per_epoch)?;
+            let (iteration, state, earlier) =
+                read_state(resume, &device, args.seed, steps_per_epoch)?;
             optimizer.load_state(&state)?;
+            history = earlier;
             iteration
         }
         None => 0,
@@ -329,15 +333,22 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         .unwrap_or(args.epochs)
         .min(args.epochs);
     crate::common::DEFER_INTERRUPT.store(true, std::sync::atomic::Ordering::SeqCst);
-    let checkpoint = |iteration: u64, optimizer: &Optimizer| -> Result<()> {
-        match &output {
+    let checkpoint =
+        |iteration: u64, optimizer: &Optimizer, history: &[(f64, Option<f64>)]| match &output {
             Some(output) => {
                 save(&model, output, scheme, &classes, &preprocess)?;
-                write_state(output, optimizer, iteration, args.seed, steps_per_epoch)
+                write_state(
+                    output,
+                    optimizer,
+                    iteration,
+                    args.seed,
+                    steps_per_epoch,
+                    history,
+                )?;
+                write_curves(output, history)
             }
             None => Ok(()),
-        }
-    };
+        };
 
     for epoch in first_iteration / steps_per_epoch..stop_after {
         let started = Instant::now();
@@ -402,7 +413,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             ));
             if crate::common::INTERRUPT_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
                 progress.finish_and_clear();
-                checkpoint(iteration + 1, &optimizer)?;
+                checkpoint(iteration + 1, &optimizer, &history)?;
                 let place = output
                     .as_ref()
                     .map_or("no --output: nothing saved".to_string(), |o| {
@@ -453,7 +464,8 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
                 }
             );
         }
-        checkpoint((epoch + 1) * steps_per_epoch, &optimizer)?;
+        history.push((train_loss, top1));
+        checkpoint((epoch + 1) * steps_per_epoch, &optimizer, &history)?;
     }
     if let Some(output) = &output {
         if !args.json {
@@ -485,12 +497,14 @@ fn write_state(
     iteration: u64,
     seed: u64,
     steps_per_epoch: u64,
+    history: &[(f64, Option<f64>)],
 ) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = optimizer.state()?.into_iter().collect();
     let metadata = std::collections::HashMap::from([
         ("iteration".to_string(), iteration.to_string()),
         ("seed".to_string(), seed.to_string()),
         ("steps_per_epoch".to_string(), steps_per_epoch.to_string()),
+        ("history".to_string(), serde_json::to_string(history)?),
     ]);
     resnet_io::write_tensors(state_path(output), &tensors, Some(metadata))?;
     Ok(())
@@ -502,7 +516,11 @@ fn read_state(
     device: &Device,
     seed: u64,
     steps_per_epoch: u64,
-) -> Result<(u64, std::collections::HashMap<String, Tensor>)> {
+) -> Result<(
+    u64,
+    std::collections::HashMap<String, Tensor>,
+    Vec<(f64, Option<f64>)>,
+)> {
     let path = state_path(resume);
     let state = resnet_io::Checkpoint::open(&path)
         .with_context(|| format!("--resume {}: no training state", resume.display()))?;
@@ -535,7 +553,78 @@ fn read_state(
             ))
         })
         .collect::<Result<_>>()?;
-    Ok((number("iteration")?, tensors))
+    let history = state
+        .metadata()
+        .get("history")
+        .and_then(|h| serde_json::from_str(h).ok())
+        .unwrap_or_default();
+    Ok((number("iteration")?, tensors, history))
+}
+
+/// The training curves (train loss, validation top-1 per epoch) as an SVG beside the
+/// output: people would rather look than read.
+fn write_curves(output: &Path, history: &[(f64, Option<f64>)]) -> Result<()> {
+    let path = if is_file_output(output) {
+        output.with_extension("training-curves.svg")
+    } else {
+        output.join("training-curves.svg")
+    };
+    resnet_io::write_output(&path, curves_svg(history).as_bytes())?;
+    Ok(())
+}
+
+/// Two panels, loss and top-1 against the epoch, as polylines.
+fn curves_svg(history: &[(f64, Option<f64>)]) -> String {
+    let (width, height, margin) = (360.0, 220.0, 40.0);
+    let panel = |title: &str, values: &[(usize, f64)], x0: f64, colour: &str| -> String {
+        let max = values
+            .iter()
+            .map(|v| v.1)
+            .fold(f64::MIN, f64::max)
+            .max(1e-9);
+        let epochs = history.len().max(2) as f64;
+        let point = |(epoch, value): &(usize, f64)| {
+            let x = x0 + margin + (*epoch as f64) / (epochs - 1.0) * (width - 2.0 * margin);
+            let y = height - margin - value / max * (height - 2.0 * margin);
+            format!("{x:.1},{y:.1}")
+        };
+        let points: Vec<String> = values.iter().map(point).collect();
+        let circles: String = points
+            .iter()
+            .map(|p| {
+                let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+                format!("<circle cx=\"{x}\" cy=\"{y}\" r=\"3\" fill=\"{colour}\"/>")
+            })
+            .collect();
+        format!(
+            "<text x=\"{tx}\" y=\"20\" font-size=\"14\">{title} (max {max:.4})</text>\
+             <line x1=\"{l}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#888\"/>\
+             <line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{b}\" stroke=\"#888\"/>\
+             <text x=\"{tx}\" y=\"{ly}\" font-size=\"11\">epoch 1 .. {n}</text>\
+             <polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{points}\"/>{circles}",
+            tx = x0 + margin,
+            l = x0 + margin,
+            r = x0 + width - margin,
+            t = margin,
+            b = height - margin,
+            ly = height - 12.0,
+            n = history.len(),
+            points = points.join(" "),
+        )
+    };
+    let losses: Vec<(usize, f64)> = history.iter().enumerate().map(|(i, h)| (i, h.0)).collect();
+    let top1: Vec<(usize, f64)> = history
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| h.1.map(|t| (i, t)))
+        .collect();
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\">\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>{}{}</svg>\n",
+        2.0 * width,
+        panel("train loss", &losses, 0.0, "#c0392b"),
+        panel("validation top-1", &top1, width, "#2471a3"),
+    )
 }
 
 /// Top-1 and top-5 on an ImageFolder tree with the evaluation transform, BatchNorm in

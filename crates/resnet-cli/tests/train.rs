@@ -173,6 +173,12 @@ fn trains_writes_a_model_directory_every_command_reads() -> Result<()> {
         .map(serde_json::from_str)
         .collect::<serde_json::Result<_>>()?;
     assert_eq!(lines.len(), 2, "one JSON line per epoch");
+    let curves = std::fs::read_to_string(out.join("training-curves.svg"))?;
+    assert!(
+        curves.starts_with("<svg") && curves.matches("<polyline").count() == 2,
+        "{curves}"
+    );
+    assert!(out.join("training-state.safetensors").is_file());
     assert!(lines[1]["val_top1"].as_f64().is_some());
     let eval = resnet(&[
         "eval",
