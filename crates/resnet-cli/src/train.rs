@@ -320,11 +320,10 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let mut history: Vec<(f64, Option<f64>)> = Vec::new();
     let first_iteration = match &args.resume {
         Some(resume) => {
-            let (iteration, state, earlier) =
-                read_state(resume, &device, args.seed, steps_per_epoch)?;
-            optimizer.load_state(&state)?;
-            history = earlier;
-            iteration
+            let saved = read_state(resume, &device, args.seed, steps_per_epoch)?;
+            optimizer.load_state(&saved.optimizer)?;
+            history = saved.history;
+            saved.iteration
         }
         None => 0,
     };
@@ -516,11 +515,7 @@ fn read_state(
     device: &Device,
     seed: u64,
     steps_per_epoch: u64,
-) -> Result<(
-    u64,
-    std::collections::HashMap<String, Tensor>,
-    Vec<(f64, Option<f64>)>,
-)> {
+) -> Result<SavedState> {
     let path = state_path(resume);
     let state = resnet_io::Checkpoint::open(&path)
         .with_context(|| format!("--resume {}: no training state", resume.display()))?;
@@ -558,7 +553,18 @@ fn read_state(
         .get("history")
         .and_then(|h| serde_json::from_str(h).ok())
         .unwrap_or_default();
-    Ok((number("iteration")?, tensors, history))
+    Ok(SavedState {
+        iteration: number("iteration")?,
+        optimizer: tensors,
+        history,
+    })
+}
+
+/// What `--resume` reads back: the next step, the optimizer's tensors, the epochs so far.
+struct SavedState {
+    iteration: u64,
+    optimizer: std::collections::HashMap<String, Tensor>,
+    history: Vec<(f64, Option<f64>)>,
 }
 
 /// The training curves (train loss, validation top-1 per epoch) as an SVG beside the
