@@ -342,39 +342,8 @@ fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
     subset(&samples, &data, 2)?;
     let model =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
-    let train = |output: &Path, extra: &[&str]| -> Result<Output> {
-        let mut args = vec![
-            "train",
-            "--model",
-            path(&model),
-            "--data",
-            path(&data),
-            "--epochs",
-            "2",
-            "--batch-size",
-            "6",
-            "--lr",
-            "0.05",
-            "--seed",
-            "3",
-            "--output",
-            path(output),
-        ];
-        args.extend_from_slice(extra);
-        resnet(&args)
-    };
-    let straight = dir.path().join("straight.safetensors");
-    let output = train(&straight, &[])?;
-    ensure!(output.status.success(), "{}", stderr(&output));
-    let resumed = dir.path().join("resumed.safetensors");
-    let output = train(&resumed, &["--stop-after-epochs", "1"])?;
-    ensure!(output.status.success(), "{}", stderr(&output));
-    assert!(String::from_utf8(output.stdout)?.contains("continue with --resume"));
-    let after_one = candle_core::safetensors::load(&resumed, &Device::Cpu)?;
-    let output = resnet(&[
-        "train",
-        "--resume",
-        path(&resumed),
+    // The run's settings; each call adds where it starts from and where it writes.
+    let settings = [
         "--data",
         path(&data),
         "--epochs",
@@ -383,9 +352,27 @@ fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
         "6",
         "--lr",
         "0.05",
-        "--seed",
+    ];
+    let train = |from: [&str; 2], seed: &str, extra: &[&str]| -> Result<Output> {
+        let mut args = vec!["train", from[0], from[1], "--seed", seed];
+        args.extend_from_slice(&settings);
+        args.extend_from_slice(extra);
+        resnet(&args)
+    };
+    let start = ["--model", path(&model)];
+    let straight = dir.path().join("straight.safetensors");
+    let output = train(start, "3", &["--output", path(&straight)])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let resumed = dir.path().join("resumed.safetensors");
+    let output = train(
+        start,
         "3",
-    ])?;
+        &["--output", path(&resumed), "--stop-after-epochs", "1"],
+    )?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8(output.stdout)?.contains("continue with --resume"));
+    let after_one = candle_core::safetensors::load(&resumed, &Device::Cpu)?;
+    let output = train(["--resume", path(&resumed)], "3", &[])?;
     ensure!(output.status.success(), "{}", stderr(&output));
     let (a, b) = (
         candle_core::safetensors::load(&straight, &Device::Cpu)?,
@@ -404,19 +391,7 @@ fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
     }
     assert!(moved, "the resumed run trained its second epoch");
     // Resuming with other settings is refused.
-    let output = resnet(&[
-        "train",
-        "--resume",
-        path(&resumed),
-        "--data",
-        path(&data),
-        "--epochs",
-        "2",
-        "--batch-size",
-        "6",
-        "--seed",
-        "4",
-    ])?;
+    let output = train(["--resume", path(&resumed)], "4", &[])?;
     assert!(
         !output.status.success() && stderr(&output).contains("--seed 3"),
         "{}",
