@@ -6,6 +6,12 @@ in one run; prints the ratios.
     cargo build --release -p resnet-cli
     cargo build --release -p resnet-benches --features peers   # candle-transformers column
     python benches/compare.py --threads 2 --iters 10 --rounds 3
+    python benches/compare.py --train --threads 2 --iters 5 --rounds 3   # training steps
+
+With --train, one full training step per measurement instead (train-mode forward,
+cross-entropy, backward, SGD with momentum 0.9 and weight decay 1e-4): `resnet bench
+--train` against PyTorch eager's `F.cross_entropy(model(x), y).backward(); opt.step()`,
+on CIFAR ResNet-20 at batch 128 and ResNet-50 at batch 16.
 
 Each case is measured in rounds, every engine once per round in turn (median of --iters
 runs after 2 warm-up runs), and each engine's result is the median over the rounds: a
@@ -29,6 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32)]
+TRAIN_CASES = [("resnet20", 128, 32), ("resnet50", 16, 224)]
 
 
 def run_json(command):
@@ -40,6 +47,8 @@ def ours(arch, batch, size, args):
     binary = os.path.join(ROOT, "target", "release", "resnet")
     command = [binary, "bench", "--arch", arch, "--batch", str(batch), "--iters", str(args.iters),
                "--threads", str(args.threads), "--device", "cpu", "--json"]
+    if args.train:
+        command += ["--train", "--warmup", "1"]
     return lambda: run_json(command)
 
 
@@ -81,6 +90,18 @@ def pytorch(arch, batch, size, args):
     model = torch_model(arch)
     x = torch.randn(batch, 3, size, size)
 
+    if args.train:
+        model.train()
+        labels = torch.randint(0, 10 if arch == "resnet20" else 1000, (batch,))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+        def step():
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), labels).backward()
+            opt.step()
+
+        return lambda: median_ms(step, args.iters, warmup=1)
+
     def measure():
         with torch.inference_mode():
             return median_ms(lambda: model(x), args.iters)
@@ -117,19 +138,24 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pause", type=float, default=1.0,
                         help="seconds of idle machine before each measurement")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (ours and PyTorch) instead of inference")
     parser.add_argument("--cases", default="all",
                         help="comma-separated subset, e.g. resnet50b1,resnet20b128 (default: all)")
     args = parser.parse_args()
     wanted = None if args.cases == "all" else set(args.cases.split(","))
-    peers = [name for name, _ in ENGINES[1:]]
-    print(f"median ms per batch, f32, {args.threads} threads, median of {args.rounds} rounds")
+    engines = [(name, setup) for name, setup in ENGINES if name in ("ours", "pytorch")] \
+        if args.train else ENGINES
+    peers = [name for name, _ in engines[1:]]
+    what = "training step" if args.train else "batch"
+    print(f"median ms per {what}, f32, {args.threads} threads, median of {args.rounds} rounds")
     print(f"{'case':<16}{'ours':>9}" + "".join(f"{name:>11}" for name in peers)
           + "".join(f"{name + '/ours':>16}" for name in peers))
-    for arch, batch, size in CASES:
+    for arch, batch, size in TRAIN_CASES if args.train else CASES:
         if wanted is not None and f"{arch}b{batch}" not in wanted:
             continue
         measures = {}
-        for name, setup in ENGINES:
+        for name, setup in engines:
             try:
                 measures[name] = setup(arch, batch, size, args)
             except Exception as error:  # not installed, or export failed: leave the column empty

@@ -6,6 +6,8 @@
 use candle_core::{bail, DType, Result, Tensor, Var, D};
 use candle_nn::{Init, VarBuilder};
 
+use crate::cpu::batch_norm_grad;
+
 /// `BatchNorm2d` with tensors `weight`, `bias`, `running_mean`, `running_var`.
 #[derive(Debug, Clone)]
 pub struct BatchNorm2d {
@@ -89,10 +91,11 @@ impl BatchNorm2d {
         xs.broadcast_mul(&scale)?.broadcast_add(&shift)
     }
 
-    /// Normalises with the batch statistics and updates the running ones as PyTorch does:
-    /// `running = (1 - momentum) * running + momentum * batch`, with the unbiased batch
-    /// variance for `running_var` and the biased one for the normalisation itself.
-    fn forward_train(&self, xs: &Tensor) -> Result<Tensor> {
+    /// Normalises with the batch statistics (ReLU after it if `relu`) and updates the
+    /// running ones as PyTorch does: `running = (1 - momentum) * running + momentum *
+    /// batch`, with the unbiased batch variance for `running_var` and the biased one for
+    /// the normalisation itself. f32 on the CPU runs one fused op with its own backward.
+    fn forward_train(&self, xs: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
         let count = batch * height * width;
         if count < 2 {
@@ -101,6 +104,18 @@ impl BatchNorm2d {
                  input of shape {:?}",
                 xs.dims()
             );
+        }
+        if batch_norm_grad::supports(xs, &self.weight, &self.bias) {
+            let out = batch_norm_grad::batch_norm_train(
+                xs,
+                &self.weight,
+                &self.bias,
+                residual,
+                self.eps,
+                relu,
+            )?;
+            self.update_running(&out.mean, &out.biased_var, count)?;
+            return Ok(out.ys);
         }
         let dtype = xs.dtype();
         // Statistics in f32 so f16/bf16 training does not lose them to rounding.
@@ -114,14 +129,7 @@ impl BatchNorm2d {
 
         let mean = mean.flatten_all()?;
         let biased_var = biased_var.flatten_all()?;
-        let unbiased_var = (&biased_var * (count as f64 / (count - 1) as f64))?;
-        let update = |running: &Var, batch_value: &Tensor| -> Result<()> {
-            let old = running.as_tensor().to_dtype(DType::F32)?;
-            let new = ((old * (1.0 - self.momentum))? + (batch_value.detach() * self.momentum)?)?;
-            running.set(&new.to_dtype(running.dtype())?)
-        };
-        update(&self.running_mean, &mean)?;
-        update(&self.running_var, &unbiased_var)?;
+        self.update_running(&mean, &biased_var, count)?;
 
         let inv_std = (biased_var + self.eps)?.sqrt()?.recip()?;
         let weight = self.weight.to_dtype(DType::F32)?;
@@ -129,18 +137,57 @@ impl BatchNorm2d {
         let scale = (weight * &inv_std)?;
         let shift = (bias - (mean * &scale)?)?;
         let shape = (1, channels, 1, 1);
-        xs.to_dtype(DType::F32)?
+        let ys = xs
+            .to_dtype(DType::F32)?
             .broadcast_mul(&scale.reshape(shape)?)?
             .broadcast_add(&shift.reshape(shape)?)?
-            .to_dtype(dtype)
+            .to_dtype(dtype)?;
+        finish(ys, residual, relu)
+    }
+
+    /// Moves the running statistics towards the batch's (`count` values per channel).
+    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
+        let unbiased_var = (biased_var * (count as f64 / (count - 1) as f64))?;
+        let update = |running: &Var, batch_value: &Tensor| -> Result<()> {
+            let old = running.as_tensor().to_dtype(DType::F32)?;
+            let new = ((old * (1.0 - self.momentum))? + (batch_value.detach() * self.momentum)?)?;
+            running.set(&new.to_dtype(running.dtype())?)
+        };
+        update(&self.running_mean, mean)?;
+        update(&self.running_var, &unbiased_var)
+    }
+
+    /// `relu(forward_t(xs) + residual)`, residual and ReLU optional: in training on the
+    /// CPU one op.
+    pub(crate) fn forward_add_relu(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Result<Tensor> {
+        if train {
+            self.forward_train(xs, residual, relu)
+        } else {
+            finish(self.forward_inference(xs)?, residual, relu)
+        }
     }
 
     /// Inference (`train = false`) or training (`train = true`) normalisation.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            self.forward_train(xs)
-        } else {
-            self.forward_inference(xs)
-        }
+        self.forward_add_relu(xs, None, false, train)
+    }
+}
+
+/// `relu(ys + residual)`, residual and ReLU optional.
+fn finish(ys: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    let ys = match residual {
+        Some(residual) => (ys + residual)?,
+        None => ys,
+    };
+    if relu {
+        ys.relu()
+    } else {
+        Ok(ys)
     }
 }

@@ -6,9 +6,10 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use std::sync::Arc;
 
 use crate::batch_norm::BatchNorm2d;
-use crate::blocked::{self, BlockedConv};
 use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
-use crate::cpu_conv::FusedConv;
+use crate::cpu::blocked::{self, BlockedConv};
+use crate::cpu::conv_grad::TrainConv;
+use crate::cpu::gemm_conv::FusedConv;
 
 /// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
 #[derive(Debug, Clone)]
@@ -142,7 +143,11 @@ impl ConvBn {
                 }
                 convolve(folded, xs)?
             }
-            (ConvWeights::Trainable(conv), _) => self.bn.forward_t(&convolve(conv, xs)?, train)?,
+            (ConvWeights::Trainable(conv), _) => {
+                return self
+                    .bn
+                    .forward_add_relu(&convolve(conv, xs)?, residual, relu, train);
+            }
         };
         if let Some(residual) = residual {
             ys = (ys + residual)?;
@@ -179,7 +184,7 @@ impl ConvBn {
             let dims = conv.weight().dims4()?;
             let weight = conv.weight().to_dtype(DType::F32)?.contiguous()?;
             let (storage, layout) = weight.storage_and_layout();
-            let source = crate::cpu_conv::cpu_data::<f32>(&storage, layout)?;
+            let source = crate::cpu::gemm_conv::cpu_data::<f32>(&storage, layout)?;
             let blocked = BlockedConv::from_folded(
                 source,
                 &scale.to_vec1::<f32>()?,
@@ -267,6 +272,15 @@ impl ConvBn {
 }
 
 fn convolve(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
+    let config = conv.config();
+    if conv.bias().is_none() && config.dilation == 1 && TrainConv::supports(xs, conv.weight()) {
+        let op = TrainConv {
+            stride: config.stride,
+            padding: config.padding,
+            groups: config.groups,
+        };
+        return op.forward(xs, conv.weight());
+    }
     // candle's CPU convolution has no bf16 kernel: convolve in f32 and round the result
     // back to bf16, as a GPU accumulates bf16 products in f32.
     if xs.dtype() == DType::BF16 && xs.device().is_cpu() {

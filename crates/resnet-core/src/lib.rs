@@ -28,13 +28,11 @@
 mod allocator;
 mod batch_norm;
 mod block;
-mod blocked;
 mod config;
-mod cpu_conv;
+mod cpu;
 mod device;
 mod model;
 pub mod ops;
-mod winograd;
 
 /// The candle this crate is built on: use it rather than guessing the matching version.
 pub use candle_core;

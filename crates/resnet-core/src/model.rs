@@ -45,7 +45,7 @@ impl Stem {
 
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
         match self.kind {
-            StemKind::ImageNet if xs.rank() == 5 => crate::blocked::max_pool(xs, 3, 2, 1),
+            StemKind::ImageNet if xs.rank() == 5 => crate::cpu::blocked::max_pool(xs, 3, 2, 1),
             // Differentiable (candle's max pool has no backward): the network trains.
             StemKind::ImageNet => crate::ops::max_pool_3x3_stride2(xs),
             StemKind::Cifar => Ok(xs.clone()),
@@ -380,7 +380,7 @@ impl ResNet {
     /// `(N, C/16, H, W, 16)`).
     fn plain_layout(&self, xs: &Tensor) -> Result<Tensor> {
         if self.blocked {
-            crate::blocked::from_blocked(xs)
+            crate::cpu::blocked::from_blocked(xs)
         } else {
             Ok(xs.clone())
         }
@@ -442,7 +442,7 @@ impl ResNet {
             || (kernels != CpuKernels::Gemm
                 && self.device.is_cpu()
                 && self.dtype == DType::F32
-                && crate::blocked::available()
+                && crate::cpu::blocked::available()
                 && self.stem.conv_bn.can_block()
                 && self
                     .stages

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use crate::cpu_conv::{cpu_data, f32_input, for_each_task, Shared};
+use crate::cpu::gemm_conv::{cpu_data, f32_input, for_each_task, Shared};
 use rayon::prelude::*;
 
 /// Channels per block: one AVX-512 register of f32.
@@ -77,7 +77,7 @@ pub(crate) struct BlockedConv {
     /// Input channels per input block: 16 for blocked input, 1 for plain `(N, C, H, W)`
     /// input (the stem's image).
     in_lanes: usize,
-    /// 3x3 stride 1 runs Winograd F(2x2, 3x3) (see [`crate::winograd`]).
+    /// 3x3 stride 1 runs Winograd F(2x2, 3x3) (see [`crate::cpu::winograd`]).
     winograd: bool,
     /// `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`, or the
     /// Winograd-transformed weights.
@@ -155,7 +155,7 @@ impl BlockedConv {
         let winograd = winograd && kernel == 3 && stride == 1 && padding == 1 && !plain_input;
         let per_channel = c_in * kernel * kernel;
         let packed = if winograd {
-            crate::winograd::transform_weights(source, scale, c_out, c_in, group)
+            crate::cpu::winograd::transform_weights(source, scale, c_out, c_in, group)
         } else {
             packed_order(c_in, c_out, kernel, group, in_lanes)
                 .map(|index| source[index] * scale[index / per_channel])
@@ -178,7 +178,7 @@ impl BlockedConv {
     /// The weight back in `(c_out, c_in, k, k)` order, and the bias.
     pub fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
         if self.winograd {
-            let weight = crate::winograd::untransform_weights(
+            let weight = crate::cpu::winograd::untransform_weights(
                 &self.weight,
                 self.c_out,
                 self.c_in,
@@ -479,7 +479,7 @@ impl CustomOp1 for BlockedOp<'_> {
         };
 
         if conv.winograd {
-            let geometry = crate::winograd::Geometry {
+            let geometry = crate::cpu::winograd::Geometry {
                 batch,
                 in_blocks,
                 out_blocks,
@@ -487,14 +487,14 @@ impl CustomOp1 for BlockedOp<'_> {
                 width,
                 group: conv.group,
             };
-            let layer = crate::winograd::Layer {
+            let layer = crate::cpu::winograd::Layer {
                 input,
                 weight: &conv.weight,
                 bias: &conv.bias,
                 residual,
                 relu: self.relu,
             };
-            let output = crate::winograd::convolve(geometry, layer);
+            let output = crate::cpu::winograd::convolve(geometry, layer);
             return Ok((CpuStorage::F32(output), Shape::from(out_shape)));
         }
 

@@ -101,42 +101,42 @@ impl CustomOp1 for FusedConv<'_> {
     }
 }
 
-/// The shapes of one convolution.
+/// The shapes of one group of one image's convolution.
 #[derive(Clone, Copy)]
-struct Geometry {
-    c_in: usize,
-    c_out: usize,
-    height: usize,
-    width: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
+pub(crate) struct Geometry {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub height: usize,
+    pub width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_h: usize,
+    pub out_w: usize,
 }
 
 impl Geometry {
-    fn in_plane(&self) -> usize {
+    pub fn in_plane(&self) -> usize {
         self.height * self.width
     }
 
-    fn out_plane(&self) -> usize {
+    pub fn out_plane(&self) -> usize {
         self.out_h * self.out_w
     }
 
     /// Rows of the im2col matrix: c_in · kernel².
-    fn depth(&self) -> usize {
+    pub fn depth(&self) -> usize {
         self.c_in * self.kernel * self.kernel
     }
 
     /// A 1x1, stride-1, unpadded convolution reads its input as the GEMM operand.
-    fn is_direct(&self) -> bool {
+    pub fn is_direct(&self) -> bool {
         self.kernel == 1 && self.stride == 1 && self.padding == 0
     }
 
     /// Columns `pixels` of the im2col matrix, as a `(depth, pixels.len())` row-major
     /// tile: row (ci, ky, kx), column (oy, ox) holds x[ci, oy·s + ky - p, ox·s + kx - p].
-    fn im2col_tile<T: Element>(&self, x: &[T], pixels: Range<usize>, tile: &mut [T]) {
+    pub fn im2col_tile<T: Element>(&self, x: &[T], pixels: Range<usize>, tile: &mut [T]) {
         let Self {
             kernel,
             stride: s,
@@ -399,37 +399,24 @@ impl FusedConv<'_> {
             bail!("fused convolution: input is not contiguous");
         };
         let input = &input[start..end];
-        let (batch, c_in, height, width) = layout.shape().dims4()?;
-        let (c_out, w_in, kh, kw) = self.weight.dims4()?;
-        let groups = self.groups;
-        if groups == 0 || w_in * groups != c_in || !c_out.is_multiple_of(groups) || kh != kw {
-            bail!(
-                "fused convolution: weight {:?} for input {:?}",
-                self.weight.dims(),
-                layout.shape().dims()
-            );
-        }
-        let (s, p) = (self.stride, self.padding);
-        if height + 2 * p < kh || width + 2 * p < kw {
-            bail!("fused convolution: input {height}x{width} smaller than the kernel");
-        }
-        let out_h = (height + 2 * p - kh) / s + 1;
-        let out_w = (width + 2 * p - kw) / s + 1;
-        let (in_plane, out_plane) = (height * width, out_h * out_w);
-        // Per group: w_in input channels, c_out / groups output channels.
-        let (group_out, k) = (c_out / groups, w_in * kh * kw);
-
+        let shape = ConvShape::new(
+            layout.shape().dims(),
+            self.weight.dims(),
+            self.stride,
+            self.padding,
+            self.groups,
+        )?;
         let (weight_storage, weight_layout) = self.weight.storage_and_layout();
         let weight = cpu_data::<T>(&weight_storage, weight_layout)?;
         let (bias_storage, bias_layout) = self.bias.storage_and_layout();
         let bias = cpu_data::<T>(&bias_storage, bias_layout)?;
         let residual_guard = match self.residual {
             Some(r) => {
-                if r.dims() != [batch, c_out, out_h, out_w] {
+                if r.dims() != shape.output_dims() {
                     bail!(
                         "fused convolution: residual {:?}, expected {:?}",
                         r.dims(),
-                        [batch, c_out, out_h, out_w]
+                        shape.output_dims()
                     );
                 }
                 Some(r.storage_and_layout())
@@ -440,22 +427,128 @@ impl FusedConv<'_> {
             Some((storage, layout)) => Some(cpu_data::<T>(storage, layout)?),
             None => None,
         };
-        if weight.len() != c_out * k || bias.len() != c_out {
-            bail!("fused convolution: weight or bias size does not match {c_out}x{k}");
+        if bias.len() != shape.c_out {
+            bail!(
+                "fused convolution: {} biases for {} channels",
+                bias.len(),
+                shape.c_out
+            );
         }
+        let output = shape.convolve(input, weight, bias, residual, self.relu)?;
+        Ok((
+            T::to_cpu_storage_owned(output),
+            Shape::from(shape.output_dims().to_vec()),
+        ))
+    }
+}
 
-        let geometry = Geometry {
-            c_in: w_in,
-            c_out: group_out,
+/// The shapes of one batched convolution: any groups, square kernel, symmetric padding,
+/// dilation 1. Built by [`ConvShape::new`], which checks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvShape {
+    pub batch: usize,
+    pub c_in: usize,
+    pub height: usize,
+    pub width: usize,
+    pub c_out: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+    pub out_h: usize,
+    pub out_w: usize,
+}
+
+impl ConvShape {
+    /// The convolution of an `input` `(N, C, H, W)` by a `weight`
+    /// `(C_out, C / groups, k, k)`, or an error saying what does not fit.
+    pub fn new(
+        input: &[usize],
+        weight: &[usize],
+        stride: usize,
+        padding: usize,
+        groups: usize,
+    ) -> Result<Self> {
+        let (&[batch, c_in, height, width], &[c_out, w_in, kh, kw]) = (input, weight) else {
+            bail!("convolution: input {input:?} and weight {weight:?} must both have 4 dimensions");
+        };
+        if groups == 0
+            || stride == 0
+            || w_in * groups != c_in
+            || !c_out.is_multiple_of(groups)
+            || kh != kw
+        {
+            bail!(
+                "convolution: weight {weight:?} (groups {groups}, stride {stride}) for input {input:?}"
+            );
+        }
+        if height + 2 * padding < kh || width + 2 * padding < kw {
+            bail!("convolution: input {height}x{width} smaller than the {kh}x{kw} kernel");
+        }
+        Ok(Self {
+            batch,
+            c_in,
             height,
             width,
+            c_out,
             kernel: kh,
-            stride: s,
-            padding: p,
-            out_h,
-            out_w,
-        };
+            stride,
+            padding,
+            groups,
+            out_h: (height + 2 * padding - kh) / stride + 1,
+            out_w: (width + 2 * padding - kw) / stride + 1,
+        })
+    }
+
+    /// `(N, C_out, H_out, W_out)`.
+    pub fn output_dims(&self) -> [usize; 4] {
+        [self.batch, self.c_out, self.out_h, self.out_w]
+    }
+
+    /// One group of one image as the GEMM convolutions see it.
+    pub(crate) fn group_geometry(&self) -> Geometry {
+        Geometry {
+            c_in: self.c_in / self.groups,
+            c_out: self.c_out / self.groups,
+            height: self.height,
+            width: self.width,
+            kernel: self.kernel,
+            stride: self.stride,
+            padding: self.padding,
+            out_h: self.out_h,
+            out_w: self.out_w,
+        }
+    }
+
+    /// `relu(conv(input, weight) + bias (+ residual))` over the batch, contiguous NCHW
+    /// slices in, the output's out.
+    pub fn convolve<T: Element>(
+        &self,
+        input: &[T],
+        weight: &[T],
+        bias: &[T],
+        residual: Option<&[T]>,
+        relu: bool,
+    ) -> Result<Vec<T>> {
+        let ConvShape {
+            batch,
+            c_in,
+            c_out,
+            groups,
+            ..
+        } = *self;
+        let geometry = self.group_geometry();
+        let (in_plane, out_plane) = (geometry.in_plane(), geometry.out_plane());
+        // Per group: w_in input channels, c_out / groups output channels.
+        let (w_in, group_out, k) = (geometry.c_in, geometry.c_out, geometry.depth());
         let image_len = c_out * out_plane;
+        if input.len() != batch * c_in * in_plane
+            || weight.len() != c_out * k
+            || bias.len() != c_out
+            || residual.is_some_and(|r| r.len() != batch * image_len)
+        {
+            bail!("convolution: buffer sizes do not match {self:?}");
+        }
         // Every element is written by `Epilogue::init` before the GEMM reads it.
         let mut output: Vec<T> = vec![T::zero(); batch * image_len];
         let threads = candle_core::utils::get_num_threads();
@@ -468,7 +561,7 @@ impl FusedConv<'_> {
                 weight: &weight[g * group_out * k..(g + 1) * group_out * k],
                 bias: &bias[g * group_out..(g + 1) * group_out],
                 residual: residual.map(|r| &r[at..at + group_len]),
-                relu: self.relu,
+                relu,
             };
             geometry.run_image(x, &epilogue, out, threads);
         };
@@ -493,9 +586,6 @@ impl FusedConv<'_> {
                 run_image(b, out, true);
             }
         }
-        Ok((
-            T::to_cpu_storage_owned(output),
-            Shape::from((batch, c_out, out_h, out_w)),
-        ))
+        Ok(output)
     }
 }

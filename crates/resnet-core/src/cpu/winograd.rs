@@ -15,8 +15,8 @@
 
 use rayon::prelude::*;
 
-use crate::blocked::{KernelArgs, Tile, LANES, MAX_PIXELS};
-use crate::cpu_conv::{for_each_task, Shared};
+use crate::cpu::blocked::{KernelArgs, Tile, LANES, MAX_PIXELS};
+use crate::cpu::gemm_conv::{for_each_task, Shared};
 
 /// Positions of the 4x4 transform.
 const POSITIONS: usize = 16;
