@@ -284,13 +284,13 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     } else {
         Augmentation::for_input(preprocess.size)
     };
-    let data = TrainingSet::open(
+    let data = std::sync::Arc::new(TrainingSet::open(
         &args.data,
         preprocess.clone(),
         augmentation,
         args.seed,
         !args.no_shuffle,
-    )?;
+    )?);
     let steps_per_epoch = data.batch_count(args.batch_size) as u64;
     let kind = match args.schedule.as_str() {
         "cosine" => ScheduleKind::Cosine,
@@ -349,6 +349,13 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             None => Ok(()),
         };
 
+    // Decoded and augmented on a worker thread, two batches ahead of the step.
+    let mut batches = data.batches_ahead(
+        first_iteration..stop_after * steps_per_epoch,
+        args.batch_size,
+        &device,
+        2,
+    );
     for epoch in first_iteration / steps_per_epoch..stop_after {
         let started = Instant::now();
         let progress = if args.json {
@@ -373,7 +380,9 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             let iteration = epoch * steps_per_epoch + step;
             let lr = schedule.lr(iteration);
             optimizer.set_lr(lr);
-            let batch = data.batch(epoch, step as usize, args.batch_size, &device)?;
+            let batch = batches
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("the data loading thread stopped early"))??;
             for (path, reason) in &batch.unreadable {
                 progress.suspend(|| {
                     eprintln!(

@@ -5,6 +5,8 @@
 
 use candle_core::{Result, Tensor};
 
+use crate::cpu::max_pool_grad::MaxPool3x3Stride2;
+
 /// `xs[:, :, ::stride, ::stride]` of an NCHW tensor (exactly), by a reshape: the option-A
 /// shortcut's subsampling.
 pub fn subsample(xs: &Tensor, stride: usize) -> Result<Tensor> {
@@ -26,8 +28,12 @@ pub fn subsample(xs: &Tensor, stride: usize) -> Result<Tensor> {
 /// nine strided views. The input comes out of a ReLU, so zero padding equals PyTorch's
 /// -inf padding. Where two inputs tie for a window's maximum the gradient is split
 /// between them (PyTorch gives it to the first); after a ReLU such ties are zeros, whose
-/// gradient the ReLU drops anyway.
+/// gradient the ReLU drops anyway. f32 on the CPU runs one kernel instead, PyTorch's
+/// pooling exactly (the gradient to the first maximum).
 pub fn max_pool_3x3_stride2(xs: &Tensor) -> Result<Tensor> {
+    if MaxPool3x3Stride2::supports(xs) {
+        return MaxPool3x3Stride2::forward(xs);
+    }
     let (_, _, h, w) = xs.dims4()?;
     let (out_h, out_w) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     // One row and column of padding before; after, enough for every view to be whole.
@@ -67,28 +73,35 @@ mod tests {
         Ok(())
     }
 
+    /// f32 runs the CPU kernel, f64 the composition: both as candle's pool, both with
+    /// a gradient.
     #[test]
     fn max_pool_matches_candle_and_has_a_gradient() -> Result<()> {
-        for (h, w) in [(8, 8), (7, 9), (1, 2), (16, 11)] {
-            let xs = Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?;
-            let expected = xs
-                .pad_with_zeros(2, 1, 1)?
-                .pad_with_zeros(3, 1, 1)?
-                .max_pool2d_with_stride(3, 2)?;
-            let got = max_pool_3x3_stride2(&xs)?;
-            assert_eq!(got.dims(), expected.dims(), "{h}x{w}");
-            let diff = (&got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert_eq!(diff, 0.0, "{h}x{w}");
+        for dtype in [candle_core::DType::F32, candle_core::DType::F64] {
+            for (h, w) in [(8, 8), (7, 9), (1, 2), (16, 11)] {
+                let xs = Tensor::rand(0f32, 1.0, (2, 3, h, w), &Device::Cpu)?.to_dtype(dtype)?;
+                let expected = xs
+                    .pad_with_zeros(2, 1, 1)?
+                    .pad_with_zeros(3, 1, 1)?
+                    .max_pool2d_with_stride(3, 2)?;
+                let got = max_pool_3x3_stride2(&xs)?;
+                assert_eq!(got.dims(), expected.dims(), "{h}x{w}");
+                let diff = (&got - expected)?.abs()?.max_all()?;
+                let diff = diff.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+                assert_eq!(diff, 0.0, "{h}x{w} {dtype:?}");
+            }
+            // Each output's gradient reaches the one input that is its maximum.
+            let xs = Tensor::rand(0f32, 1.0, (1, 1, 6, 6), &Device::Cpu)?.to_dtype(dtype)?;
+            let xs = Var::from_tensor(&xs)?;
+            let grads = max_pool_3x3_stride2(xs.as_tensor())?
+                .sum_all()?
+                .backward()?;
+            let grad = grads
+                .get(xs.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+            let total = grad.sum_all()?.to_dtype(candle_core::DType::F64)?;
+            assert_eq!(total.to_scalar::<f64>()?, 9.0, "{dtype:?}");
         }
-        // Each output's gradient reaches the one input that is its maximum.
-        let xs = Var::from_tensor(&Tensor::rand(0f32, 1.0, (1, 1, 6, 6), &Device::Cpu)?)?;
-        let grads = max_pool_3x3_stride2(xs.as_tensor())?
-            .sum_all()?
-            .backward()?;
-        let grad = grads
-            .get(xs.as_tensor())
-            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
-        assert_eq!(grad.sum_all()?.to_scalar::<f32>()?, 9.0);
         Ok(())
     }
 }

@@ -1,12 +1,15 @@
 //! Training data: an ImageFolder tree, a seeded order per epoch, and the augmentations of
-//! the paper's CIFAR recipe and torchvision's ImageNet one, decoded in parallel.
+//! the paper's CIFAR recipe and torchvision's ImageNet one, decoded in parallel on a
+//! worker thread ahead of the step that needs them.
 //!
 //! Every random choice (the epoch's order, each image's crop and flip) is a pure
 //! function of `(seed, epoch, image index)`, so a run is the same for a given seed
 //! whatever the thread count, and a run resumed at an epoch sees exactly what the
 //! uninterrupted run saw.
 
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -88,6 +91,27 @@ pub struct Batch {
     pub unreadable: Vec<(std::path::PathBuf, String)>,
 }
 
+/// Batches decoded ahead of training by [`TrainingSet::batches_ahead`]: an iterator that
+/// yields them in order and ends after the last. Dropping it stops the worker.
+#[derive(Debug)]
+pub struct BatchesAhead {
+    receiver: std::sync::mpsc::Receiver<candle_core::Result<Batch>>,
+    spawn_error: Option<String>,
+}
+
+impl Iterator for BatchesAhead {
+    type Item = candle_core::Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(error) = self.spawn_error.take() {
+            return Some(Err(candle_core::Error::Msg(format!(
+                "could not start the data loading thread: {error}"
+            ))));
+        }
+        self.receiver.recv().ok()
+    }
+}
+
 /// An ImageFolder tree read for training.
 #[derive(Debug)]
 pub struct TrainingSet {
@@ -165,7 +189,55 @@ impl TrainingSet {
         batch_size: usize,
         device: &Device,
     ) -> candle_core::Result<Batch> {
-        let order = self.order(epoch);
+        self.batch_of(&self.order(epoch), epoch, number, batch_size, device)
+    }
+
+    /// The batches of training iterations `iterations` (iteration `i` is batch
+    /// `i % batches_per_epoch` of epoch `i / batches_per_epoch`), in order, each decoded
+    /// and augmented on a worker thread while the model trains on the ones before it,
+    /// at most `ahead` of them waiting. The same batches as [`TrainingSet::batch`]:
+    /// their content depends on the seed, epoch and index only, not on timing.
+    pub fn batches_ahead(
+        self: &Arc<Self>,
+        iterations: Range<u64>,
+        batch_size: usize,
+        device: &Device,
+        ahead: usize,
+    ) -> BatchesAhead {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(ahead.max(1));
+        let (data, device) = (Arc::clone(self), device.clone());
+        let per_epoch = self.batch_count(batch_size).max(1) as u64;
+        let worker = std::thread::Builder::new()
+            .name("resnet-data".into())
+            .spawn(move || {
+                let mut order: Option<(u64, Vec<usize>)> = None;
+                for iteration in iterations {
+                    let (epoch, number) = (iteration / per_epoch, (iteration % per_epoch) as usize);
+                    if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                        order = Some((epoch, data.order(epoch)));
+                    }
+                    let order = order.as_ref().map_or(&[][..], |(_, order)| order);
+                    let batch = data.batch_of(order, epoch, number, batch_size, &device);
+                    // The receiver is gone: training stopped, so does this thread.
+                    if sender.send(batch).is_err() {
+                        return;
+                    }
+                }
+            });
+        BatchesAhead {
+            receiver,
+            spawn_error: worker.err().map(|e| e.to_string()),
+        }
+    }
+
+    fn batch_of(
+        &self,
+        order: &[usize],
+        epoch: u64,
+        number: usize,
+        batch_size: usize,
+        device: &Device,
+    ) -> candle_core::Result<Batch> {
         let start = number * batch_size;
         let indices = order
             .get(start..(start + batch_size).min(order.len()))

@@ -27,7 +27,9 @@ mod optim;
 mod schedule;
 mod trainable;
 
-pub use data::{pad_crop, random_resized_crop, Augmentation, Batch, Random, TrainingSet};
+pub use data::{
+    pad_crop, random_resized_crop, Augmentation, Batch, BatchesAhead, Random, TrainingSet,
+};
 pub use loss::cross_entropy;
 pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};
 pub use schedule::{Schedule, ScheduleKind};
