@@ -55,31 +55,7 @@ fn check_train_steps(shared: &Path, lr: &str, name: &str, tolerance: f64) -> Res
     subset(&shared.join("data/cifar10-train"), &data, 6)?;
     let out = dir.path().join("out.safetensors");
     let model = shared.join("weights/cifar10/resnet20.safetensors");
-    let output = resnet(&[
-        "train",
-        "--model",
-        path(&model),
-        "--data",
-        path(&data),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "20",
-        "--lr",
-        lr,
-        "--momentum",
-        "0.9",
-        "--weight-decay",
-        "5e-4",
-        "--schedule",
-        "constant",
-        "--no-shuffle",
-        "--no-augment",
-        "--output",
-        path(&out),
-        "--json",
-    ])?;
-    ensure!(output.status.success(), "{}", stderr(&output));
+    let output = parity_command(&model, &data, lr, &out)?;
     let ours = candle_core::safetensors::load(&out, &Device::Cpu)?;
     let fixture =
         resnet_tests::fixtures_dir().join(format!("train/resnet20_sgd_3_steps_{name}.safetensors"));
@@ -105,14 +81,136 @@ fn check_train_steps(shared: &Path, lr: &str, name: &str, tolerance: f64) -> Res
         ours.len(),
         "every saved tensor compared, CIFAR names kept"
     );
+    check_mean_loss(&output, &expected, tolerance, name)?;
+    Ok(compared)
+}
+
+/// The epoch's mean train loss (`--json`) against the mean of the fixture's `losses`.
+fn check_mean_loss(
+    output: &Output,
+    expected: &std::collections::HashMap<String, candle_core::Tensor>,
+    tolerance: f64,
+    name: &str,
+) -> Result<()> {
     let epoch: serde_json::Value = serde_json::from_slice(&output.stdout)?;
     let mean_loss = f64::from(expected["losses"].mean_all()?.to_scalar::<f32>()?);
     let ours_loss = epoch["train_loss"].as_f64().context("train_loss")?;
-    assert!(
+    ensure!(
         (ours_loss - mean_loss).abs() <= tolerance * mean_loss.abs(),
         "{name}: mean loss {ours_loss} against {mean_loss}"
     );
-    Ok(compared)
+    Ok(())
+}
+
+/// The training issue's parity command: one epoch of `model` on `data`, batch 20, SGD at
+/// `lr` with momentum 0.9 and weight decay 5e-4, constant rate, sorted order, no
+/// augmentation, the result saved to `out`.
+fn parity_command(model: &Path, data: &Path, lr: &str, out: &Path) -> Result<Output> {
+    let output = resnet(&[
+        "train",
+        "--model",
+        path(model),
+        "--data",
+        path(&data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "20",
+        "--lr",
+        lr,
+        "--momentum",
+        "0.9",
+        "--weight-decay",
+        "5e-4",
+        "--schedule",
+        "constant",
+        "--no-shuffle",
+        "--no-augment",
+        "--output",
+        path(out),
+        "--json",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    Ok(output)
+}
+
+/// The parity command on a timm-style model directory (config.json + model.safetensors):
+/// timm's resnet18 with 10 classes, seeded weights (`hashed_tensor`, which the fixture
+/// script's `hash_init` reproduces), a 32x32 `pretrained_cfg` with crop_pct 1 and
+/// ImageNet's mean and std; lr 0.01 in float32 against PyTorch float32 at the project's
+/// 1e-4. The fixture keeps every running statistic and a strided sample of each other
+/// tensor (resnet18 is 45 MB): every `step`-th value, step = ceil(n / 2048) above 4096
+/// values (`fixtures/generate_train_step.py`).
+#[test]
+fn train_command_as_pytorch_sgd_on_a_timm_model_directory() -> Result<()> {
+    let Some(shared) =
+        resnet_tests::shared_dir("train_command_as_pytorch_sgd_on_a_timm_model_directory")
+    else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&shared.join("data/cifar10-train"), &data, 6)?;
+    let model_dir = dir.path().join("timm-resnet18");
+    std::fs::create_dir(&model_dir)?;
+    let config = resnet_core::ResNetConfig::resnet18().with_num_classes(10);
+    let seeded = resnet_tests::hashed_var_builder(candle_core::DType::F32, &Device::Cpu);
+    let model = resnet_core::ResNet::new(&config, seeded)?;
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        model.named_tensors()?.into_iter().collect();
+    candle_core::safetensors::save(&tensors, model_dir.join("model.safetensors"))?;
+    let timm_config = serde_json::json!({
+        "architecture": "resnet18",
+        "num_classes": 10,
+        "pretrained_cfg": {
+            "input_size": [3, 32, 32],
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+    });
+    std::fs::write(model_dir.join("config.json"), timm_config.to_string())?;
+
+    let out = dir.path().join("out.safetensors");
+    let output = parity_command(&model_dir, &data, "0.01", &out)?;
+    let ours = candle_core::safetensors::load(&out, &Device::Cpu)?;
+    let fixture =
+        resnet_tests::fixtures_dir().join("train/resnet18_timm_sgd_3_steps_lr0.01_f32.safetensors");
+    let expected = candle_core::safetensors::load(&fixture, &Device::Cpu)?;
+    let mut compared = 0;
+    for (name, reference) in &expected {
+        if name == "losses" {
+            continue;
+        }
+        let tensor = ours
+            .get(name)
+            .with_context(|| format!("{name} not saved"))?
+            .flatten_all()?;
+        let count = tensor.elem_count();
+        let step = if count <= 4096 || name.contains("running") {
+            1
+        } else {
+            count.div_ceil(2048)
+        };
+        let indices: Vec<u32> = (0..count).step_by(step).map(|i| i as u32).collect();
+        let indices = candle_core::Tensor::new(indices.as_slice(), &Device::Cpu)?;
+        let sampled = tensor.index_select(&indices, 0)?;
+        assert_close(
+            &sampled,
+            reference,
+            F32_RELATIVE_TOLERANCE,
+            &format!("resnet18: {name}"),
+        )?;
+        compared += 1;
+    }
+    assert_eq!(
+        compared,
+        ours.len(),
+        "every saved tensor compared, timm names kept"
+    );
+    assert_eq!(compared, 102);
+    check_mean_loss(&output, &expected, F32_RELATIVE_TOLERANCE, "resnet18")
 }
 
 /// The training issue's step-parity command, as given (lr 0.1): this short run diverges
