@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: the parity tests on CUDA, `resnet bench` for resnet50
-# at batch 1, 8 and 64 in f32, f16 and bf16, and the CIFAR-10 evaluation; one summary.
+# On a machine with an NVIDIA GPU: the parity and gradient tests on CUDA, `resnet bench`
+# for resnet50 at batch 1, 8 and 64 in f32, f16 and bf16, the CIFAR-10 evaluation, a
+# training step's time and a short training run on the device; one summary.
 #
 #   scripts/build-cuda.sh            # first, here or on any machine of the same arch
 #   LD_LIBRARY_PATH=<CUDA 13 libs> scripts/gpu-check.sh [SHARED_DIR]
@@ -18,8 +19,9 @@ cd "$ROOT"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' | tee -a "$SUMMARY"
 
-# 1. Parity tests, every device variant (the *_cuda tests exist in CUDA builds only).
-for test in parity model io; do
+# 1. Parity and gradient tests, every device variant (the *_cuda tests exist in CUDA
+#    builds only).
+for test in parity model io gradients; do
     bin=$(ls -t "$BUILD"/deps/$test-* 2>/dev/null | grep -v '\.d$' | head -n 1)
     if [ -z "$bin" ]; then
         echo "parity: no test binary '$test' (run scripts/build-cuda.sh)" | tee -a "$SUMMARY"
@@ -49,6 +51,20 @@ if [ -d "$SHARED/data/cifar10-test" ]; then
 else
     echo "eval: skipped, $SHARED/data/cifar10-test not found" | tee -a "$SUMMARY"
 fi
+
+# 4. Training on the device: one step's time, then two epochs of fine-tuning the
+#    pretrained ResNet-20 on the 100 sample images (validated on them).
+for case in "resnet20 128" "resnet50 16"; do
+    set -- $case
+    line=$("$RESNET" bench --device cuda --arch "$1" --batch "$2" --train --iters 10 --warmup 2 --json 2>&1 \
+        | tr -d '\n ' | sed -E 's/.*"images_per_sec":([0-9.]+).*"median_ms":([0-9.]+).*/\2 ms, \1 images\/s/')
+    echo "bench --train $1 batch $2: $line" | tee -a "$SUMMARY"
+done
+train_out=$(mktemp -d)
+"$RESNET" train --device cuda --model "$ROOT/weights/resnet20.safetensors" --data "$ROOT/weights/samples" \
+    --val "$ROOT/weights/samples" --epochs 2 --batch-size 50 --lr 0.01 --output "$train_out/model" --json 2>&1 \
+    | tail -n 2 | sed 's/^/train: /' | tee -a "$SUMMARY"
+rm -rf "$train_out"
 
 echo
 echo "== summary"
