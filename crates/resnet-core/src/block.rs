@@ -10,6 +10,7 @@ use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
 use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
 use crate::cpu::gemm_conv::FusedConv;
+use crate::cpu::CpuIsa;
 
 /// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
 #[derive(Debug, Clone)]
@@ -37,8 +38,13 @@ pub(crate) enum FoldTarget {
     Gemm,
     /// Weights reordered for the channel-blocked kernels; `plain_input`: the unit reads
     /// `(N, C, H, W)` (the stem), else blocked activations. Output is always blocked.
-    /// `winograd`: 3x3 stride-1 units run Winograd F(2x2, 3x3).
-    Blocked { plain_input: bool, winograd: bool },
+    /// `winograd`: 3x3 stride-1 units run Winograd F(2x2, 3x3). `isa`: the kernels'
+    /// instruction set.
+    Blocked {
+        plain_input: bool,
+        winograd: bool,
+        isa: CpuIsa,
+    },
 }
 
 /// Shape of one convolution.
@@ -177,6 +183,7 @@ impl ConvBn {
         if let FoldTarget::Blocked {
             plain_input,
             winograd,
+            isa,
         } = target
         {
             // Straight from the checkpoint's weight to the reordered copy, the BatchNorm
@@ -193,6 +200,7 @@ impl ConvBn {
                 (config.stride, config.padding),
                 plain_input,
                 winograd && BlockedConv::winograd_pays(dims.1, dims.0),
+                isa,
             )?;
             return Ok(Self {
                 weights: ConvWeights::Blocked(Arc::new(blocked)),

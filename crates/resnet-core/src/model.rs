@@ -5,6 +5,7 @@ use candle_nn::{Linear, VarBuilder};
 
 use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock};
 use crate::config::{ResNetConfig, StemKind};
+use crate::cpu::{CpuIsa, Isa};
 
 /// The layers before the first stage (`conv1`, `bn1`, and the max-pool of ImageNet stems).
 #[derive(Debug, Clone)]
@@ -109,16 +110,17 @@ pub struct ResNet {
     head: Option<Linear>,
     dtype: DType,
     device: Device,
-    /// Stages run the channel-blocked CPU kernels (set by folding).
-    blocked: bool,
+    /// Stages run the channel-blocked CPU kernels on this instruction set (set by
+    /// folding).
+    blocked: Option<CpuIsa>,
 }
 
 /// Which CPU kernels [`ResNet::fold_batch_norm_with`] prepares the network for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum CpuKernels {
-    /// The channel-blocked kernels where they apply (f32 on a CPU with AVX-512F,
-    /// channel counts divisible by 16, no groups), 3x3 stride-1 convolutions by Winograd
+    /// The channel-blocked kernels where they apply (f32 on the CPU, channel counts
+    /// divisible by 16, no groups), 3x3 stride-1 convolutions by Winograd
     /// F(2x2, 3x3), the others direct; else im2col + GEMM.
     #[default]
     Auto,
@@ -173,7 +175,7 @@ impl ResNet {
             head,
             dtype: vb.dtype(),
             device: vb.device().clone(),
-            blocked: false,
+            blocked: None,
         })
     }
 
@@ -358,7 +360,7 @@ impl ResNet {
     /// largest activation within about 4 MiB; all of them elsewhere.
     fn images_per_pass(&self, xs: &Tensor) -> Result<usize> {
         let (batch, _, height, width) = xs.dims4()?;
-        if !self.blocked {
+        if self.blocked.is_none() {
             return Ok(batch);
         }
         // Measured on ResNet-50 batch 8 (2 cores, 32 MiB L3): 1 image per pass 293 ms,
@@ -379,7 +381,7 @@ impl ResNet {
     /// A feature map as `(N, C, H, W)` (the blocked network's stem and stages give
     /// `(N, C/16, H, W, 16)`).
     fn plain_layout(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.blocked {
+        if self.blocked.is_some() {
             crate::cpu::blocked::from_blocked(xs)
         } else {
             Ok(xs.clone())
@@ -428,35 +430,45 @@ impl ResNet {
     /// folded convolutions (weight and bias) beside the original BatchNorm statistics:
     /// save the unfolded network, not this one.
     ///
-    /// On a CPU with AVX-512F, an f32 network whose convolutions after the stem have
-    /// channel counts divisible by 16 and no groups (every preset but ResNeXt) is also
-    /// reordered for the channel-blocked direct-convolution kernels; see
-    /// [`ResNet::fold_batch_norm_with`] to choose.
+    /// On the CPU, an f32 network whose convolutions after the stem have channel counts
+    /// divisible by 16 and no groups (every preset but ResNeXt) is also reordered for the
+    /// channel-blocked kernels, on the best instruction set this CPU has (AVX-512, AVX2,
+    /// NEON, else scalar) or the one `RESNET_CPU_ISA` names; see
+    /// [`ResNet::fold_batch_norm_with`] and [`ResNet::fold_batch_norm_on`] to choose.
     pub fn fold_batch_norm(self) -> Result<Self> {
         self.fold_batch_norm_with(CpuKernels::Auto)
     }
 
-    /// [`ResNet::fold_batch_norm`] for the given CPU kernels.
+    /// [`ResNet::fold_batch_norm`] for the given CPU kernels, on the instruction set
+    /// `RESNET_CPU_ISA` names (an error if this CPU lacks it), else the best one.
     pub fn fold_batch_norm_with(self, kernels: CpuKernels) -> Result<Self> {
-        let blocked = self.blocked
-            || (kernels != CpuKernels::Gemm
-                && self.device.is_cpu()
-                && self.dtype == DType::F32
-                && crate::cpu::blocked::available()
-                && self.stem.conv_bn.can_block()
-                && self
-                    .stages
-                    .iter()
-                    .all(|stage| stage.blocks.iter().all(ResidualBlock::can_block)));
-        let (stem_target, stage_target) = if blocked {
+        let isa = CpuIsa::from_env()?;
+        self.fold_batch_norm_on(kernels, isa)
+    }
+
+    /// [`ResNet::fold_batch_norm`] for the given CPU kernels on the instruction set
+    /// `isa` (see [`CpuIsa::select`]).
+    pub fn fold_batch_norm_on(self, kernels: CpuKernels, isa: CpuIsa) -> Result<Self> {
+        let can_block = kernels != CpuKernels::Gemm
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && self.stem.conv_bn.can_block()
+            && self
+                .stages
+                .iter()
+                .all(|stage| stage.blocks.iter().all(ResidualBlock::can_block));
+        let blocked = self.blocked.or(can_block.then_some(isa));
+        let (stem_target, stage_target) = if let Some(isa) = blocked {
             (
                 FoldTarget::Blocked {
                     plain_input: true,
                     winograd: false,
+                    isa,
                 },
                 FoldTarget::Blocked {
                     plain_input: false,
                     winograd: kernels == CpuKernels::Auto,
+                    isa,
                 },
             )
         } else {
@@ -498,7 +510,12 @@ impl ResNet {
 
     /// Whether the stages run the channel-blocked CPU kernels.
     pub fn is_blocked(&self) -> bool {
-        self.blocked
+        self.blocked.is_some()
+    }
+
+    /// The instruction set the channel-blocked CPU kernels run on, if they do.
+    pub fn cpu_isa(&self) -> Option<Isa> {
+        self.blocked.map(CpuIsa::isa)
     }
 
     /// Every tensor of the network (parameters and BatchNorm running statistics) with

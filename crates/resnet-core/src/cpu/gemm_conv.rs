@@ -16,6 +16,8 @@ use candle_core::{
 use rayon::prelude::*;
 use std::ops::Range;
 
+use super::{for_each_task, Shared};
+
 /// The element types the fused op runs: those `gemm` multiplies (no bf16).
 pub(crate) trait Element:
     WithDType + num_traits::Zero + num_traits::One + PartialOrd + Send + Sync
@@ -265,40 +267,6 @@ impl Geometry {
             }
         };
         for_each_task(channel_bands * pixel_tiles, threads > 1, 1, task);
-    }
-}
-
-/// Runs `task(0..count)`: over rayon's pool in jobs of at least `min_len` tasks if
-/// `parallel`, else on this thread. What every CPU convolution here parallelises with.
-pub(crate) fn for_each_task(
-    count: usize,
-    parallel: bool,
-    min_len: usize,
-    task: impl Fn(usize) + Sync + Send,
-) {
-    if parallel && count > 1 {
-        (0..count)
-            .into_par_iter()
-            .with_min_len(min_len.max(1))
-            .for_each(task);
-    } else {
-        (0..count).for_each(task);
-    }
-}
-
-/// A pointer to a buffer that parallel tasks write in disjoint parts (the CPU
-/// convolutions here, in `blocked.rs` and in `winograd.rs`).
-#[derive(Clone, Copy)]
-pub(crate) struct Shared<T>(pub *mut T);
-// SAFETY: only used for disjoint writes by the tasks of one parallel loop.
-unsafe impl<T: Send> Send for Shared<T> {}
-// SAFETY: as above.
-unsafe impl<T: Send> Sync for Shared<T> {}
-
-impl<T> Shared<T> {
-    /// The pointer (a method, so that closures capture the `Send` wrapper, not the field).
-    pub fn get(self) -> *mut T {
-        self.0
     }
 }
 

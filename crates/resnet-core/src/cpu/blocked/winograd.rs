@@ -15,8 +15,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::blocked::{KernelArgs, Tile, LANES, MAX_PIXELS};
-use crate::cpu::gemm_conv::{for_each_task, Shared};
+use super::ukernel::{input_tile, output_tile, Blocking, KernelArgs, Tile};
+use super::LANES;
+use crate::cpu::{for_each_task, CpuIsa, Shared};
 
 /// Positions of the 4x4 transform.
 const POSITIONS: usize = 16;
@@ -98,6 +99,8 @@ pub(crate) struct Geometry {
     pub height: usize,
     pub width: usize,
     pub group: usize,
+    /// The instruction set the kernels and transforms run on.
+    pub isa: CpuIsa,
 }
 
 impl Geometry {
@@ -181,7 +184,7 @@ pub(crate) struct Layer<'a> {
 /// convolution runs fused.
 const FUSED_MAX_BLOCK_PAIRS: usize = 16;
 
-/// [`convolve`] for narrow layers: one task per (image, chunk of up to 14 tiles) does all
+/// [`convolve`] for narrow layers: one task per (image, chunk of tiles) does all
 /// three steps — transform its tiles, the 16 products, the output transform — in a
 /// per-thread scratch buffer of a few KiB. The transformed tiles (4x the activations)
 /// never reach memory; the weights, all positions, stay in the core's L2.
@@ -200,16 +203,18 @@ fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
         height,
         width,
         group,
+        ..
     } = geometry;
     let (tile_cols, tiles) = (geometry.tile_cols(), geometry.tiles());
-    let chunks = tiles.div_ceil(MAX_PIXELS);
+    let max_pixels = Blocking::of(geometry.isa).max_pixels;
+    let chunks = tiles.div_ceil(max_pixels);
     let plane = height * width * LANES;
     let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
     let groups = out_blocks / group;
     let position_weights = weight.len() / POSITIONS;
     let group_weights = position_weights / groups;
     // Scratch: [16][in_blocks][14 tiles][16], then [16][out_blocks][14 tiles][16].
-    let tile_block = MAX_PIXELS * LANES;
+    let tile_block = max_pixels * LANES;
     let (v_position, m_position) = (in_blocks * tile_block, out_blocks * tile_block);
     let args = KernelArgs {
         in_blocks,
@@ -238,14 +243,12 @@ fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
                 let slot = &mut v[block * tile_block + t * LANES..];
                 assert!(slot.len() >= 15 * v_position + LANES);
                 // SAFETY: position ξ of this tile at slot + ξ·v_position, inside `v`
-                // (asserted); AVX-512F was checked when the network was folded.
+                // (asserted); the token vouches for the instruction set.
                 unsafe {
                     input_tile(
+                        geometry.isa,
                         source,
-                        height,
-                        width,
-                        tile / tile_cols,
-                        tile % tile_cols,
+                        (height, width, tile / tile_cols, tile % tile_cols),
                         slot.as_mut_ptr(),
                         v_position,
                     )
@@ -267,7 +270,7 @@ fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
                 assert!(products.len() >= group * tile_block);
                 // SAFETY: `products` holds this group's blocks of 14 tiles (asserted);
                 // `Tile::run` checks the reads.
-                unsafe { tile.run(&args, products.as_mut_ptr()) };
+                unsafe { tile.run(geometry.isa, &args, products.as_mut_ptr()) };
             }
         }
         for block in 0..out_blocks {
@@ -279,8 +282,8 @@ fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
                 // (checked in `output_tile`).
                 unsafe {
                     output_tile(
-                        &m[block * tile_block + t * LANES..],
-                        m_position,
+                        geometry.isa,
+                        (&m[block * tile_block + t * LANES..], m_position),
                         &bias[block * LANES..(block + 1) * LANES],
                         residual,
                         relu,
@@ -349,11 +352,9 @@ impl Image<'_> {
                 // are bounds-checked against `source`.
                 unsafe {
                     input_tile(
+                        geometry.isa,
                         source,
-                        height,
-                        width,
-                        ty,
-                        tx,
+                        (height, width, ty, tx),
                         v.get().add(slot),
                         position_in,
                     )
@@ -368,7 +369,7 @@ impl Image<'_> {
         let groups = out_blocks / group;
         let position_weights = self.weight.len() / POSITIONS;
         let group_weights = position_weights / groups;
-        let chunks = tiles.div_ceil(MAX_PIXELS);
+        let chunks = tiles.div_ceil(Blocking::of(geometry.isa).max_pixels);
         let args = KernelArgs {
             in_blocks,
             in_lanes: LANES,
@@ -401,7 +402,7 @@ impl Image<'_> {
             let at = position * position_out + g * group * tiles * LANES + first * LANES;
             // SAFETY: tasks write disjoint (position, group, chunk) parts of `products`;
             // `Tile::run` checks the reads; AVX-512F is the caller's promise.
-            unsafe { tile.run(&args, m.get().add(at)) };
+            unsafe { tile.run(geometry.isa, &args, m.get().add(at)) };
         });
         // SAFETY: every (position, block, tile) slot was written by one task above.
         unsafe { products.set_len(POSITIONS * position_out) };
@@ -420,8 +421,8 @@ impl Image<'_> {
                 // task only, inside the image (checked in `output_tile`).
                 unsafe {
                     output_tile(
-                        &products[slot..],
-                        position_out,
+                        geometry.isa,
+                        (&products[slot..], position_out),
                         bias,
                         residual,
                         self.relu,
@@ -432,146 +433,4 @@ impl Image<'_> {
             }
         });
     }
-}
-
-/// Transforms the 4x4 patch at rows 2ty-1.., columns 2tx-1.. of `plane` (zero outside)
-/// to `Bᵀ d B`, with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`; writes position ξ
-/// to `out + ξ·position_stride`.
-///
-/// # Safety
-/// AVX-512F; `out + ξ·position_stride` valid for 16 writes for each ξ < 16.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn input_tile(
-    plane: &[f32],
-    height: usize,
-    width: usize,
-    ty: usize,
-    tx: usize,
-    out: *mut f32,
-    position_stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let load = |i: usize, j: usize| -> __m512 {
-        match ((2 * ty + i).checked_sub(1), (2 * tx + j).checked_sub(1)) {
-            (Some(y), Some(x)) if y < height && x < width => {
-                let at = (y * width + x) * LANES;
-                let lanes = &plane[at..at + LANES];
-                // SAFETY: `lanes` holds 16 floats.
-                unsafe { _mm512_loadu_ps(lanes.as_ptr()) }
-            }
-            _ => _mm512_setzero_ps(),
-        }
-    };
-    let transform = |x: [__m512; 4]| -> [__m512; 4] {
-        [
-            _mm512_sub_ps(x[0], x[2]),
-            _mm512_add_ps(x[1], x[2]),
-            _mm512_sub_ps(x[2], x[1]),
-            _mm512_sub_ps(x[1], x[3]),
-        ]
-    };
-    // Columns of Bᵀ d, then rows of (Bᵀ d) B.
-    let columns: [[__m512; 4]; 4] =
-        std::array::from_fn(|j| transform([load(0, j), load(1, j), load(2, j), load(3, j)]));
-    #[allow(clippy::needless_range_loop)] // i picks row i of each column
-    for i in 0..4 {
-        let row = transform([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
-        for (j, value) in row.into_iter().enumerate() {
-            // SAFETY: the caller's promise.
-            unsafe { _mm512_storeu_ps(out.add((i * 4 + j) * position_stride), value) };
-        }
-    }
-}
-
-/// `Aᵀ m A` with `Aᵀ = [1 1 1 0; 0 1 -1 -1]` for one tile (position ξ of it at
-/// `products[ξ·position_stride..]`), plus bias (+ residual), ReLU, written to the
-/// output block `out` (one `(H, W, 16)` plane) where inside the image.
-///
-/// # Safety
-/// AVX-512F; `out` valid for writing one `(H, W, 16)` plane.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn output_tile(
-    products: &[f32],
-    position_stride: usize,
-    bias: &[f32],
-    residual: Option<&[f32]>,
-    relu: bool,
-    (height, width, ty, tx): (usize, usize, usize, usize),
-    out: *mut f32,
-) {
-    use std::arch::x86_64::*;
-    assert!(products.len() >= 15 * position_stride + LANES && bias.len() == LANES);
-    // SAFETY (loads): inside `products` and `bias`, asserted above.
-    let m = |position: usize| unsafe {
-        _mm512_loadu_ps(products.as_ptr().add(position * position_stride))
-    };
-    let bias = unsafe { _mm512_loadu_ps(bias.as_ptr()) };
-    // Rows: s = Aᵀ m (2x4).
-    let s: [[__m512; 4]; 2] = {
-        let column = |j: usize| {
-            let (a, b, c, d) = (m(j), m(4 + j), m(8 + j), m(12 + j));
-            (
-                _mm512_add_ps(_mm512_add_ps(a, b), c),
-                _mm512_sub_ps(_mm512_sub_ps(b, c), d),
-            )
-        };
-        let columns: [(__m512, __m512); 4] = std::array::from_fn(column);
-        [
-            std::array::from_fn(|j| columns[j].0),
-            std::array::from_fn(|j| columns[j].1),
-        ]
-    };
-    let zero = _mm512_setzero_ps();
-    for (i, row) in s.iter().enumerate() {
-        let oy = 2 * ty + i;
-        if oy >= height {
-            continue;
-        }
-        // Columns: y = s A (2 values).
-        let y = [
-            _mm512_add_ps(_mm512_add_ps(row[0], row[1]), row[2]),
-            _mm512_sub_ps(_mm512_sub_ps(row[1], row[2]), row[3]),
-        ];
-        for (j, mut value) in y.into_iter().enumerate() {
-            let ox = 2 * tx + j;
-            if ox >= width {
-                continue;
-            }
-            let at = (oy * width + ox) * LANES;
-            value = _mm512_add_ps(value, bias);
-            if let Some(r) = residual {
-                let lanes = &r[at..at + LANES];
-                // SAFETY: `lanes` holds 16 floats.
-                value = _mm512_add_ps(value, unsafe { _mm512_loadu_ps(lanes.as_ptr()) });
-            }
-            if relu {
-                value = _mm512_max_ps(value, zero);
-            }
-            assert!(at + LANES <= height * width * LANES);
-            // SAFETY: inside the plane (asserted), the caller's promise.
-            unsafe { _mm512_storeu_ps(out.add(at), value) };
-        }
-    }
-}
-
-/// Never called: the blocked kernels run only on x86-64 with AVX-512F.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn input_tile(_: &[f32], _: usize, _: usize, _: usize, _: usize, _: *mut f32, _: usize) {
-    unreachable!("Winograd transforms run only on x86-64 with AVX-512F")
-}
-
-/// Never called: the blocked kernels run only on x86-64 with AVX-512F.
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn output_tile(
-    _: &[f32],
-    _: usize,
-    _: &[f32],
-    _: Option<&[f32]>,
-    _: bool,
-    _: (usize, usize, usize, usize),
-    _: *mut f32,
-) {
-    unreachable!("Winograd transforms run only on x86-64 with AVX-512F")
 }

@@ -1,0 +1,199 @@
+//! The blocked direct convolution's driver: check the input against the layer, plan the
+//! work (zero border, tiles of output pixels, task order), then run the ISA's kernel on
+//! every tile in parallel (or hand 3x3 stride-1 layers to Winograd).
+#![allow(unsafe_code)] // disjoint writes from parallel tasks; the kernels' raw pointers
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::ukernel::{Blocking, KernelArgs, Tile};
+use super::{BlockedConv, LANES};
+use crate::cpu::gemm_conv::{cpu_data, f32_input};
+use crate::cpu::{for_each_task, Shared};
+
+/// `relu(conv(x) + bias + residual)` on blocked input, one layer's call.
+pub(super) struct BlockedOp<'a> {
+    pub conv: &'a BlockedConv,
+    pub residual: Option<&'a Tensor>,
+    pub relu: bool,
+}
+
+thread_local! {
+    /// See `BlockedOp::cpu_fwd`.
+    static PADDED_INPUT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl CustomOp1 for BlockedOp<'_> {
+    fn name(&self) -> &'static str {
+        "blocked-conv2d-bias-residual-relu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let conv = self.conv;
+        let input = f32_input(storage, layout, "blocked convolution")?;
+        let in_lanes = conv.in_lanes;
+        let (batch, in_blocks, height, width, lanes) = if in_lanes == 1 {
+            let (batch, channels, height, width) = layout.shape().dims4()?;
+            (batch, channels, height, width, 1)
+        } else {
+            layout.shape().dims5()?
+        };
+        if lanes != in_lanes || in_blocks * in_lanes != conv.c_in {
+            bail!(
+                "blocked convolution: input {:?} for {} channels",
+                layout.shape().dims(),
+                conv.c_in
+            );
+        }
+        let (k, s, p) = (conv.kernel, conv.stride, conv.padding);
+        if height + 2 * p < k || width + 2 * p < k {
+            bail!("blocked convolution: input {height}x{width} smaller than the kernel");
+        }
+        let out_h = (height + 2 * p - k) / s + 1;
+        let out_w = (width + 2 * p - k) / s + 1;
+        let out_blocks = conv.c_out / LANES;
+        let out_shape = (batch, out_blocks, out_h, out_w, LANES);
+
+        let residual_guard = self.residual.map(|r| r.storage_and_layout());
+        let residual = match &residual_guard {
+            Some((storage, layout)) => {
+                if layout.shape().dims() != [batch, out_blocks, out_h, out_w, LANES] {
+                    bail!(
+                        "blocked convolution: residual {:?}, expected {:?}",
+                        layout.shape().dims(),
+                        out_shape
+                    );
+                }
+                Some(cpu_data::<f32>(storage, layout)?)
+            }
+            None => None,
+        };
+
+        if conv.winograd {
+            let geometry = super::winograd::Geometry {
+                batch,
+                in_blocks,
+                out_blocks,
+                height,
+                width,
+                group: conv.group,
+                isa: conv.isa,
+            };
+            let layer = super::winograd::Layer {
+                input,
+                weight: &conv.weight,
+                bias: &conv.bias,
+                residual,
+                relu: self.relu,
+            };
+            let output = super::winograd::convolve(geometry, layer);
+            return Ok((CpuStorage::F32(output), Shape::from(out_shape)));
+        }
+
+        // A zero border instead of bounds checks in the kernel.
+        let (padded_h, padded_w) = (height + 2 * p, width + 2 * p);
+        // The calling thread's padded-input buffer, reused across convolutions: no
+        // allocation and zeroing of megabytes per call (taken, so that a re-entrant call
+        // simply allocates its own).
+        let mut padded_storage = if p == 0 {
+            Vec::new()
+        } else {
+            PADDED_INPUT.take()
+        };
+        let padded: &[f32] = if p == 0 {
+            input
+        } else {
+            let (row, padded_row) = (width * in_lanes, padded_w * in_lanes);
+            let plane = padded_h * padded_row;
+            let len = batch * in_blocks * plane;
+            if padded_storage.len() < len {
+                padded_storage.resize(len, 0.0);
+            }
+            padded_storage[..len]
+                .par_chunks_mut(plane)
+                .zip(input.par_chunks(height * row))
+                .for_each(|(dst, src)| {
+                    let border = p * in_lanes;
+                    let (top, rest) = dst.split_at_mut(p * padded_row);
+                    let (middle, bottom) = rest.split_at_mut(height * padded_row);
+                    top.fill(0.0);
+                    bottom.fill(0.0);
+                    for (dst_row, src_row) in middle.chunks_mut(padded_row).zip(src.chunks(row)) {
+                        dst_row[..border].fill(0.0);
+                        dst_row[border..border + row].copy_from_slice(src_row);
+                        dst_row[border + row..].fill(0.0);
+                    }
+                });
+            &padded_storage[..len]
+        };
+
+        let args = KernelArgs {
+            in_blocks,
+            in_lanes,
+            kernel: k,
+            stride: s,
+            in_block_stride: padded_h * padded_w * in_lanes,
+            in_row_stride: padded_w * in_lanes,
+            out_block_stride: out_h * out_w * LANES,
+            relu: self.relu,
+        };
+        let image_in = in_blocks * args.in_block_stride;
+        let image_out = out_blocks * args.out_block_stride;
+        let group = conv.group;
+        let groups = out_blocks / group;
+        let group_weights = conv.weight.len() / groups;
+        // Output pixels of a row in near-equal tiles of at most the ISA's pixels.
+        let tiles = out_w.div_ceil(Blocking::of(conv.isa).max_pixels);
+
+        // Written in full by the tasks below before it is read.
+        let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);
+        let out_ptr = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
+        // One task per (image, output row, output-channel group). Weights that fit in
+        // L2 (up to 1 MiB) stay there while consecutive tasks take every group of one
+        // row, whose input rows are then read once, from L1; larger weights go group by
+        // group, each group's weights reused over all rows and images.
+        let weights_outer = conv.weight.len() * std::mem::size_of::<f32>() > 1 << 20;
+        let task = |index: usize| {
+            let (b, oy, g) = if weights_outer {
+                let oy = index % out_h;
+                ((index / out_h) % batch, oy, index / (out_h * batch))
+            } else {
+                let g = index % groups;
+                (index / (groups * out_h), (index / groups) % out_h, g)
+            };
+            let mut ox = 0;
+            for t in 0..tiles {
+                let pixels = (out_w - ox) / (tiles - t);
+                let in_at = b * image_in + (oy * s * padded_w + ox * s) * in_lanes;
+                let out_at =
+                    b * image_out + g * group * args.out_block_stride + (oy * out_w + ox) * LANES;
+                let tile = Tile {
+                    input: &padded[in_at..],
+                    weight: &conv.weight[g * group_weights..(g + 1) * group_weights],
+                    bias: &conv.bias[g * group * LANES..(g + 1) * group * LANES],
+                    residual: residual.map(|r| &r[out_at..]),
+                    pixels,
+                    group,
+                };
+                // SAFETY: tasks write disjoint (image, group, row, pixels) parts of
+                // `output`, which outlives the parallel loop.
+                unsafe { tile.run(conv.isa, &args, out_ptr.get().add(out_at)) };
+                ox += pixels;
+            }
+        };
+        let tasks = batch * groups * out_h;
+        // Rows run in runs of at least ~64K multiply-adds: a CIFAR stem row (32 pixels
+        // x 16 channels x 27) is a microsecond of work, less than handing it to a thread.
+        let row_work = out_w * group * LANES * conv.c_in * k * k;
+        let rows_per_job = (64 * 1024usize).div_ceil(row_work.max(1));
+        let parallel = candle_core::utils::get_num_threads() > 1;
+        for_each_task(tasks, parallel, rows_per_job, task);
+        // SAFETY: the tasks covered every (image, group, row, pixel), each writing all
+        // 16·group channels: all `batch * image_out` elements are initialised.
+        unsafe { output.set_len(batch * image_out) };
+        if p > 0 {
+            PADDED_INPUT.set(padded_storage);
+        }
+        Ok((CpuStorage::F32(output), Shape::from(out_shape)))
+    }
+}

@@ -1,0 +1,65 @@
+//! The blocked activation layout `(N, C/16, H, W, 16)` and the packed weight order.
+
+use candle_core::{Result, Tensor};
+
+use super::LANES;
+
+/// `(N, C, H, W)` to `(N, C/16, H, W, 16)` (the network starts blocked at the stem's
+/// output; tests convert their inputs).
+#[cfg(test)]
+pub(crate) fn to_blocked(xs: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = xs.dims4()?;
+    if !c.is_multiple_of(LANES) {
+        candle_core::bail!("blocked layout needs channels divisible by {LANES}, found {c}");
+    }
+    xs.reshape((n, c / LANES, LANES, h, w))?
+        .permute((0, 1, 3, 4, 2))?
+        .contiguous()
+}
+
+/// `(N, C/16, H, W, 16)` to `(N, C, H, W)`.
+pub(crate) fn from_blocked(xs: &Tensor) -> Result<Tensor> {
+    let (n, blocks, h, w, lanes) = xs.dims5()?;
+    xs.permute((0, 1, 4, 2, 3))?
+        .contiguous()?
+        .reshape((n, blocks * lanes, h, w))
+}
+
+/// For each element of the packed weight, in order, its index in the `(c_out, c_in, k, k)`
+/// weight: `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
+pub(crate) fn packed_order(
+    c_in: usize,
+    c_out: usize,
+    kernel: usize,
+    group: usize,
+    in_lanes: usize,
+) -> impl Iterator<Item = usize> {
+    let (width, taps) = (LANES * group, kernel * kernel);
+    (0..c_out / width).flat_map(move |g| {
+        (0..c_in / in_lanes).flat_map(move |icb| {
+            (0..taps).flat_map(move |tap| {
+                (0..in_lanes).flat_map(move |ic| {
+                    (0..width).map(move |o| {
+                        let (oc, ci) = (g * width + o, icb * in_lanes + ic);
+                        (oc * c_in + ci) * taps + tap
+                    })
+                })
+            })
+        })
+    })
+}
+
+/// Pseudo-random values in [-1, 1) from an integer hash: the blocked kernels' tests'
+/// inputs, no RNG dependency.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, seed: u64) -> Vec<f32> {
+    (0..len as u64)
+        .map(|i| {
+            let mut x = (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed;
+            x ^= x >> 29;
+            x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x ^= x >> 32;
+            (x % 2000) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}

@@ -1,0 +1,108 @@
+//! Max pooling on blocked activations (the ImageNet stem's 3x3/2).
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::LANES;
+use crate::cpu::gemm_conv::f32_input;
+
+/// Max pooling (PyTorch's: padding never wins) on blocked `(N, C/16, H, W, 16)` f32.
+pub(crate) fn max_pool(
+    xs: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&MaxPool {
+        kernel,
+        stride,
+        padding,
+    })
+}
+
+struct MaxPool {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "blocked-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = f32_input(storage, layout, "blocked max pool")?;
+        let (batch, blocks, height, width, lanes) = layout.shape().dims5()?;
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        if lanes != LANES || k == 0 || s == 0 || p >= k || height + 2 * p < k || width + 2 * p < k {
+            bail!(
+                "blocked max pool: {k}x{k}/{s} pad {p} on {:?}",
+                layout.shape().dims()
+            );
+        }
+        let out_h = (height + 2 * p - k) / s + 1;
+        let out_w = (width + 2 * p - k) / s + 1;
+        let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
+        output
+            .par_chunks_mut(out_h * out_w * LANES)
+            .zip(input.par_chunks(height * width * LANES))
+            .for_each(|(dst, src)| {
+                for oy in 0..out_h {
+                    // The window's rows and columns inside the image.
+                    let rows = (oy * s).saturating_sub(p)..(oy * s + k - p).min(height);
+                    for ox in 0..out_w {
+                        let cols = (ox * s).saturating_sub(p)..(ox * s + k - p).min(width);
+                        let mut max = [f32::NEG_INFINITY; LANES];
+                        for y in rows.clone() {
+                            for x in cols.clone() {
+                                let at = (y * width + x) * LANES;
+                                for (m, &v) in max.iter_mut().zip(&src[at..at + LANES]) {
+                                    *m = m.max(v);
+                                }
+                            }
+                        }
+                        let at = (oy * out_w + ox) * LANES;
+                        dst[at..at + LANES].copy_from_slice(&max);
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, blocks, out_h, out_w, LANES)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::blocked::layout::{from_blocked, test_values as values, to_blocked};
+    use candle_core::{DType, Device, D};
+
+    #[test]
+    fn max_pool_matches_candle() -> Result<()> {
+        let device = Device::Cpu;
+        for (height, width) in [(1, 1), (2, 3), (7, 8), (112, 112)] {
+            let x = Tensor::from_vec(
+                values(2 * 32 * height * width, 7),
+                (2, 32, height, width),
+                &device,
+            )?;
+            // candle pools without padding: pad with -inf, as PyTorch does.
+            let padded = x.pad_with_same(2, 1, 1)?.pad_with_same(3, 1, 1)?;
+            let minus_infinity = Tensor::full(f32::NEG_INFINITY, padded.dims(), &device)?;
+            let inside = Tensor::ones(x.dims(), DType::U8, &device)?
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?;
+            let expected = inside
+                .where_cond(&padded, &minus_infinity)?
+                .max_pool2d_with_stride(3, 2)?;
+            let got = from_blocked(&max_pool(&to_blocked(&x)?, 3, 2, 1)?)?;
+            assert_eq!(got.dims(), expected.dims());
+            let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(difference.to_scalar::<f32>()?, 0.0, "{height}x{width}");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,116 @@
+//! Option A's parameter-free shortcut on blocked activations.
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::LANES;
+use crate::cpu::gemm_conv::f32_input;
+
+/// Option A's shortcut on blocked `(N, C/16, H, W, 16)` f32: `x[:, :, ::stride, ::stride]`
+/// with `before` zero channels in front and `after` behind (any counts whose total
+/// keeps the channels divisible by 16).
+pub(crate) fn subsample_and_pad_channels(
+    xs: &Tensor,
+    stride: usize,
+    before: usize,
+    after: usize,
+) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&ZeroPadShortcut {
+        stride,
+        before,
+        after,
+    })
+}
+
+struct ZeroPadShortcut {
+    stride: usize,
+    before: usize,
+    after: usize,
+}
+
+impl CustomOp1 for ZeroPadShortcut {
+    fn name(&self) -> &'static str {
+        "blocked-zero-pad-shortcut"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = f32_input(storage, layout, "blocked shortcut")?;
+        let (batch, in_blocks, height, width, lanes) = layout.shape().dims5()?;
+        let (s, before) = (self.stride, self.before);
+        let c_in = in_blocks * LANES;
+        let c_out = c_in + before + self.after;
+        if lanes != LANES || s == 0 || !c_out.is_multiple_of(LANES) {
+            bail!(
+                "blocked shortcut: stride {s}, {before} + {} channels on {:?}",
+                self.after,
+                layout.shape().dims()
+            );
+        }
+        let (out_h, out_w, out_blocks) = (height.div_ceil(s), width.div_ceil(s), c_out / LANES);
+        let out_plane = out_h * out_w * LANES;
+        let mut output = vec![0.0f32; batch * out_blocks * out_plane];
+        output
+            .par_chunks_mut(out_plane)
+            .enumerate()
+            .for_each(|(index, plane)| {
+                let (b, ob) = (index / out_blocks, index % out_blocks);
+                for lane in 0..LANES {
+                    // Output channel ob·16 + lane is input channel c - before, if any.
+                    let Some(c) = (ob * LANES + lane).checked_sub(before) else {
+                        continue;
+                    };
+                    if c >= c_in {
+                        continue;
+                    }
+                    let src_plane = (b * in_blocks + c / LANES) * height * width * LANES;
+                    for oy in 0..out_h {
+                        for ox in 0..out_w {
+                            let src = src_plane + ((oy * s) * width + ox * s) * LANES + c % LANES;
+                            plane[(oy * out_w + ox) * LANES + lane] = input[src];
+                        }
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, out_blocks, out_h, out_w, LANES)),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::blocked::layout::{from_blocked, test_values as values, to_blocked};
+    use candle_core::{Device, D};
+
+    #[test]
+    fn zero_pad_shortcut_matches_plain_one() -> Result<()> {
+        let device = Device::Cpu;
+        for (channels, stride, before, after, size) in [
+            (16, 2, 8, 8, 7),
+            (32, 2, 16, 16, 8),
+            (16, 1, 0, 16, 5),
+            (32, 1, 5, 11, 3),
+        ] {
+            let x = Tensor::from_vec(
+                values(2 * channels * size * size, 3),
+                (2, channels, size, size),
+                &device,
+            )?;
+            let expected = x
+                .avg_pool2d_with_stride(1, stride)?
+                .pad_with_zeros(1, before, after)?;
+            let got = from_blocked(&subsample_and_pad_channels(
+                &to_blocked(&x)?,
+                stride,
+                before,
+                after,
+            )?)?;
+            assert_eq!(got.dims(), expected.dims());
+            let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(difference.to_scalar::<f32>()?, 0.0);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,62 @@
+//! The microkernels on AVX2 with FMA: a channel block is two 256-bit registers.
+
+use std::arch::x86_64::*;
+
+use super::{isa_entry_points, F32x16};
+
+/// Lanes 0-7 and 8-15.
+#[derive(Clone, Copy)]
+pub(super) struct Avx2(__m256, __m256);
+
+impl F32x16 for Avx2 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Self(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm256_storeu_ps(p, self.0);
+        _mm256_storeu_ps(p.add(8), self.1);
+    }
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        let v = _mm256_set1_ps(x);
+        Self(v, v)
+    }
+
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        Self(
+            _mm256_add_ps(self.0, other.0),
+            _mm256_add_ps(self.1, other.1),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn sub(self, other: Self) -> Self {
+        Self(
+            _mm256_sub_ps(self.0, other.0),
+            _mm256_sub_ps(self.1, other.1),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        Self(
+            _mm256_fmadd_ps(self.0, b.0, acc.0),
+            _mm256_fmadd_ps(self.1, b.1, acc.1),
+        )
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, other: Self) -> Self {
+        Self(
+            _mm256_max_ps(self.0, other.0),
+            _mm256_max_ps(self.1, other.1),
+        )
+    }
+}
+
+isa_entry_points!(Avx2, "avx2,fma");

@@ -1,0 +1,48 @@
+//! The microkernels on AVX-512F: one 512-bit register per channel block.
+
+use std::arch::x86_64::*;
+
+use super::{isa_entry_points, F32x16};
+
+/// One `__m512`.
+#[derive(Clone, Copy)]
+pub(super) struct Avx512(__m512);
+
+impl F32x16 for Avx512 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        Self(_mm512_loadu_ps(p))
+    }
+
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        _mm512_storeu_ps(p, self.0)
+    }
+
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Self {
+        Self(_mm512_set1_ps(x))
+    }
+
+    #[inline(always)]
+    unsafe fn add(self, other: Self) -> Self {
+        Self(_mm512_add_ps(self.0, other.0))
+    }
+
+    #[inline(always)]
+    unsafe fn sub(self, other: Self) -> Self {
+        Self(_mm512_sub_ps(self.0, other.0))
+    }
+
+    #[inline(always)]
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self {
+        Self(_mm512_fmadd_ps(self.0, b.0, acc.0))
+    }
+
+    #[inline(always)]
+    unsafe fn max(self, other: Self) -> Self {
+        Self(_mm512_max_ps(self.0, other.0))
+    }
+}
+
+isa_entry_points!(Avx512, "avx512f");

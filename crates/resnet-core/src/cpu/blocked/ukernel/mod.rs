@@ -1,0 +1,450 @@
+//! The microkernels of the blocked convolutions, written once over [`F32x16`] (sixteen
+//! f32 lanes: one channel block) and compiled per instruction set: `avx512.rs`,
+//! `avx2.rs`, `neon.rs` and `scalar.rs` each implement the vector type and instantiate
+//! the kernels inside functions compiled for their instructions (`#[target_feature]`).
+//! [`Tile::run`] checks a tile's bounds once, then dispatches on a [`CpuIsa`]: only
+//! detection makes one, so a kernel runs only where its instructions exist.
+//!
+//! Kernels: [`conv_tile`] (a row of output pixels x one or two output blocks, the
+//! direct convolution and Winograd's 16 products), and Winograd's input and output
+//! transforms ([`winograd_input_tile`], [`winograd_output_tile`]).
+#![allow(unsafe_code)] // SIMD intrinsics over raw pointers into checked buffers
+
+use crate::cpu::{CpuIsa, Isa};
+
+use super::LANES;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
+mod scalar;
+
+/// Sixteen f32 lanes. Implementations wrap one instruction set's registers.
+///
+/// # Safety
+/// Every method may use its instruction set's intrinsics: call them only inside a
+/// function compiled for it (the entry points `isa_entry_points!` makes), and `load` /
+/// `store` only on 16 valid floats.
+pub(super) trait F32x16: Copy {
+    /// Sixteen floats from `p`.
+    unsafe fn load(p: *const f32) -> Self;
+    /// Sixteen floats to `p`.
+    unsafe fn store(self, p: *mut f32);
+    /// `x` in every lane.
+    unsafe fn splat(x: f32) -> Self;
+    /// `self + other`.
+    unsafe fn add(self, other: Self) -> Self;
+    /// `self - other`.
+    unsafe fn sub(self, other: Self) -> Self;
+    /// `self · b + acc` (fused where the instruction set has it).
+    unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
+    /// Lane-wise maximum.
+    unsafe fn max(self, other: Self) -> Self;
+}
+
+/// How an instruction set tiles the output: at most `max_group` output blocks by
+/// `max_pixels` pixels per kernel call, so that the accumulators, the weight vectors
+/// and a broadcast fit its vector registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Blocking {
+    pub max_group: usize,
+    pub max_pixels: usize,
+}
+
+/// Largest pixel count of any instruction set's tile (scratch buffers are sized by it).
+pub(crate) const MAX_PIXELS: usize = 14;
+
+impl Blocking {
+    /// AVX-512: 2 x 14 accumulators + 2 weights + 1 broadcast of its 32 registers. AVX2
+    /// (16 registers of 8 lanes) and NEON (32 of 4): a block is 2 or 4 registers, so one
+    /// block x 6 pixels (12 or 24 accumulators). Scalar: AVX-512's tiles, so that it
+    /// checks the same shapes.
+    pub fn of(isa: CpuIsa) -> Self {
+        match isa.isa() {
+            Isa::Avx512 | Isa::Scalar => Self {
+                max_group: 2,
+                max_pixels: MAX_PIXELS,
+            },
+            _ => Self {
+                max_group: 1,
+                max_pixels: 6,
+            },
+        }
+    }
+
+    /// Output blocks per kernel call for `c_out` channels.
+    pub fn group(&self, c_out: usize) -> usize {
+        if self.max_group == 2 && c_out.is_multiple_of(2 * LANES) {
+            2
+        } else {
+            1
+        }
+    }
+}
+
+/// What every kernel call of one convolution shares.
+#[derive(Clone, Copy)]
+pub(crate) struct KernelArgs {
+    pub in_blocks: usize,
+    /// Channels per input block, also the elements between adjacent input pixels.
+    pub in_lanes: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    /// Elements between input channel blocks, rows and pixels (padded input).
+    pub in_block_stride: usize,
+    pub in_row_stride: usize,
+    /// Elements between output channel blocks.
+    pub out_block_stride: usize,
+    pub relu: bool,
+}
+
+/// One kernel call: `pixels` output pixels of one row x `group` output blocks.
+pub(crate) struct Tile<'a> {
+    /// The padded input from the tile's top-left tap on.
+    pub input: &'a [f32],
+    pub weight: &'a [f32],
+    pub bias: &'a [f32],
+    pub residual: Option<&'a [f32]>,
+    pub pixels: usize,
+    pub group: usize,
+}
+
+impl Tile<'_> {
+    /// Runs the tile on `isa`'s kernel, after checking every read it makes.
+    ///
+    /// # Safety
+    /// `out` must be valid for this tile's writes: `group` blocks of `pixels` pixels at
+    /// `args.out_block_stride`.
+    pub unsafe fn run(&self, isa: CpuIsa, args: &KernelArgs, out: *mut f32) {
+        let k = args.kernel;
+        let blocking = Blocking::of(isa);
+        assert!(
+            (1..=blocking.max_pixels).contains(&self.pixels)
+                && (1..=blocking.max_group).contains(&self.group),
+            "blocked kernel tile {}x{} for {isa:?}",
+            self.group,
+            self.pixels
+        );
+        let last_pixel = (self.pixels - 1) * args.stride;
+        let input_end = (args.in_blocks - 1) * args.in_block_stride
+            + (k - 1) * args.in_row_stride
+            + (last_pixel + k) * args.in_lanes;
+        let out_span = (self.group - 1) * args.out_block_stride + self.pixels * LANES;
+        assert!(self.input.len() >= input_end, "blocked kernel input bounds");
+        assert!(
+            self.weight.len() == args.in_blocks * k * k * args.in_lanes * LANES * self.group
+                && self.bias.len() == self.group * LANES
+                && self.residual.is_none_or(|r| r.len() >= out_span),
+            "blocked kernel bounds"
+        );
+        let residual = self.residual.map_or(std::ptr::null(), <[f32]>::as_ptr);
+        let pointers = (
+            self.input.as_ptr(),
+            self.weight.as_ptr(),
+            self.bias.as_ptr(),
+            residual,
+            out,
+        );
+        // One arm per (group, pixels) the instruction set tiles with.
+        macro_rules! dispatch {
+            ($isa:ident, $group:literal: $($n:literal)*) => {
+                match self.pixels {
+                    // SAFETY: reads checked above, writes the caller's promise; the
+                    // token says this CPU has the instructions.
+                    $($n => unsafe { $isa::conv_tile::<$group, $n>(args, pointers) },)*
+                    _ => unreachable!("pixels checked above"),
+                }
+            };
+        }
+        match (isa.isa(), self.group) {
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, 2) => dispatch!(avx512, 2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx512, _) => dispatch!(avx512, 1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, _) => dispatch!(avx2, 1: 1 2 3 4 5 6),
+            #[cfg(target_arch = "aarch64")]
+            (Isa::Neon, _) => dispatch!(neon, 1: 1 2 3 4 5 6),
+            (Isa::Scalar, 2) => dispatch!(scalar, 2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+            (Isa::Scalar, _) => dispatch!(scalar, 1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+            #[allow(unreachable_patterns)] // which arms exist depends on the target
+            (isa, _) => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+        }
+    }
+}
+
+/// The pointers a [`conv_tile`] reads and writes: input, weight, bias, residual (null
+/// for none), output.
+pub(super) type TilePointers = (*const f32, *const f32, *const f32, *const f32, *mut f32);
+
+/// `GROUP` output blocks x `PIXELS` pixels: accumulators start at bias (+ residual), then
+/// for every input channel and tap, `GROUP` weight vectors times one broadcast input
+/// value per pixel; ReLU on the way out.
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set; every pointer valid for the
+/// reads and writes [`Tile::run`] checks.
+#[inline(always)]
+pub(super) unsafe fn conv_tile<V: F32x16, const GROUP: usize, const PIXELS: usize>(
+    args: &KernelArgs,
+    (input, weight, bias, residual, out): TilePointers,
+) {
+    let step = args.stride * args.in_lanes;
+    let mut acc = [[V::splat(0.0); PIXELS]; GROUP];
+    for (o, row) in acc.iter_mut().enumerate() {
+        let b = V::load(bias.add(o * LANES));
+        for (p, value) in row.iter_mut().enumerate() {
+            *value = if residual.is_null() {
+                b
+            } else {
+                b.add(V::load(residual.add(o * args.out_block_stride + p * LANES)))
+            };
+        }
+    }
+    let mut w = weight;
+    for block in 0..args.in_blocks {
+        for ky in 0..args.kernel {
+            let row = input.add(block * args.in_block_stride + ky * args.in_row_stride);
+            for kx in 0..args.kernel {
+                let tap = row.add(kx * args.in_lanes);
+                for ic in 0..args.in_lanes {
+                    let mut wv = [V::splat(0.0); GROUP];
+                    for (o, v) in wv.iter_mut().enumerate() {
+                        *v = V::load(w.add(o * LANES));
+                    }
+                    w = w.add(GROUP * LANES);
+                    // Indexing keeps the 2-D unrolled loop in registers.
+                    #[allow(clippy::needless_range_loop)]
+                    for p in 0..PIXELS {
+                        let x = V::splat(*tap.add(p * step + ic));
+                        for o in 0..GROUP {
+                            acc[o][p] = wv[o].mul_add(x, acc[o][p]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let zero = V::splat(0.0);
+    for (o, row) in acc.iter().enumerate() {
+        for (p, &value) in row.iter().enumerate() {
+            let value = if args.relu { value.max(zero) } else { value };
+            value.store(out.add(o * args.out_block_stride + p * LANES));
+        }
+    }
+}
+
+/// Transforms the 4x4 patch at rows 2ty-1.., columns 2tx-1.. of `plane` (zero outside)
+/// to `Bᵀ d B`, with `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`; writes position ξ
+/// to `out + ξ·position_stride`.
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set; `out + ξ·position_stride` valid
+/// for 16 writes for each ξ < 16.
+#[inline(always)]
+pub(super) unsafe fn winograd_input_tile<V: F32x16>(
+    plane: &[f32],
+    (height, width, ty, tx): (usize, usize, usize, usize),
+    out: *mut f32,
+    position_stride: usize,
+) {
+    let mut patch = [[V::splat(0.0); 4]; 4];
+    for (i, row) in patch.iter_mut().enumerate() {
+        for (j, value) in row.iter_mut().enumerate() {
+            if let (Some(y), Some(x)) = ((2 * ty + i).checked_sub(1), (2 * tx + j).checked_sub(1)) {
+                if y < height && x < width {
+                    let at = (y * width + x) * LANES;
+                    *value = V::load(plane[at..at + LANES].as_ptr());
+                }
+            }
+        }
+    }
+    // Columns of Bᵀ d, then rows of (Bᵀ d) B.
+    let mut columns = [[V::splat(0.0); 4]; 4];
+    for (j, column) in columns.iter_mut().enumerate() {
+        *column = input_transform([patch[0][j], patch[1][j], patch[2][j], patch[3][j]]);
+    }
+    for i in 0..4 {
+        let row = input_transform([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
+        for (j, value) in row.into_iter().enumerate() {
+            value.store(out.add((i * 4 + j) * position_stride));
+        }
+    }
+}
+
+/// `Bᵀ x` for one column (or row) of four.
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set.
+#[inline(always)]
+unsafe fn input_transform<V: F32x16>(x: [V; 4]) -> [V; 4] {
+    [
+        x[0].sub(x[2]),
+        x[1].add(x[2]),
+        x[2].sub(x[1]),
+        x[1].sub(x[3]),
+    ]
+}
+
+/// `Aᵀ m A` with `Aᵀ = [1 1 1 0; 0 1 -1 -1]` for one tile (position ξ of it at
+/// `products[ξ·position_stride..]`), plus bias (+ residual), ReLU, written to the output
+/// block `out` (one `(H, W, 16)` plane) where inside the image.
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set; `out` valid for writing one
+/// `(H, W, 16)` plane.
+#[inline(always)]
+pub(super) unsafe fn winograd_output_tile<V: F32x16>(
+    (products, position_stride): (&[f32], usize),
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    (height, width, ty, tx): (usize, usize, usize, usize),
+    out: *mut f32,
+) {
+    assert!(products.len() >= 15 * position_stride + LANES && bias.len() == LANES);
+    let mut m = [V::splat(0.0); 16];
+    for (position, value) in m.iter_mut().enumerate() {
+        *value = V::load(products.as_ptr().add(position * position_stride));
+    }
+    let bias = V::load(bias.as_ptr());
+    // Rows: s = Aᵀ m (2x4).
+    let mut s = [[V::splat(0.0); 4]; 2];
+    for j in 0..4 {
+        let (a, b, c, d) = (m[j], m[4 + j], m[8 + j], m[12 + j]);
+        s[0][j] = a.add(b).add(c);
+        s[1][j] = b.sub(c).sub(d);
+    }
+    let zero = V::splat(0.0);
+    for (i, row) in s.iter().enumerate() {
+        let oy = 2 * ty + i;
+        if oy >= height {
+            continue;
+        }
+        // Columns: y = s A (2 values).
+        let y = [
+            row[0].add(row[1]).add(row[2]),
+            row[1].sub(row[2]).sub(row[3]),
+        ];
+        for (j, mut value) in y.into_iter().enumerate() {
+            let ox = 2 * tx + j;
+            if ox >= width {
+                continue;
+            }
+            let at = (oy * width + ox) * LANES;
+            value = value.add(bias);
+            if let Some(r) = residual {
+                value = value.add(V::load(r[at..at + LANES].as_ptr()));
+            }
+            if relu {
+                value = value.max(zero);
+            }
+            assert!(at + LANES <= height * width * LANES);
+            value.store(out.add(at));
+        }
+    }
+}
+
+/// The Winograd transforms on one tile, dispatched on the token (see
+/// [`winograd_input_tile`]).
+///
+/// # Safety
+/// As [`winograd_input_tile`], less the instruction set, which the token vouches for.
+pub(crate) unsafe fn input_tile(
+    isa: CpuIsa,
+    plane: &[f32],
+    at: (usize, usize, usize, usize),
+    out: *mut f32,
+    position_stride: usize,
+) {
+    match isa.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::input_tile(plane, at, out, position_stride),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::input_tile(plane, at, out, position_stride),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::input_tile(plane, at, out, position_stride),
+        Isa::Scalar => scalar::input_tile(plane, at, out, position_stride),
+        #[allow(unreachable_patterns)] // which arms exist depends on the target
+        isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+    }
+}
+
+/// [`winograd_output_tile`] dispatched on the token.
+///
+/// # Safety
+/// As [`winograd_output_tile`], less the instruction set, which the token vouches for.
+pub(crate) unsafe fn output_tile(
+    isa: CpuIsa,
+    products: (&[f32], usize),
+    bias: &[f32],
+    residual: Option<&[f32]>,
+    relu: bool,
+    at: (usize, usize, usize, usize),
+    out: *mut f32,
+) {
+    match isa.isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::output_tile(products, bias, residual, relu, at, out),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::output_tile(products, bias, residual, relu, at, out),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => neon::output_tile(products, bias, residual, relu, at, out),
+        Isa::Scalar => scalar::output_tile(products, bias, residual, relu, at, out),
+        #[allow(unreachable_patterns)] // which arms exist depends on the target
+        isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+    }
+}
+
+/// The three kernels of an instruction set, compiled for it: `conv_tile`, `input_tile`
+/// and `output_tile` in the module that invokes it, over its vector type `$vector`,
+/// with `#[target_feature(enable = $feature)]` if given.
+macro_rules! isa_entry_points {
+    ($vector:ty $(, $feature:literal)?) => {
+        /// [`super::conv_tile`] on this instruction set.
+        ///
+        /// # Safety
+        /// This CPU has the instruction set; the pointers as [`super::Tile::run`] checks.
+        $(#[target_feature(enable = $feature)])?
+        pub(super) unsafe fn conv_tile<const GROUP: usize, const PIXELS: usize>(
+            args: &super::KernelArgs,
+            pointers: super::TilePointers,
+        ) {
+            super::conv_tile::<$vector, GROUP, PIXELS>(args, pointers)
+        }
+
+        /// [`super::winograd_input_tile`] on this instruction set.
+        ///
+        /// # Safety
+        /// This CPU has the instruction set; `out` as the generic kernel says.
+        $(#[target_feature(enable = $feature)])?
+        pub(super) unsafe fn input_tile(
+            plane: &[f32],
+            at: (usize, usize, usize, usize),
+            out: *mut f32,
+            position_stride: usize,
+        ) {
+            super::winograd_input_tile::<$vector>(plane, at, out, position_stride)
+        }
+
+        /// [`super::winograd_output_tile`] on this instruction set.
+        ///
+        /// # Safety
+        /// This CPU has the instruction set; `out` as the generic kernel says.
+        $(#[target_feature(enable = $feature)])?
+        pub(super) unsafe fn output_tile(
+            products: (&[f32], usize),
+            bias: &[f32],
+            residual: Option<&[f32]>,
+            relu: bool,
+            at: (usize, usize, usize, usize),
+            out: *mut f32,
+        ) {
+            super::winograd_output_tile::<$vector>(products, bias, residual, relu, at, out)
+        }
+    };
+}
+use isa_entry_points;
