@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
-use resnet_core::{BlockKind, CpuKernels, ResNet, ResNetConfig, ShortcutKind};
+use resnet_core::{BlockKind, CpuIsa, CpuKernels, Isa, ResNet, ResNetConfig, ShortcutKind};
 use resnet_tests::{
     assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir, test_device,
     F32_RELATIVE_TOLERANCE,
@@ -192,14 +192,11 @@ fn check_with_folded(
 ) -> Result<()> {
     let tolerance = F32_RELATIVE_TOLERANCE;
     assert_close(&build()?.forward(input)?, expected, tolerance, what)?;
-    for kernels in [
-        CpuKernels::Auto,
-        CpuKernels::BlockedDirect,
-        CpuKernels::Gemm,
-    ] {
-        let folded = build()?.fold_batch_norm_with(kernels)?;
+    for (kernels, isa) in cpu_variants() {
+        let folded = build()?.fold_batch_norm_on(kernels, isa)?;
         let what = format!(
-            "{what} folded for {kernels:?} (blocked: {})",
+            "{what} folded for {kernels:?} on {:?} (blocked: {})",
+            isa.isa(),
             folded.is_blocked()
         );
         assert_close(&folded.forward(input)?, expected, tolerance, &what)?;
@@ -281,15 +278,23 @@ fn option_a_pretrained_cifar_weights() -> Result<()> {
     Ok(())
 }
 
+/// Every way a network can be folded on this machine: blocked (Winograd and direct) on
+/// every instruction set this CPU has, the scalar one included, and im2col + GEMM.
+fn cpu_variants() -> Vec<(CpuKernels, CpuIsa)> {
+    let mut variants: Vec<(CpuKernels, CpuIsa)> = Isa::ALL
+        .into_iter()
+        .filter_map(|isa| CpuIsa::select(isa).ok())
+        .flat_map(|isa| [(CpuKernels::Auto, isa), (CpuKernels::BlockedDirect, isa)])
+        .collect();
+    variants.push((CpuKernels::Gemm, CpuIsa::best()));
+    variants
+}
+
 /// BatchNorm folded into the convolutions keeps parity with the references, in f32 and
-/// f16 (tolerances as above), on both CPU paths: channel-blocked direct convolution (f32,
-/// where the CPU has AVX-512F) and im2col + GEMM.
+/// f16 (tolerances as above), on both CPU paths: channel-blocked convolution (f32, on
+/// every instruction set the CPU has) and im2col + GEMM.
 fn folded_batch_norm(device: &Device) -> Result<()> {
-    for kernels in [
-        CpuKernels::Auto,
-        CpuKernels::BlockedDirect,
-        CpuKernels::Gemm,
-    ] {
+    for (kernels, isa) in cpu_variants() {
         for (fixture, config) in [
             (
                 "timm_bottleneck",
@@ -303,7 +308,7 @@ fn folded_batch_norm(device: &Device) -> Result<()> {
             let tensors = load_fixture(fixture)?;
             for (dtype, tolerance) in [(DType::F32, F32_RELATIVE_TOLERANCE), (DType::F16, 2e-2)] {
                 let vb = VarBuilder::from_tensors(tensors.clone(), dtype, device);
-                let model = ResNet::new(&config, vb)?.fold_batch_norm_with(kernels)?;
+                let model = ResNet::new(&config, vb)?.fold_batch_norm_on(kernels, isa)?;
                 let input = tensors["input"].to_dtype(dtype)?.to_device(device)?;
                 assert_close(
                     &model.forward(&input)?,
@@ -327,17 +332,17 @@ fn folded_batch_norm(device: &Device) -> Result<()> {
         )?;
         let input = hashed_tensor("input", &[2, 3, 64, 64], device)?;
         let maps = model.feature_maps(&input)?;
-        let folded = model.fold_batch_norm_with(kernels)?;
+        let folded = model.fold_batch_norm_on(kernels, isa)?;
         assert_eq!(
-            folded.is_blocked(),
-            kernels != CpuKernels::Gemm && device.is_cpu() && has_avx512f(),
-            "blocked kernels used where they apply"
+            folded.cpu_isa(),
+            (kernels != CpuKernels::Gemm && device.is_cpu()).then_some(isa.isa()),
+            "blocked kernels used where they apply, on the instruction set asked for"
         );
         assert_close(
             &folded.forward(&input)?,
             &expected,
             F32_RELATIVE_TOLERANCE,
-            "tv_resnet50 folded",
+            &format!("tv_resnet50 folded, {kernels:?} on {:?}", isa.isa()),
         )?;
         for (map, folded_map) in maps.iter().zip(folded.feature_maps(&input)?) {
             assert_eq!(map.tensor.dims(), folded_map.tensor.dims(), "{}", map.name);
@@ -351,17 +356,6 @@ fn folded_batch_norm(device: &Device) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn has_avx512f() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 test_device!(

@@ -57,7 +57,7 @@ fn input_size(size: Option<usize>, stem: resnet_core::StemKind) -> usize {
 
 /// The fields every `--json` summary has.
 fn summary(
-    config: &resnet_core::ResNetConfig,
+    model: &resnet_core::ResNet,
     args: &Args,
     size: usize,
     device: &candle_core::Device,
@@ -65,8 +65,13 @@ fn summary(
     median_ms: f64,
     min_ms: f64,
 ) -> serde_json::Value {
+    let config = model.config();
+    let kernels = model.kernel_summary();
     json!({
         "arch": config.describe(),
+        // The blocked kernels' instruction set, null where they do not run.
+        "isa": kernels.isa.map(|isa| isa.name()),
+        "kernels": kernels.to_string(),
         "batch": args.batch,
         "size": size,
         "dtype": format!("{dtype:?}").to_lowercase(),
@@ -175,7 +180,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let images_per_sec = args.batch as f64 / (median / 1e3);
     let threads = candle_core::utils::get_num_threads();
     if args.json {
-        let summary = summary(config, &args, size, &device, dtype, median, min);
+        let summary = summary(&model, &args, size, &device, dtype, median, min);
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
@@ -185,6 +190,9 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             dtype,
             resnet_core::device_name(&device)
         );
+        if device.is_cpu() {
+            println!("kernels: {}", model.kernel_summary());
+        }
     }
     Ok(())
 }
@@ -229,7 +237,7 @@ fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
     let images_per_sec = args.batch as f64 / (median_ms / 1e3);
     let threads = candle_core::utils::get_num_threads();
     if args.json {
-        let mut summary = summary(&config, args, size, &device, dtype, median_ms, min);
+        let mut summary = summary(&model, args, size, &device, dtype, median_ms, min);
         summary["train"] = json!(true);
         summary["forward_ms"] = json!(forward);
         summary["backward_ms"] = json!(backward);

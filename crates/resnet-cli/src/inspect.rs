@@ -37,8 +37,11 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
         .filter(|t| !t.name.contains("running_") && !resnet_io::is_ignored(&t.name))
         .map(|t| t.elem_count())
         .sum();
+    let kernels = cpu_kernels(&inspection.config)?;
     if args.json {
         let summary = json!({
+            "cpu_isa": kernels.isa.map(|isa| isa.name()),
+            "cpu_kernels": kernels.to_string(),
             "files": source.weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "naming": inspection.scheme.to_string(),
             "architecture": inspection.config.describe(),
@@ -77,6 +80,7 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
         config.num_classes
     );
     println!("parameters:   {parameters}");
+    println!("cpu kernels:  {kernels} (f32; RESNET_CPU_ISA to choose)");
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
     println!("dtypes:       {}", dtypes.join(", "));
     println!(
@@ -116,4 +120,13 @@ pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
         format!("{dtype:?}").to_lowercase()
     );
     Ok(())
+}
+
+/// The CPU kernels the network runs in f32 on this machine, once folded (built on zero
+/// weights: which kernel runs depends on the shapes only).
+fn cpu_kernels(config: &resnet_core::ResNetConfig) -> Result<resnet_core::KernelSummary> {
+    let device = candle_core::Device::Cpu;
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &device);
+    let model = resnet_core::ResNet::new(config, vb)?.fold_batch_norm()?;
+    Ok(model.kernel_summary())
 }

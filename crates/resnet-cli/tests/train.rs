@@ -111,7 +111,7 @@ fn parity_command(model: &Path, data: &Path, lr: &str, out: &Path) -> Result<Out
         "--model",
         path(model),
         "--data",
-        path(&data),
+        path(data),
         "--epochs",
         "1",
         "--batch-size",

@@ -47,6 +47,19 @@ pub(crate) enum FoldTarget {
     },
 }
 
+/// The kernel one convolution unit runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnitKernel {
+    /// Not folded: candle's convolution (training's on the CPU), then BatchNorm.
+    Unfolded,
+    /// Folded, im2col + GEMM on the CPU (candle's convolution elsewhere).
+    Gemm,
+    /// Blocked direct convolution on this instruction set.
+    Direct(CpuIsa),
+    /// Blocked Winograd F(2x2, 3x3) on this instruction set.
+    Winograd(CpuIsa),
+}
+
 /// Shape of one convolution.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ConvSpec {
@@ -198,9 +211,11 @@ impl ConvBn {
                 dims,
                 bias.to_vec1::<f32>()?,
                 (config.stride, config.padding),
-                plain_input,
-                winograd && BlockedConv::winograd_pays(dims.1, dims.0),
-                isa,
+                (
+                    plain_input,
+                    winograd && BlockedConv::winograd_pays(dims.1, dims.0),
+                    isa,
+                ),
             )?;
             return Ok(Self {
                 weights: ConvWeights::Blocked(Arc::new(blocked)),
@@ -224,6 +239,18 @@ impl ConvBn {
             weights,
             bn: self.bn,
         })
+    }
+
+    /// Which kernel this unit's convolution runs.
+    pub(crate) fn kernel(&self) -> UnitKernel {
+        match &self.weights {
+            ConvWeights::Trainable(_) => UnitKernel::Unfolded,
+            ConvWeights::Folded(_) => UnitKernel::Gemm,
+            ConvWeights::Blocked(blocked) if blocked.is_winograd() => {
+                UnitKernel::Winograd(blocked.isa())
+            }
+            ConvWeights::Blocked(blocked) => UnitKernel::Direct(blocked.isa()),
+        }
     }
 
     /// Whether [`ConvBn::fold`] can make this unit blocked (its input is blocked too when
@@ -512,6 +539,15 @@ impl ResidualBlock {
             .map(ConvBn::parameter_count)
             .sum::<usize>()
             + shortcut
+    }
+
+    /// Its convolution units: the chain, then the projection if any.
+    pub(crate) fn units(&self) -> impl Iterator<Item = &ConvBn> {
+        let projection = match &self.shortcut {
+            Shortcut::Projection(unit) => Some(unit),
+            Shortcut::Identity | Shortcut::ZeroPad { .. } => None,
+        };
+        self.chain.iter().chain(projection)
     }
 
     /// Whether every unit of this block can run the channel-blocked kernels.

@@ -52,4 +52,6 @@ pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{BlockKind, ResNetConfig, ShortcutKind, StemKind, PRESET_NAMES};
 pub use cpu::{CpuIsa, Isa, ISA_ENV};
 pub use device::{device, device_name};
-pub use model::{CpuKernels, FeatureInfo, FeatureMap, Inference, ResNet, Stage, Stem};
+pub use model::{
+    CpuKernels, FeatureInfo, FeatureMap, Inference, KernelSummary, ResNet, Stage, Stem,
+};

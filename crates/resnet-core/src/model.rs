@@ -3,7 +3,7 @@
 use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock};
+use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock, UnitKernel};
 use crate::config::{ResNetConfig, StemKind};
 use crate::cpu::{CpuIsa, Isa};
 
@@ -113,6 +113,43 @@ pub struct ResNet {
     /// Stages run the channel-blocked CPU kernels on this instruction set (set by
     /// folding).
     blocked: Option<CpuIsa>,
+}
+
+/// How many of a network's convolutions run which kernel: [`ResNet::kernel_summary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelSummary {
+    /// The instruction set of the blocked kernels, if the network runs them.
+    pub isa: Option<Isa>,
+    /// Blocked direct convolutions.
+    pub direct: usize,
+    /// Blocked Winograd F(2x2, 3x3) convolutions.
+    pub winograd: usize,
+    /// Folded im2col + GEMM convolutions (candle's convolution off the CPU).
+    pub gemm: usize,
+    /// Convolutions not folded (the network as loaded, trainable).
+    pub unfolded: usize,
+}
+
+impl std::fmt::Display for KernelSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(isa) = self.isa {
+            parts.push(format!(
+                "blocked {isa}: {} direct, {} Winograd",
+                self.direct, self.winograd
+            ));
+        }
+        if self.gemm > 0 {
+            parts.push(format!("{} im2col + GEMM", self.gemm));
+        }
+        if self.unfolded > 0 {
+            parts.push(format!(
+                "{} unfolded (convolution + BatchNorm)",
+                self.unfolded
+            ));
+        }
+        write!(f, "{}", parts.join("; "))
+    }
 }
 
 /// Which CPU kernels [`ResNet::fold_batch_norm_with`] prepares the network for.
@@ -506,6 +543,28 @@ impl ResNet {
             device,
             blocked,
         })
+    }
+
+    /// Which kernels the network's convolutions run (say, for `--verbose` output).
+    pub fn kernel_summary(&self) -> KernelSummary {
+        let mut summary = KernelSummary {
+            isa: self.cpu_isa(),
+            ..KernelSummary::default()
+        };
+        let units = std::iter::once(&self.stem.conv_bn).chain(
+            self.stages
+                .iter()
+                .flat_map(|stage| stage.blocks.iter().flat_map(ResidualBlock::units)),
+        );
+        for unit in units {
+            match unit.kernel() {
+                UnitKernel::Unfolded => summary.unfolded += 1,
+                UnitKernel::Gemm => summary.gemm += 1,
+                UnitKernel::Direct(_) => summary.direct += 1,
+                UnitKernel::Winograd(_) => summary.winograd += 1,
+            }
+        }
+        summary
     }
 
     /// Whether the stages run the channel-blocked CPU kernels.

@@ -267,6 +267,7 @@ pub(super) unsafe fn winograd_input_tile<V: F32x16>(
     for (j, column) in columns.iter_mut().enumerate() {
         *column = input_transform([patch[0][j], patch[1][j], patch[2][j], patch[3][j]]);
     }
+    #[allow(clippy::needless_range_loop)] // i picks row i of each column
     for i in 0..4 {
         let row = input_transform([columns[0][i], columns[1][i], columns[2][i], columns[3][i]]);
         for (j, value) in row.into_iter().enumerate() {
