@@ -411,8 +411,9 @@ mod tests {
                 let w = values(c_out * c_in * kernel * kernel, seed);
                 let w = Tensor::from_vec(w, (c_out, c_in, kernel, kernel), &device)?;
                 let b = Tensor::from_vec(values(c_out, seed + 1), c_out, &device)?;
-                // Rows: enough for a stride-2 tap pattern on small layers, one on large.
-                let height = if c_in * c_out <= 128 * 128 { 2 } else { 1 };
+                // Small layers: two rows (a stride-2 tap pattern), two images (one per
+                // thread); large: one row of one image (the threads share its phases).
+                let (batch, height) = if c_in * c_out <= 128 * 128 { (2, 2) } else { (1, 1) };
                 let winograd_options: &[bool] = if kernel == 3 && stride == 1 && !plain_input {
                     &[false, true]
                 } else {
@@ -425,8 +426,8 @@ mod tests {
                     };
                     let (ours, reference) = (build(isa)?, build(oracle)?);
                     for width in 1..=29usize {
-                        let x = values(2 * c_in * height * width, seed + width as u64);
-                        let x = Tensor::from_vec(x, (2, c_in, height, width), &device)?;
+                        let x = values(batch * c_in * height * width, seed + width as u64);
+                        let x = Tensor::from_vec(x, (batch, c_in, height, width), &device)?;
                         let x = if plain_input { x } else { to_blocked(&x)? };
                         let plain = reference.forward(&x, None, false)?;
                         let residual = Tensor::from_vec(

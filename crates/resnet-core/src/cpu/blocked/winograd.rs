@@ -13,6 +13,8 @@
 //! within the same 1e-4 relative tolerance).
 #![allow(unsafe_code)] // disjoint writes from parallel tasks, through the shared kernel
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::ukernel::{input_tile, output_tile, Blocking, KernelArgs, Tile};
@@ -124,50 +126,11 @@ impl Geometry {
     fn out_image(&self) -> usize {
         self.out_blocks * self.height * self.width * LANES
     }
-}
 
-/// `relu(conv3x3(input) + bias + residual)` on blocked `(N, C/16, H, W, 16)` data.
-///
-/// Image by image, so that the transformed tiles (4x the activations) stay in cache:
-/// with at least as many images as threads, each thread takes whole images; else the
-/// threads share each image's three phases.
-pub(crate) fn convolve(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
-    if geometry.in_blocks * geometry.out_blocks <= FUSED_MAX_BLOCK_PAIRS {
-        return convolve_fused(geometry, layer);
+    /// Chunks of tiles, each at most one kernel call's pixels.
+    fn chunks(&self) -> usize {
+        self.tiles().div_ceil(Blocking::of(self.isa).max_pixels)
     }
-    let Layer {
-        input,
-        weight,
-        bias,
-        residual,
-        relu,
-    } = layer;
-    let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
-    let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
-    let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let image = |b: usize, parallel: bool| {
-        let data = Image {
-            input: &input[b * in_image..(b + 1) * in_image],
-            residual: residual.map(|r| &r[b * out_image..(b + 1) * out_image]),
-            weight,
-            bias,
-            relu,
-            parallel,
-        };
-        // SAFETY: image b's part of the output, written by this call only.
-        unsafe { data.convolve(geometry, out.get().add(b * out_image)) };
-    };
-    let threads = candle_core::utils::get_num_threads();
-    if geometry.batch >= threads && threads > 1 {
-        (0..geometry.batch)
-            .into_par_iter()
-            .for_each(|b| image(b, false));
-    } else {
-        (0..geometry.batch).for_each(|b| image(b, threads > 1));
-    }
-    // SAFETY: every image's output was written in full (`Image::convolve`).
-    unsafe { output.set_len(geometry.batch * out_image) };
-    output
 }
 
 /// One convolution's data: blocked input, transformed weights, bias, the residual to
@@ -184,127 +147,83 @@ pub(crate) struct Layer<'a> {
 /// convolution runs fused.
 const FUSED_MAX_BLOCK_PAIRS: usize = 16;
 
-/// [`convolve`] for narrow layers: one task per (image, chunk of tiles) does all
-/// three steps — transform its tiles, the 16 products, the output transform — in a
-/// per-thread scratch buffer of a few KiB. The transformed tiles (4x the activations)
-/// never reach memory; the weights, all positions, stay in the core's L2.
-fn convolve_fused(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
-    let Layer {
-        input,
-        weight,
-        bias,
-        residual,
-        relu,
-    } = layer;
-    let Geometry {
-        batch,
-        in_blocks,
-        out_blocks,
-        height,
-        width,
-        group,
-        ..
-    } = geometry;
-    let (tile_cols, tiles) = (geometry.tile_cols(), geometry.tiles());
-    let max_pixels = Blocking::of(geometry.isa).max_pixels;
-    let chunks = tiles.div_ceil(max_pixels);
-    let plane = height * width * LANES;
+/// `relu(conv3x3(input) + bias + residual)` on blocked `(N, C/16, H, W, 16)` data, in
+/// three phases per tile: the input transform, the 16 products over input channels
+/// (the blocked 1x1 kernel, tiles as its pixels), the output transform. Two schedules
+/// of the same phases:
+///
+/// - narrow layers (up to 64 x 64 channels): one task per (image, chunk of tiles) does
+///   all three in a per-thread scratch buffer of a few KiB; the transformed tiles (4x
+///   the activations) never reach memory, the weights (all positions) stay in L2;
+/// - wider layers: image by image, each phase over all the image's tiles, so that the
+///   transformed tiles stay in cache; with at least as many images as threads each
+///   thread takes whole images, else the threads share each phase.
+pub(crate) fn convolve(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
     let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
-    let groups = out_blocks / group;
-    let position_weights = weight.len() / POSITIONS;
-    let group_weights = position_weights / groups;
-    // Scratch: [16][in_blocks][14 tiles][16], then [16][out_blocks][14 tiles][16].
-    let tile_block = max_pixels * LANES;
-    let (v_position, m_position) = (in_blocks * tile_block, out_blocks * tile_block);
-    let args = KernelArgs {
-        in_blocks,
-        in_lanes: LANES,
-        kernel: 1,
-        stride: 1,
-        in_block_stride: tile_block,
-        in_row_stride: 0,
-        out_block_stride: tile_block,
-        relu: false,
-    };
-    let zero_bias = [0.0f32; 2 * LANES];
-    let mut output: Vec<f32> = Vec::with_capacity(batch * out_image);
+    let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
     let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-    let task = |index: usize| {
-        let (b, chunk) = (index / chunks, index % chunks);
-        let (first, end) = (chunk * tiles / chunks, (chunk + 1) * tiles / chunks);
-        // This thread's scratch, reused (taken: a re-entrant call makes its own).
-        let mut scratch = SCRATCH.take();
-        scratch.resize(POSITIONS * (v_position + m_position), 0.0);
-        let (v, m) = scratch.split_at_mut(POSITIONS * v_position);
-        let image = &input[b * in_image..(b + 1) * in_image];
-        for block in 0..in_blocks {
-            let source = &image[block * plane..(block + 1) * plane];
-            for (t, tile) in (first..end).enumerate() {
-                let slot = &mut v[block * tile_block + t * LANES..];
-                assert!(slot.len() >= 15 * v_position + LANES);
-                // SAFETY: position ξ of this tile at slot + ξ·v_position, inside `v`
-                // (asserted); the token vouches for the instruction set.
-                unsafe {
-                    input_tile(
-                        geometry.isa,
-                        source,
-                        (height, width, tile / tile_cols, tile % tile_cols),
-                        slot.as_mut_ptr(),
-                        v_position,
-                    )
-                };
-            }
-        }
-        for position in 0..POSITIONS {
-            for g in 0..groups {
-                let tile = Tile {
-                    input: &v[position * v_position..],
-                    weight: &weight[position * position_weights + g * group_weights..]
-                        [..group_weights],
-                    bias: &zero_bias[..group * LANES],
-                    residual: None,
-                    pixels: end - first,
-                    group,
-                };
-                let products = &mut m[position * m_position + g * group * tile_block..];
-                assert!(products.len() >= group * tile_block);
-                // SAFETY: `products` holds this group's blocks of 14 tiles (asserted);
-                // `Tile::run` checks the reads.
-                unsafe { tile.run(geometry.isa, &args, products.as_mut_ptr()) };
-            }
-        }
-        for block in 0..out_blocks {
-            let at = b * out_image + block * plane;
-            let residual = residual.map(|r| &r[at..at + plane]);
-            for (t, tile) in (first..end).enumerate() {
-                // SAFETY: this tile's pixels of this image's output block, written by
-                // this task only (tasks own disjoint (image, tiles)), inside the plane
-                // (checked in `output_tile`).
-                unsafe {
-                    output_tile(
-                        geometry.isa,
-                        (&m[block * tile_block + t * LANES..], m_position),
-                        &bias[block * LANES..(block + 1) * LANES],
-                        residual,
-                        relu,
-                        (height, width, tile / tile_cols, tile % tile_cols),
-                        out.get().add(at),
-                    )
-                };
-            }
-        }
-        SCRATCH.set(scratch);
+    let image = |b: usize| Image {
+        input: &layer.input[b * in_image..(b + 1) * in_image],
+        residual: layer
+            .residual
+            .map(|r| &r[b * out_image..(b + 1) * out_image]),
+        weight: layer.weight,
+        bias: layer.bias,
+        relu: layer.relu,
+        geometry,
     };
-    let parallel = candle_core::utils::get_num_threads() > 1;
-    for_each_task(batch * chunks, parallel, 1, task);
-    // SAFETY: the tasks covered every (image, tile, block): every output pixel written.
-    unsafe { output.set_len(batch * out_image) };
+    let threads = candle_core::utils::get_num_threads();
+    if geometry.in_blocks * geometry.out_blocks <= FUSED_MAX_BLOCK_PAIRS {
+        let chunks = geometry.chunks();
+        for_each_task(geometry.batch * chunks, threads > 1, 1, |index| {
+            let (b, chunk) = (index / chunks, index % chunks);
+            // SAFETY: image b's part of the output; tasks of one image own disjoint tiles.
+            unsafe { image(b).convolve_chunk(chunk, out.get().add(b * out_image)) };
+        });
+    } else if geometry.batch >= threads && threads > 1 {
+        (0..geometry.batch).into_par_iter().for_each(|b| {
+            // SAFETY: image b's part of the output, written by this call only.
+            unsafe { image(b).convolve_phases(false, out.get().add(b * out_image)) };
+        });
+    } else {
+        for b in 0..geometry.batch {
+            // SAFETY: as above.
+            unsafe { image(b).convolve_phases(threads > 1, out.get().add(b * out_image)) };
+        }
+    }
+    // SAFETY: every (image, tile, block) of the output was written by one of the calls.
+    unsafe { output.set_len(geometry.batch * out_image) };
     output
 }
 
 thread_local! {
-    /// See `convolve_fused`.
+    /// `Image::convolve_chunk`'s transformed tiles and products, reused.
     static SCRATCH: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// A buffer of transformed tiles or products, `[16 positions][blocks][slots][16]`: tile
+/// `t` of a phase's range sits at slot `t - first_tile`.
+#[derive(Clone, Copy)]
+struct Slots {
+    base: *mut f32,
+    blocks: usize,
+    slots: usize,
+    first_tile: usize,
+}
+
+impl Slots {
+    fn position_stride(&self) -> usize {
+        self.blocks * self.slots * LANES
+    }
+
+    /// Offset of (position 0, `block`, `tile`).
+    fn at(&self, block: usize, tile: usize) -> usize {
+        (block * self.slots + tile - self.first_tile) * LANES
+    }
+
+    fn len(&self) -> usize {
+        POSITIONS * self.position_stride()
+    }
 }
 
 /// One image's data.
@@ -314,123 +233,221 @@ struct Image<'a> {
     weight: &'a [f32],
     bias: &'a [f32],
     relu: bool,
-    /// Spread each phase over the thread pool.
-    parallel: bool,
+    geometry: Geometry,
 }
 
 impl Image<'_> {
+    fn plane(&self) -> usize {
+        self.geometry.height * self.geometry.width * LANES
+    }
+
+    /// Phase 1: `Bᵀ d B` of `tiles` of input block `block` into `v`.
+    ///
     /// # Safety
-    /// `out` valid for writing one output image; the CPU has AVX-512F.
-    unsafe fn convolve(&self, geometry: Geometry, out: *mut f32) {
+    /// `v` valid for writing these tiles' slots of `block`; no other thread writes them.
+    unsafe fn transform_inputs(&self, block: usize, tiles: Range<usize>, v: Slots) {
+        let Geometry { height, width, .. } = self.geometry;
+        let tile_cols = self.geometry.tile_cols();
+        let source = &self.input[block * self.plane()..(block + 1) * self.plane()];
+        for tile in tiles {
+            let at = (height, width, tile / tile_cols, tile % tile_cols);
+            // SAFETY: position ξ of the slot at its offset + ξ·position_stride, inside
+            // `v` (the caller's promise); the loads are bounds-checked against
+            // `source`; the token vouches for the instruction set.
+            unsafe {
+                input_tile(
+                    self.geometry.isa,
+                    source,
+                    at,
+                    v.base.add(v.at(block, tile)),
+                    v.position_stride(),
+                )
+            };
+        }
+    }
+
+    /// Phase 2: the products at `position` of output group `g` for `tiles` (at most the
+    /// ISA's tile width), over every input block: one kernel call.
+    ///
+    /// # Safety
+    /// `m` valid for writing these slots of the group's blocks; `v` holds these tiles.
+    unsafe fn multiply(&self, position: usize, g: usize, tiles: Range<usize>, v: Slots, m: Slots) {
         let Geometry {
             in_blocks,
             out_blocks,
-            height,
-            width,
             group,
+            isa,
             ..
-        } = geometry;
-        let (tile_rows, tile_cols, tiles) =
-            (geometry.tile_rows(), geometry.tile_cols(), geometry.tiles());
-        assert!(self.input.len() == geometry.in_image());
-        assert!(self
-            .residual
-            .is_none_or(|r| r.len() == geometry.out_image()));
-        assert!(self.bias.len() == out_blocks * LANES);
-
-        // 1. Bᵀ d B for every tile: [16][in_blocks][tiles][16].
-        let position_in = in_blocks * tiles * LANES;
-        let mut transformed: Vec<f32> = Vec::with_capacity(POSITIONS * position_in);
-        let v = Shared(transformed.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        let plane = height * width * LANES;
-        for_each_task(in_blocks * tile_rows, self.parallel, 1, |index| {
-            let (block, ty) = (index / tile_rows, index % tile_rows);
-            let source = &self.input[block * plane..(block + 1) * plane];
-            for tx in 0..tile_cols {
-                let slot = (block * tiles + ty * tile_cols + tx) * LANES;
-                // SAFETY: this task's (block, tile) slots of `transformed`; the loads
-                // are bounds-checked against `source`.
-                unsafe {
-                    input_tile(
-                        geometry.isa,
-                        source,
-                        (height, width, ty, tx),
-                        v.get().add(slot),
-                        position_in,
-                    )
-                };
-            }
-        });
-        // SAFETY: every (position, block, tile) slot was written above.
-        unsafe { transformed.set_len(POSITIONS * position_in) };
-
-        // 2. The 16 products over input channels: [16][out_blocks][tiles][16].
-        let position_out = out_blocks * tiles * LANES;
-        let groups = out_blocks / group;
+        } = self.geometry;
         let position_weights = self.weight.len() / POSITIONS;
-        let group_weights = position_weights / groups;
-        let chunks = tiles.div_ceil(Blocking::of(geometry.isa).max_pixels);
+        let group_weights = position_weights / (out_blocks / group);
+        let zero_bias = [0.0f32; 2 * LANES];
         let args = KernelArgs {
             in_blocks,
             in_lanes: LANES,
             kernel: 1,
             stride: 1,
-            in_block_stride: tiles * LANES,
+            in_block_stride: v.slots * LANES,
             in_row_stride: 0,
-            out_block_stride: tiles * LANES,
+            out_block_stride: m.slots * LANES,
             relu: false,
         };
-        let zero_bias = [0.0f32; 2 * LANES];
-        let mut products: Vec<f32> = Vec::with_capacity(POSITIONS * position_out);
-        let m = Shared(products.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        // Tasks: (position, output group, chunk of tiles), neighbours sharing weights.
-        for_each_task(POSITIONS * groups * chunks, self.parallel, 1, |index| {
-            let chunk = index % chunks;
-            let g = (index / chunks) % groups;
-            let position = index / (chunks * groups);
-            // Near-equal chunks: 16 tiles run as 8 + 8, not 14 + 2.
-            let (first, end) = (chunk * tiles / chunks, (chunk + 1) * tiles / chunks);
-            let tile = Tile {
-                input: &transformed[position * position_in + first * LANES..],
-                weight: &self.weight[position * position_weights + g * group_weights..]
-                    [..group_weights],
-                bias: &zero_bias[..group * LANES],
-                residual: None,
-                pixels: end - first,
-                group,
-            };
-            let at = position * position_out + g * group * tiles * LANES + first * LANES;
-            // SAFETY: tasks write disjoint (position, group, chunk) parts of `products`;
-            // `Tile::run` checks the reads; AVX-512F is the caller's promise.
-            unsafe { tile.run(geometry.isa, &args, m.get().add(at)) };
-        });
-        // SAFETY: every (position, block, tile) slot was written by one task above.
-        unsafe { products.set_len(POSITIONS * position_out) };
+        // SAFETY: `v` was written for these tiles by phase 1 (the caller's promise).
+        let transformed = unsafe { std::slice::from_raw_parts(v.base, v.len()) };
+        let tile = Tile {
+            input: &transformed[position * v.position_stride() + v.at(0, tiles.start)..],
+            weight: &self.weight[position * position_weights + g * group_weights..]
+                [..group_weights],
+            bias: &zero_bias[..group * LANES],
+            residual: None,
+            pixels: tiles.len(),
+            group,
+        };
+        let at = position * m.position_stride() + m.at(g * group, tiles.start);
+        // SAFETY: `Tile::run` checks the reads; the writes are this group's slots, the
+        // caller's promise.
+        unsafe { tile.run(isa, &args, m.base.add(at)) };
+    }
 
-        // 3. Aᵀ m A + bias (+ residual), ReLU, into the output image.
-        let out = Shared(out);
-        for_each_task(out_blocks * tile_rows, self.parallel, 1, |index| {
-            let (block, ty) = (index / tile_rows, index % tile_rows);
-            let bias = &self.bias[block * LANES..(block + 1) * LANES];
-            let residual = self
-                .residual
-                .map(|r| &r[block * plane..(block + 1) * plane]);
-            for tx in 0..tile_cols {
-                let slot = (block * tiles + ty * tile_cols + tx) * LANES;
-                // SAFETY: the tile's pixels of output block `block`, written by this
-                // task only, inside the image (checked in `output_tile`).
-                unsafe {
-                    output_tile(
-                        geometry.isa,
-                        (&products[slot..], position_out),
-                        bias,
-                        residual,
-                        self.relu,
-                        (height, width, ty, tx),
-                        out.get().add(block * plane),
-                    )
-                };
+    /// Phase 3: `Aᵀ m A` + bias (+ residual), ReLU for `tiles` of output block `block`,
+    /// into the output image `out`.
+    ///
+    /// # Safety
+    /// `m` holds these tiles' products; `out` valid for one output image, these tiles'
+    /// pixels of `block` written by this call only.
+    unsafe fn transform_outputs(&self, block: usize, tiles: Range<usize>, m: Slots, out: *mut f32) {
+        let Geometry { height, width, .. } = self.geometry;
+        let tile_cols = self.geometry.tile_cols();
+        let plane = self.plane();
+        let bias = &self.bias[block * LANES..(block + 1) * LANES];
+        let residual = self
+            .residual
+            .map(|r| &r[block * plane..(block + 1) * plane]);
+        // SAFETY: phase 2 wrote `m` (the caller's promise).
+        let products = unsafe { std::slice::from_raw_parts(m.base, m.len()) };
+        for tile in tiles {
+            let at = (height, width, tile / tile_cols, tile % tile_cols);
+            // SAFETY: the tile's pixels of output block `block`, inside the plane
+            // (checked in `output_tile`), written by this call only.
+            unsafe {
+                output_tile(
+                    self.geometry.isa,
+                    (&products[m.at(block, tile)..], m.position_stride()),
+                    bias,
+                    residual,
+                    self.relu,
+                    at,
+                    out.add(block * plane),
+                )
+            };
+        }
+    }
+
+    /// All three phases for chunk `chunk` of the image's tiles, in this thread's scratch.
+    ///
+    /// # Safety
+    /// `out` valid for one output image; no other task writes this chunk's pixels.
+    unsafe fn convolve_chunk(&self, chunk: usize, out: *mut f32) {
+        let Geometry {
+            in_blocks,
+            out_blocks,
+            group,
+            ..
+        } = self.geometry;
+        let (tiles, chunks) = (self.geometry.tiles(), self.geometry.chunks());
+        let range = chunk * tiles / chunks..(chunk + 1) * tiles / chunks;
+        let slots = range.len();
+        let mut scratch = SCRATCH.take();
+        scratch.resize(POSITIONS * (in_blocks + out_blocks) * slots * LANES, 0.0);
+        let (v, m) = scratch.split_at_mut(POSITIONS * in_blocks * slots * LANES);
+        let slots_of = |base: &mut [f32], blocks| Slots {
+            base: base.as_mut_ptr(),
+            blocks,
+            slots,
+            first_tile: range.start,
+        };
+        let (v, m) = (slots_of(v, in_blocks), slots_of(m, out_blocks));
+        // SAFETY: this thread's own scratch, sized for every slot; `out` as promised.
+        unsafe {
+            for block in 0..in_blocks {
+                self.transform_inputs(block, range.clone(), v);
             }
+            for position in 0..POSITIONS {
+                for g in 0..out_blocks / group {
+                    self.multiply(position, g, range.clone(), v, m);
+                }
+            }
+            for block in 0..out_blocks {
+                self.transform_outputs(block, range.clone(), m, out);
+            }
+        }
+        SCRATCH.set(scratch);
+    }
+
+    /// The three phases one after the other over all the image's tiles, each spread over
+    /// the thread pool if `parallel`.
+    ///
+    /// # Safety
+    /// `out` valid for writing one output image, by this call only.
+    unsafe fn convolve_phases(&self, parallel: bool, out: *mut f32) {
+        let Geometry {
+            in_blocks,
+            out_blocks,
+            group,
+            ..
+        } = self.geometry;
+        let (tile_rows, tile_cols, tiles) = (
+            self.geometry.tile_rows(),
+            self.geometry.tile_cols(),
+            self.geometry.tiles(),
+        );
+        let row =
+            |index: usize| (index % tile_rows) * tile_cols..(index % tile_rows + 1) * tile_cols;
+        let buffer = |blocks: usize| Vec::<f32>::with_capacity(POSITIONS * blocks * tiles * LANES);
+        let (mut transformed, mut products) = (buffer(in_blocks), buffer(out_blocks));
+        let slots_of = |buffer: &mut Vec<f32>, blocks| Slots {
+            base: buffer.spare_capacity_mut().as_mut_ptr().cast::<f32>(),
+            blocks,
+            slots: tiles,
+            first_tile: 0,
+        };
+        let (v, m) = (
+            slots_of(&mut transformed, in_blocks),
+            slots_of(&mut products, out_blocks),
+        );
+        let (v_shared, m_shared, out) = (Shared(v.base), Shared(m.base), Shared(out));
+        let v = move || Slots {
+            base: v_shared.get(),
+            ..v
+        };
+        let m = move || Slots {
+            base: m_shared.get(),
+            ..m
+        };
+        // SAFETY (the three loops): tasks own disjoint (block, tile row) or (position,
+        // group, chunk) slots; each phase reads what the previous one wrote in full.
+        for_each_task(in_blocks * tile_rows, parallel, 1, |index| unsafe {
+            self.transform_inputs(index / tile_rows, row(index), v());
         });
+        let (groups, chunks) = (out_blocks / group, self.geometry.chunks());
+        for_each_task(POSITIONS * groups * chunks, parallel, 1, |index| {
+            let chunk = index % chunks;
+            // Near-equal chunks: 16 tiles run as 8 + 8, not 14 + 2.
+            let range = chunk * tiles / chunks..(chunk + 1) * tiles / chunks;
+            // SAFETY: as above.
+            unsafe {
+                self.multiply(
+                    index / (chunks * groups),
+                    (index / chunks) % groups,
+                    range,
+                    v(),
+                    m(),
+                )
+            };
+        });
+        for_each_task(out_blocks * tile_rows, parallel, 1, |index| unsafe {
+            self.transform_outputs(index / tile_rows, row(index), m(), out.get());
+        });
+        drop((transformed, products));
     }
 }
