@@ -413,7 +413,11 @@ mod tests {
                 let b = Tensor::from_vec(values(c_out, seed + 1), c_out, &device)?;
                 // Small layers: two rows (a stride-2 tap pattern), two images (one per
                 // thread); large: one row of one image (the threads share its phases).
-                let (batch, height) = if c_in * c_out <= 128 * 128 { (2, 2) } else { (1, 1) };
+                let (batch, height) = if c_in * c_out <= 128 * 128 {
+                    (2, 2)
+                } else {
+                    (1, 1)
+                };
                 let winograd_options: &[bool] = if kernel == 3 && stride == 1 && !plain_input {
                     &[false, true]
                 } else {

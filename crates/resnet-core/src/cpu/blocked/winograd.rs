@@ -424,10 +424,11 @@ impl Image<'_> {
             base: m_shared.get(),
             ..m
         };
-        // SAFETY (the three loops): tasks own disjoint (block, tile row) or (position,
-        // group, chunk) slots; each phase reads what the previous one wrote in full.
-        for_each_task(in_blocks * tile_rows, parallel, 1, |index| unsafe {
-            self.transform_inputs(index / tile_rows, row(index), v());
+        // Tasks own disjoint (block, tile row) or (position, group, chunk) slots; each
+        // phase reads what the previous one wrote in full.
+        for_each_task(in_blocks * tile_rows, parallel, 1, |index| {
+            // SAFETY: as said above.
+            unsafe { self.transform_inputs(index / tile_rows, row(index), v()) };
         });
         let (groups, chunks) = (out_blocks / group, self.geometry.chunks());
         for_each_task(POSITIONS * groups * chunks, parallel, 1, |index| {
@@ -445,8 +446,9 @@ impl Image<'_> {
                 )
             };
         });
-        for_each_task(out_blocks * tile_rows, parallel, 1, |index| unsafe {
-            self.transform_outputs(index / tile_rows, row(index), m(), out.get());
+        for_each_task(out_blocks * tile_rows, parallel, 1, |index| {
+            // SAFETY: as above; `out` is the caller's promise.
+            unsafe { self.transform_outputs(index / tile_rows, row(index), m(), out.get()) };
         });
         drop((transformed, products));
     }
