@@ -260,3 +260,36 @@ fn batched_inference_matches_across_cpu_paths() -> Result<()> {
     }
     Ok(())
 }
+
+/// ResNeXt's grouped convolutions run on the blocked kernels (groups of 4, 8, 16 and 32
+/// channels in ResNeXt-50 32x4d's four stages), on every instruction set this CPU has,
+/// giving what the im2col + GEMM path gives. Hashed weights; 1e-4 relative.
+#[test]
+fn resnext_runs_blocked_and_matches_the_gemm_path() -> Result<()> {
+    use resnet_core::{CpuIsa, CpuKernels, Isa};
+    use resnet_tests::{assert_close, hashed_tensor, hashed_var_builder, F32_RELATIVE_TOLERANCE};
+    let config = ResNetConfig::resnext50_32x4d();
+    let build = |kernels, isa| -> Result<ResNet> {
+        let vb = hashed_var_builder(DType::F32, &Device::Cpu);
+        Ok(ResNet::new(&config, vb)?.fold_batch_norm_on(kernels, isa)?)
+    };
+    let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
+    let reference = build(CpuKernels::Gemm, CpuIsa::best())?.forward(&input)?;
+    for isa in Isa::ALL
+        .into_iter()
+        .filter_map(|isa| CpuIsa::select(isa).ok())
+    {
+        let blocked = build(CpuKernels::Auto, isa)?;
+        assert_eq!(blocked.cpu_isa(), Some(isa.isa()));
+        let kernels = blocked.kernel_summary();
+        assert_eq!((kernels.gemm, kernels.direct), (0, 53), "{kernels}");
+        let what = format!("resnext50_32x4d on {isa:?}");
+        assert_close(
+            &blocked.forward(&input)?,
+            &reference,
+            F32_RELATIVE_TOLERANCE,
+            &what,
+        )?;
+    }
+    Ok(())
+}

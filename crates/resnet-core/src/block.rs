@@ -104,12 +104,13 @@ impl ConvBn {
         match &self.weights {
             ConvWeights::Trainable(conv) | ConvWeights::Folded(conv) => Ok(conv.clone()),
             ConvWeights::Blocked(blocked) => {
-                let (shape, stride, padding) = blocked.shape();
+                let (shape, stride, padding, groups) = blocked.shape();
                 let (weight, bias) = blocked.unpack();
                 let device = self.bn.weight().device();
                 let config = Conv2dConfig {
                     padding,
                     stride,
+                    groups,
                     ..Default::default()
                 };
                 Ok(Conv2d::new(
@@ -210,7 +211,7 @@ impl ConvBn {
                 &scale.to_vec1::<f32>()?,
                 dims,
                 bias.to_vec1::<f32>()?,
-                (config.stride, config.padding),
+                (config.stride, config.padding, config.groups),
                 (
                     plain_input,
                     winograd && BlockedConv::winograd_pays(dims.1, dims.0),
@@ -258,11 +259,11 @@ impl ConvBn {
     pub(crate) fn can_block(&self) -> bool {
         match &self.weights {
             ConvWeights::Trainable(conv) => match conv.weight().dims4() {
-                Ok((c_out, _, kh, kw)) => {
+                Ok((c_out, c_in, kh, kw)) => {
                     let config = conv.config();
                     kh == kw
                         && config.dilation == 1
-                        && BlockedConv::supports(c_out, kh, config.groups)
+                        && BlockedConv::supports(c_in * config.groups, c_out, kh, config.groups)
                 }
                 Err(_) => false,
             },

@@ -137,6 +137,13 @@ impl CustomOp1 for BlockedOp<'_> {
             out_block_stride: out_h * out_w * LANES,
             relu: self.relu,
         };
+        // A grouped convolution: each block group reads its own input blocks.
+        let (group_in_blocks, _) = conv.block_group_shape();
+        let args = KernelArgs {
+            in_blocks: group_in_blocks,
+            ..args
+        };
+        let out_blocks_per_block_group = out_blocks / conv.block_group_shape().1;
         let image_in = in_blocks * args.in_block_stride;
         let image_out = out_blocks * args.out_block_stride;
         let group = conv.group;
@@ -164,7 +171,10 @@ impl CustomOp1 for BlockedOp<'_> {
             let mut ox = 0;
             for t in 0..tiles {
                 let pixels = (out_w - ox) / (tiles - t);
-                let in_at = b * image_in + (oy * s * padded_w + ox * s) * in_lanes;
+                let block_group = g * group / out_blocks_per_block_group;
+                let in_at = b * image_in
+                    + block_group * group_in_blocks * args.in_block_stride
+                    + (oy * s * padded_w + ox * s) * in_lanes;
                 let out_at =
                     b * image_out + g * group * args.out_block_stride + (oy * out_w + ox) * LANES;
                 let tile = Tile {
@@ -184,7 +194,7 @@ impl CustomOp1 for BlockedOp<'_> {
         let tasks = batch * groups * out_h;
         // Rows run in runs of at least ~64K multiply-adds: a CIFAR stem row (32 pixels
         // x 16 channels x 27) is a microsecond of work, less than handing it to a thread.
-        let row_work = out_w * group * LANES * conv.c_in * k * k;
+        let row_work = out_w * group * LANES * group_in_blocks * in_lanes * k * k;
         let rows_per_job = (64 * 1024usize).div_ceil(row_work.max(1));
         let parallel = candle_core::utils::get_num_threads() > 1;
         for_each_task(tasks, parallel, rows_per_job, task);

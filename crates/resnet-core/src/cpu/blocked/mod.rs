@@ -55,8 +55,15 @@ pub(crate) struct BlockedConv {
     stride: usize,
     padding: usize,
     /// Output blocks per kernel call: 2 (32 channels) where the ISA's registers and
-    /// `c_out` allow, else 1.
+    /// the block groups allow, else 1.
     group: usize,
+    /// The convolution's channel groups (ResNeXt), as in the checkpoint.
+    groups: usize,
+    /// Independent groups of whole channel blocks the kernels see: 1 for a dense
+    /// convolution; a grouped one is dense within each (zero weights between its
+    /// channel groups where a group is narrower than a block). See
+    /// [`BlockedConv::block_groups`].
+    block_groups: usize,
     /// Input channels per input block: 16 for blocked input, 1 for plain `(N, C, H, W)`
     /// input (the stem's image).
     in_lanes: usize,
@@ -64,8 +71,8 @@ pub(crate) struct BlockedConv {
     winograd: bool,
     /// The instruction set its kernels run on; the packing follows its [`Blocking`].
     isa: CpuIsa,
-    /// `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`, or the
-    /// Winograd-transformed weights.
+    /// Per block group, `[its c_out / (16·group)][its c_in / in_lanes][ky][kx][in_lanes]
+    /// [16·group out]`, or the Winograd-transformed weights.
     weight: Vec<f32>,
     bias: Vec<f32>,
 }
@@ -73,8 +80,45 @@ pub(crate) struct BlockedConv {
 impl BlockedConv {
     /// Whether a convolution of this shape can give blocked output (its input, if
     /// blocked, has channels divisible by 16 when the output has).
-    pub fn supports(c_out: usize, kernel: usize, groups: usize) -> bool {
-        groups == 1 && c_out.is_multiple_of(LANES) && kernel >= 1
+    pub fn supports(c_in: usize, c_out: usize, kernel: usize, groups: usize) -> bool {
+        // A dense layer may read plain input (the stem); a grouped one needs blocks.
+        let in_lanes = if groups == 1 { 1 } else { LANES };
+        kernel >= 1 && Self::block_groups(c_in, c_out, groups, in_lanes).is_some()
+    }
+
+    /// How a convolution of `groups` channel groups runs on whole 16-channel blocks:
+    /// as `n` independent dense convolutions of `c_in / n` to `c_out / n` channels.
+    /// Dense: 1. Groups of whole blocks (ResNeXt's wider stages): one per group. Groups
+    /// narrower than a block, as wide in as out and dividing 16 (ResNeXt 32x4d's 4 and
+    /// 8 channels): one per output block, the weights between its groups zero (4x or 2x
+    /// the multiply-adds of those layers, which are a few percent of the network's).
+    /// Anything else: `None`, the GEMM path.
+    pub fn block_groups(
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+        in_lanes: usize,
+    ) -> Option<usize> {
+        if groups == 0
+            || !c_in.is_multiple_of(groups)
+            || !c_out.is_multiple_of(groups)
+            || !c_out.is_multiple_of(LANES)
+            || !c_in.is_multiple_of(in_lanes)
+        {
+            return None;
+        }
+        let (group_in, group_out) = (c_in / groups, c_out / groups);
+        if groups == 1 {
+            Some(1)
+        } else if in_lanes != LANES {
+            None
+        } else if group_in.is_multiple_of(LANES) && group_out.is_multiple_of(LANES) {
+            Some(groups)
+        } else if group_in == group_out && LANES.is_multiple_of(group_out) {
+            Some(c_out / LANES)
+        } else {
+            None
+        }
     }
 
     /// Reorders a folded `(c_out, c_in, k, k)` f32 weight and its bias. `plain_input`:
@@ -84,8 +128,7 @@ impl BlockedConv {
     pub fn new(
         weight: &Tensor,
         bias: &Tensor,
-        stride: usize,
-        padding: usize,
+        (stride, padding, groups): (usize, usize, usize),
         plain_input: bool,
         winograd: bool,
         isa: CpuIsa,
@@ -96,49 +139,70 @@ impl BlockedConv {
             &vec![1.0; c_out],
             weight.dims4()?,
             bias.to_vec1::<f32>()?,
-            (stride, padding),
+            (stride, padding, groups),
             (plain_input, winograd, isa),
         )
     }
 
-    /// [`BlockedConv::new`] from the unfolded weight's values, `(c_out, c_in, k, k)`,
-    /// and the BatchNorm's scale per output channel, multiplied in while reordering: no
-    /// folded copy is ever made.
+    /// [`BlockedConv::new`] from the unfolded weight's values, `(c_out, c_in / groups,
+    /// k, k)`, and the BatchNorm's scale per output channel, multiplied in while
+    /// reordering: no folded copy is ever made.
     pub fn from_folded(
         source: &[f32],
         scale: &[f32],
-        (c_out, c_in, kernel, kw): (usize, usize, usize, usize),
+        (c_out, group_in, kernel, kw): (usize, usize, usize, usize),
         bias: Vec<f32>,
-        (stride, padding): (usize, usize),
+        (stride, padding, groups): (usize, usize, usize),
         (plain_input, winograd, isa): (bool, bool, CpuIsa),
     ) -> Result<Self> {
         let in_lanes = if plain_input { 1 } else { LANES };
-        if kernel != kw
-            || !Self::supports(c_out, kernel, 1)
-            || !c_in.is_multiple_of(in_lanes)
-            || stride == 0
-            || source.len() != c_out * c_in * kernel * kernel
-            || scale.len() != c_out
-        {
+        let c_in = group_in * groups.max(1);
+        let block_groups = Self::block_groups(c_in, c_out, groups, in_lanes);
+        let Some(block_groups) = block_groups.filter(|_| {
+            kernel == kw
+                && kernel >= 1
+                && stride > 0
+                && source.len() == c_out * group_in * kernel * kernel
+                && scale.len() == c_out
+        }) else {
             bail!(
-                "blocked convolution: unsupported weight {:?}",
-                (c_out, c_in, kernel, kw)
+                "blocked convolution: unsupported weight {:?} in {groups} groups",
+                (c_out, group_in, kernel, kw)
             );
-        }
-        let group = Blocking::of(isa).group(c_out);
+        };
+        // Per block group: dense, `(c_out, c_in / block_groups, k, k)` in all.
+        let dense;
+        let source = if groups == 1 {
+            source
+        } else {
+            dense = densify(source, (c_out, c_in, kernel), groups, block_groups);
+            &dense
+        };
+        let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
+        let group = Blocking::of(isa).group(bg_out);
         if bias.len() != c_out {
             bail!(
                 "blocked convolution: bias of {} for {c_out} channels",
                 bias.len()
             );
         }
-        let winograd = winograd && kernel == 3 && stride == 1 && padding == 1 && !plain_input;
-        let per_channel = c_in * kernel * kernel;
+        let winograd = winograd
+            && kernel == 3
+            && stride == 1
+            && padding == 1
+            && !plain_input
+            && block_groups == 1;
+        let per_channel = bg_in * kernel * kernel;
+        let per_block_group = bg_out * per_channel;
         let packed = if winograd {
             winograd::transform_weights(source, scale, c_out, c_in, group)
         } else {
-            packed_order(c_in, c_out, kernel, group, in_lanes)
-                .map(|index| source[index] * scale[index / per_channel])
+            (0..block_groups)
+                .flat_map(|bg| {
+                    let at = bg * per_block_group;
+                    packed_order(bg_in, bg_out, kernel, group, in_lanes)
+                        .map(move |index| source[at + index] * scale[(at + index) / per_channel])
+                })
                 .collect()
         };
         Ok(Self {
@@ -148,6 +212,8 @@ impl BlockedConv {
             stride,
             padding,
             group,
+            groups,
+            block_groups,
             in_lanes,
             winograd,
             isa,
@@ -156,25 +222,33 @@ impl BlockedConv {
         })
     }
 
-    /// The weight back in `(c_out, c_in, k, k)` order, and the bias.
+    /// The weight back in `(c_out, c_in / groups, k, k)` order, and the bias.
     pub fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
         if self.winograd {
             let weight =
                 winograd::untransform_weights(&self.weight, self.c_out, self.c_in, self.group);
             return (weight, self.bias.clone());
         }
-        let mut weight = vec![0.0; self.weight.len()];
-        let order = packed_order(
-            self.c_in,
-            self.c_out,
-            self.kernel,
-            self.group,
-            self.in_lanes,
+        let (bg_in, bg_out) = (
+            self.c_in / self.block_groups,
+            self.c_out / self.block_groups,
         );
-        for (&value, index) in self.weight.iter().zip(order) {
-            weight[index] = value;
+        let per_block_group = bg_out * bg_in * self.kernel * self.kernel;
+        let mut dense = vec![0.0; self.weight.len()];
+        for (bg, packed) in self.weight.chunks(per_block_group.max(1)).enumerate() {
+            let order = packed_order(bg_in, bg_out, self.kernel, self.group, self.in_lanes);
+            for (&value, index) in packed.iter().zip(order) {
+                dense[bg * per_block_group + index] = value;
+            }
         }
-        (weight, self.bias.clone())
+        if self.groups == 1 {
+            return (dense, self.bias.clone());
+        }
+        let shape = (self.c_out, self.c_in, self.kernel);
+        (
+            sparsify(&dense, shape, self.groups, self.block_groups),
+            self.bias.clone(),
+        )
     }
 
     /// Whether Winograd pays for a 3x3 stride-1 convolution of these channels. With 16
@@ -188,15 +262,29 @@ impl BlockedConv {
 
     /// Weight and bias elements.
     pub fn parameter_count(&self) -> usize {
-        self.c_out * self.c_in * self.kernel * self.kernel + self.bias.len()
+        self.c_out * (self.c_in / self.groups) * self.kernel * self.kernel + self.bias.len()
     }
 
-    /// `(c_out, c_in, k, k)`, stride and padding.
-    pub fn shape(&self) -> ((usize, usize, usize, usize), usize, usize) {
+    /// `(c_out, c_in / groups, k, k)`, stride, padding and groups.
+    pub fn shape(&self) -> ((usize, usize, usize, usize), usize, usize, usize) {
         (
-            (self.c_out, self.c_in, self.kernel, self.kernel),
+            (
+                self.c_out,
+                self.c_in / self.groups,
+                self.kernel,
+                self.kernel,
+            ),
             self.stride,
             self.padding,
+            self.groups,
+        )
+    }
+
+    /// Input blocks a kernel call reads, and how many block groups there are.
+    fn block_group_shape(&self) -> (usize, usize) {
+        (
+            self.c_in / self.block_groups / self.in_lanes,
+            self.block_groups,
         )
     }
 
@@ -226,6 +314,45 @@ impl BlockedConv {
         xs.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
+/// A grouped weight `(c_out, c_in / groups, k, k)` as the dense weight of each block
+/// group, `(c_out, c_in / block_groups, k, k)` in all: zero between channel groups.
+fn densify(
+    source: &[f32],
+    (c_out, c_in, kernel): (usize, usize, usize),
+    groups: usize,
+    block_groups: usize,
+) -> Vec<f32> {
+    let taps = kernel * kernel;
+    let (group_in, group_out) = (c_in / groups, c_out / groups);
+    let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
+    let mut dense = vec![0.0; c_out * bg_in * taps];
+    for oc in 0..c_out {
+        // The first input channel of oc's group, relative to its block group's.
+        let first = (oc / group_out) * group_in - (oc / bg_out) * bg_in;
+        let row = &source[oc * group_in * taps..(oc + 1) * group_in * taps];
+        dense[(oc * bg_in + first) * taps..][..group_in * taps].copy_from_slice(row);
+    }
+    dense
+}
+
+/// The inverse of [`densify`].
+fn sparsify(
+    dense: &[f32],
+    (c_out, c_in, kernel): (usize, usize, usize),
+    groups: usize,
+    block_groups: usize,
+) -> Vec<f32> {
+    let taps = kernel * kernel;
+    let (group_in, group_out) = (c_in / groups, c_out / groups);
+    let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
+    let mut weight = Vec::with_capacity(c_out * group_in * taps);
+    for oc in 0..c_out {
+        let first = (oc / group_out) * group_in - (oc / bg_out) * bg_in;
+        weight.extend_from_slice(&dense[(oc * bg_in + first) * taps..][..group_in * taps]);
+    }
+    weight
+}
+
 #[cfg(test)]
 mod tests {
     use super::layout::test_values as values;
@@ -258,8 +385,7 @@ mod tests {
                 let conv = BlockedConv::new(
                     &tensor,
                     &Tensor::new(bias.as_slice(), &Device::Cpu)?,
-                    1,
-                    1,
+                    (1, 1, 1),
                     plain_input,
                     winograd,
                     isa,
@@ -284,6 +410,26 @@ mod tests {
         Ok(())
     }
 
+    /// A grouped weight survives packing: block groups of one block (ResNeXt 32x4d's
+    /// 4-channel groups) and of two blocks (32-channel groups).
+    #[test]
+    fn grouped_pack_and_unpack_are_inverse() -> Result<()> {
+        for (channels, groups) in [(128, 32), (256, 8), (64, 64)] {
+            let weight = values(channels * (channels / groups) * 9, 5);
+            let dims = (channels, channels / groups, 3, 3);
+            let tensor = Tensor::from_vec(weight.clone(), dims, &Device::Cpu)?;
+            let bias = Tensor::from_vec(values(channels, 6), channels, &Device::Cpu)?;
+            for isa in every_isa() {
+                let conv = BlockedConv::new(&tensor, &bias, (1, 1, groups), false, true, isa)?;
+                assert!(!conv.winograd, "grouped layers run direct");
+                assert_eq!(conv.parameter_count(), weight.len() + channels);
+                assert_eq!(conv.shape().0, dims);
+                assert_eq!(conv.unpack().0, weight, "{channels} in {groups} groups");
+            }
+        }
+        Ok(())
+    }
+
     /// Every kernel shape the network uses, odd widths (all pixel counts of a tile),
     /// both output groupings, residual and ReLU, against candle's own convolution.
     #[test]
@@ -297,17 +443,23 @@ mod tests {
     fn matches_candle_on(isa: CpuIsa) -> Result<()> {
         let device = Device::Cpu;
         let mut seed = 10;
-        // The last two read plain (N, C, H, W) input, as the stems do.
-        for (c_in, c_out, kernel, stride, padding) in [
-            (16usize, 32, 3, 1, 1),
-            (32, 16, 3, 1, 1),
-            (16, 16, 3, 1, 1),
-            (32, 16, 3, 2, 1),
-            (16, 48, 1, 1, 0),
-            (32, 64, 1, 2, 0),
-            (16, 32, 7, 2, 3),
-            (3, 64, 7, 2, 3),
-            (3, 16, 3, 1, 1),
+        // Two read plain (N, C, H, W) input, as the stems do; the last four are grouped
+        // (ResNeXt): groups of 4 and 8 channels inside a block, 1 channel (depthwise),
+        // and 32 channels (two blocks a group).
+        for (c_in, c_out, kernel, stride, padding, groups) in [
+            (16usize, 32, 3, 1, 1, 1),
+            (32, 16, 3, 1, 1, 1),
+            (16, 16, 3, 1, 1, 1),
+            (32, 16, 3, 2, 1, 1),
+            (16, 48, 1, 1, 0, 1),
+            (32, 64, 1, 2, 0, 1),
+            (16, 32, 7, 2, 3, 1),
+            (3, 64, 7, 2, 3, 1),
+            (3, 16, 3, 1, 1, 1),
+            (128, 128, 3, 1, 1, 32),
+            (64, 64, 3, 2, 1, 8),
+            (32, 32, 3, 1, 1, 32),
+            (128, 128, 3, 1, 1, 4),
         ] {
             let plain_input = !c_in.is_multiple_of(LANES);
             let layout = |x: &Tensor| {
@@ -331,12 +483,12 @@ mod tests {
                     &device,
                 )?;
                 let w = Tensor::from_vec(
-                    values(c_out * c_in * kernel * kernel, seed + 100),
-                    (c_out, c_in, kernel, kernel),
+                    values(c_out * c_in / groups * kernel * kernel, seed + 100),
+                    (c_out, c_in / groups, kernel, kernel),
                     &device,
                 )?;
                 let b = Tensor::from_vec(values(c_out, seed + 200), c_out, &device)?;
-                let conv = x.conv2d(&w, padding, stride, 1, 1)?;
+                let conv = x.conv2d(&w, padding, stride, 1, groups)?;
                 let conv = conv.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?;
                 let residual =
                     Tensor::from_vec(values(conv.elem_count(), seed + 300), conv.dims(), &device)?;
@@ -344,8 +496,7 @@ mod tests {
                 let blocked = Arc::new(BlockedConv::new(
                     &w,
                     &b,
-                    stride,
-                    padding,
+                    (stride, padding, groups),
                     plain_input,
                     winograd,
                     isa,
@@ -369,7 +520,7 @@ mod tests {
                         .to_scalar::<f32>()?;
                     assert!(
                         error <= 1e-5 * scale.max(1.0),
-                        "{isa:?} {c_in}->{c_out} k{kernel} s{stride} {height}x{width} winograd {winograd}: error {error}"
+                        "{isa:?} {c_in}->{c_out} k{kernel} s{stride} {height}x{width} winograd {winograd} groups {groups}: error {error}"
                     );
                 }
             }
@@ -425,7 +576,7 @@ mod tests {
                 };
                 for &winograd in winograd_options {
                     let build = |isa| {
-                        BlockedConv::new(&w, &b, stride, padding, plain_input, winograd, isa)
+                        BlockedConv::new(&w, &b, (stride, padding, 1), plain_input, winograd, isa)
                             .map(Arc::new)
                     };
                     let (ours, reference) = (build(isa)?, build(oracle)?);
@@ -465,7 +616,7 @@ mod tests {
         let w = Tensor::zeros((32, 16, 3, 3), DType::F32, &device)?;
         let b = Tensor::zeros(32, DType::F32, &device)?;
         let isa = CpuIsa::best();
-        let conv = Arc::new(BlockedConv::new(&w, &b, 1, 1, false, false, isa)?);
+        let conv = Arc::new(BlockedConv::new(&w, &b, (1, 1, 1), false, false, isa)?);
         let wrong_channels = Tensor::zeros((1, 2, 4, 4, 16), DType::F32, &device)?;
         assert!(conv.forward(&wrong_channels, None, true).is_err());
         let x = Tensor::zeros((1, 1, 4, 4, 16), DType::F32, &device)?;
@@ -474,8 +625,7 @@ mod tests {
         assert!(BlockedConv::new(
             &Tensor::zeros((32, 8, 3, 3), DType::F32, &device)?,
             &b,
-            1,
-            1,
+            (1, 1, 1),
             false,
             true,
             isa,
