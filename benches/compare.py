@@ -34,12 +34,13 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32)]
+CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32),
+         ("resnext50_32x4d", 1, 224), ("resnext50_32x4d", 8, 224)]
 TRAIN_CASES = [("resnet20", 128, 32), ("resnet50", 16, 224)]
 
 
-def run_json(command):
-    out = subprocess.run(command, check=True, capture_output=True, text=True)
+def run_json(command, env=None):
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout)["median_ms"]
 
 
@@ -49,6 +50,12 @@ def ours(arch, batch, size, args):
                "--threads", str(args.threads), "--device", "cpu", "--json"]
     if args.train:
         command += ["--train", "--warmup", "1"]
+    env = dict(os.environ)
+    if args.isa:
+        # Our blocked kernels on this instruction set (RESNET_CPU_ISA); the peers run
+        # whatever they pick (AVX-512 here).
+        env["RESNET_CPU_ISA"] = args.isa
+        return lambda: run_json(command, env)
     return lambda: run_json(command)
 
 
@@ -138,6 +145,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--pause", type=float, default=1.0,
                         help="seconds of idle machine before each measurement")
+    parser.add_argument("--isa", default=None,
+                        help="force our kernels' instruction set: scalar, avx2, avx512 or neon")
     parser.add_argument("--train", action="store_true",
                         help="time training steps (ours and PyTorch) instead of inference")
     parser.add_argument("--cases", default="all",
@@ -148,7 +157,8 @@ def main():
         if args.train else ENGINES
     peers = [name for name, _ in engines[1:]]
     what = "training step" if args.train else "batch"
-    print(f"median ms per {what}, f32, {args.threads} threads, median of {args.rounds} rounds")
+    isa = f", ours on {args.isa}" if args.isa else ""
+    print(f"median ms per {what}, f32, {args.threads} threads, median of {args.rounds} rounds{isa}")
     print(f"{'case':<16}{'ours':>9}" + "".join(f"{name:>11}" for name in peers)
           + "".join(f"{name + '/ours':>16}" for name in peers))
     for arch, batch, size in TRAIN_CASES if args.train else CASES:

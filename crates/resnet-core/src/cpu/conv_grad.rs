@@ -15,7 +15,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_conv::{cpu_data, f32_input, ConvShape, Element, Geometry};
+use super::gemm_conv::{cpu_data, f32_input, ConvShape, Element, ImageConv};
 
 /// `conv2d(xs, weight)` (no bias, dilation 1) whose backward runs the GEMM kernels here.
 pub(crate) struct TrainConv {
@@ -204,9 +204,9 @@ fn input_gradient(shape: &ConvShape, dy: &[f32], weight: &[f32]) -> Vec<f32> {
 }
 
 /// Adds each im2col column back onto the input position it was read from: the
-/// transpose of [`Geometry::im2col_tile`] over a whole image.
-fn col2im(geometry: &Geometry, columns: &[f32], dx: &mut [f32]) {
-    let &Geometry {
+/// transpose of [`ImageConv::im2col_tile`] over a whole image.
+fn col2im(geometry: &ImageConv, columns: &[f32], dx: &mut [f32]) {
+    let &ImageConv {
         kernel,
         stride,
         padding,
@@ -325,8 +325,8 @@ fn to_nhwc(x: &[f32], channels: usize, nhwc: &mut [f32]) {
 
 /// The im2col matrix transposed, from an NHWC image: row (oy, ox), column
 /// (ky, kx, channel) holds x[channel, oy·s + ky - p, ox·s + kx - p] (zero outside).
-fn im2row(geometry: &Geometry, nhwc: &[f32], rows: &mut [f32]) {
-    let &Geometry {
+fn im2row(geometry: &ImageConv, nhwc: &[f32], rows: &mut [f32]) {
+    let &ImageConv {
         c_in: channels,
         kernel,
         stride,

@@ -105,7 +105,7 @@ impl CustomOp1 for FusedConv<'_> {
 
 /// The shapes of one group of one image's convolution.
 #[derive(Clone, Copy)]
-pub(crate) struct Geometry {
+pub(crate) struct ImageConv {
     pub c_in: usize,
     pub c_out: usize,
     pub height: usize,
@@ -117,7 +117,7 @@ pub(crate) struct Geometry {
     pub out_w: usize,
 }
 
-impl Geometry {
+impl ImageConv {
     pub fn in_plane(&self) -> usize {
         self.height * self.width
     }
@@ -474,8 +474,8 @@ impl ConvShape {
     }
 
     /// One group of one image as the GEMM convolutions see it.
-    pub(crate) fn group_geometry(&self) -> Geometry {
-        Geometry {
+    pub(crate) fn group_geometry(&self) -> ImageConv {
+        ImageConv {
             c_in: self.c_in / self.groups,
             c_out: self.c_out / self.groups,
             height: self.height,

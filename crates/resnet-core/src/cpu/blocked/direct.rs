@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ukernel::{Blocking, KernelArgs, Tile};
+use super::ukernel::{Blocking, KernelArgs, KernelCall};
 use super::{BlockedConv, LANES};
 use crate::cpu::gemm_conv::{cpu_data, f32_input};
 use crate::cpu::{for_each_task, Shared};
@@ -70,13 +70,13 @@ impl CustomOp1 for BlockedOp<'_> {
         };
 
         if conv.winograd {
-            let geometry = super::winograd::Geometry {
+            let geometry = super::winograd::WinogradShape {
                 batch,
                 in_blocks,
                 out_blocks,
                 height,
                 width,
-                group: conv.group,
+                call_blocks: conv.call_blocks,
                 isa: conv.isa,
             };
             let layer = super::winograd::Layer {
@@ -146,60 +146,61 @@ impl CustomOp1 for BlockedOp<'_> {
         let out_blocks_per_block_group = out_blocks / conv.block_group_shape().1;
         let image_in = in_blocks * args.in_block_stride;
         let image_out = out_blocks * args.out_block_stride;
-        let group = conv.group;
-        let groups = out_blocks / group;
-        let group_weights = conv.weight.len() / groups;
+        let call_blocks = conv.call_blocks;
+        let calls = out_blocks / call_blocks;
+        let call_weights = conv.weight.len() / calls;
         // Output pixels of a row in near-equal tiles of at most the ISA's pixels.
         let tiles = out_w.div_ceil(Blocking::of(conv.isa).max_pixels);
 
         // Written in full by the tasks below before it is read.
         let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);
         let out_ptr = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
-        // One task per (image, output row, output-channel group). Weights that fit in
-        // L2 (up to 1 MiB) stay there while consecutive tasks take every group of one
-        // row, whose input rows are then read once, from L1; larger weights go group by
-        // group, each group's weights reused over all rows and images.
+        // One task per (image, output row, kernel call's output blocks). Weights that fit
+        // in L2 (up to 1 MiB) stay there while consecutive tasks take every call of one
+        // row, whose input rows are then read once, from L1; larger weights go call by
+        // call, each call's weights reused over all rows and images.
         let weights_outer = conv.weight.len() * std::mem::size_of::<f32>() > 1 << 20;
         let task = |index: usize| {
             let (b, oy, g) = if weights_outer {
                 let oy = index % out_h;
                 ((index / out_h) % batch, oy, index / (out_h * batch))
             } else {
-                let g = index % groups;
-                (index / (groups * out_h), (index / groups) % out_h, g)
+                let g = index % calls;
+                (index / (calls * out_h), (index / calls) % out_h, g)
             };
             let mut ox = 0;
             for t in 0..tiles {
                 let pixels = (out_w - ox) / (tiles - t);
-                let block_group = g * group / out_blocks_per_block_group;
+                let block_group = g * call_blocks / out_blocks_per_block_group;
                 let in_at = b * image_in
                     + block_group * group_in_blocks * args.in_block_stride
                     + (oy * s * padded_w + ox * s) * in_lanes;
-                let out_at =
-                    b * image_out + g * group * args.out_block_stride + (oy * out_w + ox) * LANES;
-                let tile = Tile {
+                let out_at = b * image_out
+                    + g * call_blocks * args.out_block_stride
+                    + (oy * out_w + ox) * LANES;
+                let tile = KernelCall {
                     input: &padded[in_at..],
-                    weight: &conv.weight[g * group_weights..(g + 1) * group_weights],
-                    bias: &conv.bias[g * group * LANES..(g + 1) * group * LANES],
+                    weight: &conv.weight[g * call_weights..(g + 1) * call_weights],
+                    bias: &conv.bias[g * call_blocks * LANES..(g + 1) * call_blocks * LANES],
                     residual: residual.map(|r| &r[out_at..]),
                     pixels,
-                    group,
+                    call_blocks,
                 };
-                // SAFETY: tasks write disjoint (image, group, row, pixels) parts of
+                // SAFETY: tasks write disjoint (image, call, row, pixels) parts of
                 // `output`, which outlives the parallel loop.
                 unsafe { tile.run(conv.isa, &args, out_ptr.get().add(out_at)) };
                 ox += pixels;
             }
         };
-        let tasks = batch * groups * out_h;
+        let tasks = batch * calls * out_h;
         // Rows run in runs of at least ~64K multiply-adds: a CIFAR stem row (32 pixels
         // x 16 channels x 27) is a microsecond of work, less than handing it to a thread.
-        let row_work = out_w * group * LANES * group_in_blocks * in_lanes * k * k;
+        let row_work = out_w * call_blocks * LANES * group_in_blocks * in_lanes * k * k;
         let rows_per_job = (64 * 1024usize).div_ceil(row_work.max(1));
         let parallel = candle_core::utils::get_num_threads() > 1;
         for_each_task(tasks, parallel, rows_per_job, task);
-        // SAFETY: the tasks covered every (image, group, row, pixel), each writing all
-        // 16·group channels: all `batch * image_out` elements are initialised.
+        // SAFETY: the tasks covered every (image, call, row, pixel), each writing all
+        // 16·call_blocks channels: all `batch * image_out` elements are initialised.
         unsafe { output.set_len(batch * image_out) };
         if p > 0 {
             PADDED_INPUT.set(padded_storage);

@@ -26,15 +26,15 @@ pub(crate) fn from_blocked(xs: &Tensor) -> Result<Tensor> {
 }
 
 /// For each element of the packed weight, in order, its index in the `(c_out, c_in, k, k)`
-/// weight: `[c_out / (16·group)][c_in / in_lanes][ky][kx][in_lanes][16·group out]`.
+/// weight: `[c_out / (16·call_blocks)][c_in / in_lanes][ky][kx][in_lanes][16·call_blocks out]`.
 pub(crate) fn packed_order(
     c_in: usize,
     c_out: usize,
     kernel: usize,
-    group: usize,
+    call_blocks: usize,
     in_lanes: usize,
 ) -> impl Iterator<Item = usize> {
-    let (width, taps) = (LANES * group, kernel * kernel);
+    let (width, taps) = (LANES * call_blocks, kernel * kernel);
     (0..c_out / width).flat_map(move |g| {
         (0..c_in / in_lanes).flat_map(move |icb| {
             (0..taps).flat_map(move |tap| {

@@ -56,7 +56,7 @@ pub(crate) struct BlockedConv {
     padding: usize,
     /// Output blocks per kernel call: 2 (32 channels) where the ISA's registers and
     /// the block groups allow, else 1.
-    group: usize,
+    call_blocks: usize,
     /// The convolution's channel groups (ResNeXt), as in the checkpoint.
     groups: usize,
     /// Independent groups of whole channel blocks the kernels see: 1 for a dense
@@ -71,8 +71,8 @@ pub(crate) struct BlockedConv {
     winograd: bool,
     /// The instruction set its kernels run on; the packing follows its [`Blocking`].
     isa: CpuIsa,
-    /// Per block group, `[its c_out / (16·group)][its c_in / in_lanes][ky][kx][in_lanes]
-    /// [16·group out]`, or the Winograd-transformed weights.
+    /// Per block group, `[its c_out / (16·call_blocks)][its c_in / in_lanes][ky][kx][in_lanes]
+    /// [16·call_blocks out]`, or the Winograd-transformed weights.
     weight: Vec<f32>,
     bias: Vec<f32>,
 }
@@ -179,7 +179,7 @@ impl BlockedConv {
             &dense
         };
         let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
-        let group = Blocking::of(isa).group(bg_out);
+        let call_blocks = Blocking::of(isa).call_blocks(bg_out);
         if bias.len() != c_out {
             bail!(
                 "blocked convolution: bias of {} for {c_out} channels",
@@ -195,12 +195,12 @@ impl BlockedConv {
         let per_channel = bg_in * kernel * kernel;
         let per_block_group = bg_out * per_channel;
         let packed = if winograd {
-            winograd::transform_weights(source, scale, c_out, c_in, group)
+            winograd::transform_weights(source, scale, c_out, c_in, call_blocks)
         } else {
             (0..block_groups)
                 .flat_map(|bg| {
                     let at = bg * per_block_group;
-                    packed_order(bg_in, bg_out, kernel, group, in_lanes)
+                    packed_order(bg_in, bg_out, kernel, call_blocks, in_lanes)
                         .map(move |index| source[at + index] * scale[(at + index) / per_channel])
                 })
                 .collect()
@@ -211,7 +211,7 @@ impl BlockedConv {
             kernel,
             stride,
             padding,
-            group,
+            call_blocks,
             groups,
             block_groups,
             in_lanes,
@@ -225,8 +225,12 @@ impl BlockedConv {
     /// The weight back in `(c_out, c_in / groups, k, k)` order, and the bias.
     pub fn unpack(&self) -> (Vec<f32>, Vec<f32>) {
         if self.winograd {
-            let weight =
-                winograd::untransform_weights(&self.weight, self.c_out, self.c_in, self.group);
+            let weight = winograd::untransform_weights(
+                &self.weight,
+                self.c_out,
+                self.c_in,
+                self.call_blocks,
+            );
             return (weight, self.bias.clone());
         }
         let (bg_in, bg_out) = (
@@ -236,7 +240,7 @@ impl BlockedConv {
         let per_block_group = bg_out * bg_in * self.kernel * self.kernel;
         let mut dense = vec![0.0; self.weight.len()];
         for (bg, packed) in self.weight.chunks(per_block_group.max(1)).enumerate() {
-            let order = packed_order(bg_in, bg_out, self.kernel, self.group, self.in_lanes);
+            let order = packed_order(bg_in, bg_out, self.kernel, self.call_blocks, self.in_lanes);
             for (&value, index) in packed.iter().zip(order) {
                 dense[bg * per_block_group + index] = value;
             }
@@ -392,7 +396,7 @@ mod tests {
                 )?;
                 let pairs =
                     c_out.is_multiple_of(32) && matches!(isa.isa(), Isa::Avx512 | Isa::Scalar);
-                assert_eq!(conv.group, if pairs { 2 } else { 1 });
+                assert_eq!(conv.call_blocks, if pairs { 2 } else { 1 });
                 assert_eq!(conv.winograd, winograd);
                 assert_eq!(conv.parameter_count(), weight.len() + bias.len());
                 let (unpacked, unpacked_bias) = conv.unpack();
@@ -431,7 +435,7 @@ mod tests {
     }
 
     /// Every kernel shape the network uses, odd widths (all pixel counts of a tile),
-    /// both output groupings, residual and ReLU, against candle's own convolution.
+    /// one and two output blocks a call, residual and ReLU, against candle's own convolution.
     #[test]
     fn matches_candle_convolution() -> Result<()> {
         for isa in every_isa() {

@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::ukernel::{input_tile, output_tile, Blocking, KernelArgs, Tile};
+use super::ukernel::{input_tile, output_tile, Blocking, KernelArgs, KernelCall};
 use super::LANES;
 use crate::cpu::{for_each_task, CpuIsa, Shared};
 
@@ -25,29 +25,29 @@ use crate::cpu::{for_each_task, CpuIsa, Shared};
 const POSITIONS: usize = 16;
 
 /// Where the weight of `(oc, ic)` sits in one position's blocked 1x1 weight
-/// `[c_out / (16·group)][c_in / 16][16 in][16·group out]`.
-fn packed_index(oc: usize, ic: usize, c_in: usize, group: usize) -> usize {
-    let width = LANES * group;
+/// `[c_out / (16·call_blocks)][c_in / 16][16 in][16·call_blocks out]`.
+fn packed_index(oc: usize, ic: usize, c_in: usize, call_blocks: usize) -> usize {
+    let width = LANES * call_blocks;
     let (g, o) = (oc / width, oc % width);
     ((g * (c_in / LANES) + ic / LANES) * LANES + ic % LANES) * width + o
 }
 
 /// `G g Gᵀ` for each `(c_out, c_in)` 3x3 kernel `g` of `source` times its output
 /// channel's `scale`, reordered per position as a blocked 1x1 weight:
-/// `[16][c_out / (16·group)][c_in / 16][16 in][16·group out]`.
+/// `[16][c_out / (16·call_blocks)][c_in / 16][16 in][16·call_blocks out]`.
 pub(crate) fn transform_weights(
     source: &[f32],
     scale: &[f32],
     c_out: usize,
     c_in: usize,
-    group: usize,
+    call_blocks: usize,
 ) -> Vec<f32> {
     let pairs = c_out * c_in;
     let mut packed = vec![0.0f32; POSITIONS * pairs];
     for (oc, &k) in scale.iter().enumerate().take(c_out) {
         for ic in 0..c_in {
             let pair = oc * c_in + ic;
-            let at = packed_index(oc, ic, c_in, group);
+            let at = packed_index(oc, ic, c_in, call_blocks);
             let g: [f64; 9] = std::array::from_fn(|i| f64::from(source[pair * 9 + i] * k));
             // Rows of G g (4x3), then columns: (G g) Gᵀ (4x4).
             let rows = |a: f64, b: f64, c: f64| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
@@ -69,13 +69,13 @@ pub(crate) fn untransform_weights(
     packed: &[f32],
     c_out: usize,
     c_in: usize,
-    group: usize,
+    call_blocks: usize,
 ) -> Vec<f32> {
     let pairs = c_out * c_in;
     let mut weight = vec![0.0f32; pairs * 9];
     for oc in 0..c_out {
         for ic in 0..c_in {
-            let (pair, at) = (oc * c_in + ic, packed_index(oc, ic, c_in, group));
+            let (pair, at) = (oc * c_in + ic, packed_index(oc, ic, c_in, call_blocks));
             let u = |i: usize, j: usize| f64::from(packed[(i * 4 + j) * pairs + at]);
             // Invert rows then columns: a = u0, c = u3, b = 2·u1 - a - c.
             let invert = |u0: f64, u1: f64, u3: f64| [u0, 2.0 * u1 - u0 - u3, u3];
@@ -94,18 +94,18 @@ pub(crate) fn untransform_weights(
 
 /// Shapes of one Winograd convolution (3x3, stride 1, padding 1: output size = input).
 #[derive(Clone, Copy)]
-pub(crate) struct Geometry {
+pub(crate) struct WinogradShape {
     pub batch: usize,
     pub in_blocks: usize,
     pub out_blocks: usize,
     pub height: usize,
     pub width: usize,
-    pub group: usize,
+    pub call_blocks: usize,
     /// The instruction set the kernels and transforms run on.
     pub isa: CpuIsa,
 }
 
-impl Geometry {
+impl WinogradShape {
     fn tile_rows(&self) -> usize {
         self.height.div_ceil(2)
     }
@@ -158,7 +158,7 @@ const FUSED_MAX_BLOCK_PAIRS: usize = 16;
 /// - wider layers: image by image, each phase over all the image's tiles, so that the
 ///   transformed tiles stay in cache; with at least as many images as threads each
 ///   thread takes whole images, else the threads share each phase.
-pub(crate) fn convolve(geometry: Geometry, layer: Layer<'_>) -> Vec<f32> {
+pub(crate) fn convolve(geometry: WinogradShape, layer: Layer<'_>) -> Vec<f32> {
     let (in_image, out_image) = (geometry.in_image(), geometry.out_image());
     let mut output: Vec<f32> = Vec::with_capacity(geometry.batch * out_image);
     let out = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
@@ -233,7 +233,7 @@ struct Image<'a> {
     weight: &'a [f32],
     bias: &'a [f32],
     relu: bool,
-    geometry: Geometry,
+    geometry: WinogradShape,
 }
 
 impl Image<'_> {
@@ -246,7 +246,7 @@ impl Image<'_> {
     /// # Safety
     /// `v` valid for writing these tiles' slots of `block`; no other thread writes them.
     unsafe fn transform_inputs(&self, block: usize, tiles: Range<usize>, v: Slots) {
-        let Geometry { height, width, .. } = self.geometry;
+        let WinogradShape { height, width, .. } = self.geometry;
         let tile_cols = self.geometry.tile_cols();
         let source = &self.input[block * self.plane()..(block + 1) * self.plane()];
         for tile in tiles {
@@ -266,21 +266,21 @@ impl Image<'_> {
         }
     }
 
-    /// Phase 2: the products at `position` of output group `g` for `tiles` (at most the
+    /// Phase 2: the products at `position` of output call `g` for `tiles` (at most the
     /// ISA's tile width), over every input block: one kernel call.
     ///
     /// # Safety
-    /// `m` valid for writing these slots of the group's blocks; `v` holds these tiles.
+    /// `m` valid for writing these slots of the call's blocks; `v` holds these tiles.
     unsafe fn multiply(&self, position: usize, g: usize, tiles: Range<usize>, v: Slots, m: Slots) {
-        let Geometry {
+        let WinogradShape {
             in_blocks,
             out_blocks,
-            group,
+            call_blocks,
             isa,
             ..
         } = self.geometry;
         let position_weights = self.weight.len() / POSITIONS;
-        let group_weights = position_weights / (out_blocks / group);
+        let call_weights = position_weights / (out_blocks / call_blocks);
         let zero_bias = [0.0f32; 2 * LANES];
         let args = KernelArgs {
             in_blocks,
@@ -294,17 +294,17 @@ impl Image<'_> {
         };
         // SAFETY: `v` was written for these tiles by phase 1 (the caller's promise).
         let transformed = unsafe { std::slice::from_raw_parts(v.base, v.len()) };
-        let tile = Tile {
+        let tile = KernelCall {
             input: &transformed[position * v.position_stride() + v.at(0, tiles.start)..],
-            weight: &self.weight[position * position_weights + g * group_weights..]
-                [..group_weights],
-            bias: &zero_bias[..group * LANES],
+            weight: &self.weight[position * position_weights + g * call_weights..]
+                [..call_weights],
+            bias: &zero_bias[..call_blocks * LANES],
             residual: None,
             pixels: tiles.len(),
-            group,
+            call_blocks,
         };
-        let at = position * m.position_stride() + m.at(g * group, tiles.start);
-        // SAFETY: `Tile::run` checks the reads; the writes are this group's slots, the
+        let at = position * m.position_stride() + m.at(g * call_blocks, tiles.start);
+        // SAFETY: `KernelCall::run` checks the reads; the writes are this group's slots, the
         // caller's promise.
         unsafe { tile.run(isa, &args, m.base.add(at)) };
     }
@@ -316,7 +316,7 @@ impl Image<'_> {
     /// `m` holds these tiles' products; `out` valid for one output image, these tiles'
     /// pixels of `block` written by this call only.
     unsafe fn transform_outputs(&self, block: usize, tiles: Range<usize>, m: Slots, out: *mut f32) {
-        let Geometry { height, width, .. } = self.geometry;
+        let WinogradShape { height, width, .. } = self.geometry;
         let tile_cols = self.geometry.tile_cols();
         let plane = self.plane();
         let bias = &self.bias[block * LANES..(block + 1) * LANES];
@@ -348,10 +348,10 @@ impl Image<'_> {
     /// # Safety
     /// `out` valid for one output image; no other task writes this chunk's pixels.
     unsafe fn convolve_chunk(&self, chunk: usize, out: *mut f32) {
-        let Geometry {
+        let WinogradShape {
             in_blocks,
             out_blocks,
-            group,
+            call_blocks,
             ..
         } = self.geometry;
         let (tiles, chunks) = (self.geometry.tiles(), self.geometry.chunks());
@@ -373,7 +373,7 @@ impl Image<'_> {
                 self.transform_inputs(block, range.clone(), v);
             }
             for position in 0..POSITIONS {
-                for g in 0..out_blocks / group {
+                for g in 0..out_blocks / call_blocks {
                     self.multiply(position, g, range.clone(), v, m);
                 }
             }
@@ -390,10 +390,10 @@ impl Image<'_> {
     /// # Safety
     /// `out` valid for writing one output image, by this call only.
     unsafe fn convolve_phases(&self, parallel: bool, out: *mut f32) {
-        let Geometry {
+        let WinogradShape {
             in_blocks,
             out_blocks,
-            group,
+            call_blocks,
             ..
         } = self.geometry;
         let (tile_rows, tile_cols, tiles) = (
@@ -430,16 +430,16 @@ impl Image<'_> {
             // SAFETY: as said above.
             unsafe { self.transform_inputs(index / tile_rows, row(index), v()) };
         });
-        let (groups, chunks) = (out_blocks / group, self.geometry.chunks());
-        for_each_task(POSITIONS * groups * chunks, parallel, 1, |index| {
+        let (calls, chunks) = (out_blocks / call_blocks, self.geometry.chunks());
+        for_each_task(POSITIONS * calls * chunks, parallel, 1, |index| {
             let chunk = index % chunks;
             // Near-equal chunks: 16 tiles run as 8 + 8, not 14 + 2.
             let range = chunk * tiles / chunks..(chunk + 1) * tiles / chunks;
             // SAFETY: as above.
             unsafe {
                 self.multiply(
-                    index / (chunks * groups),
-                    (index / chunks) % groups,
+                    index / (chunks * calls),
+                    (index / chunks) % calls,
                     range,
                     v(),
                     m(),

@@ -2,7 +2,7 @@
 //! f32 lanes: one channel block) and compiled per instruction set: `avx512.rs`,
 //! `avx2.rs`, `neon.rs` and `scalar.rs` each implement the vector type and instantiate
 //! the kernels inside functions compiled for their instructions (`#[target_feature]`).
-//! [`Tile::run`] checks a tile's bounds once, then dispatches on a [`CpuIsa`]: only
+//! [`KernelCall::run`] checks a tile's bounds once, then dispatches on a [`CpuIsa`]: only
 //! detection makes one, so a kernel runs only where its instructions exist.
 //!
 //! Kernels: [`conv_tile`] (a row of output pixels x one or two output blocks, the
@@ -76,7 +76,7 @@ impl Blocking {
     }
 
     /// Output blocks per kernel call for `c_out` channels.
-    pub fn group(&self, c_out: usize) -> usize {
+    pub fn call_blocks(&self, c_out: usize) -> usize {
         if self.max_group == 2 && c_out.is_multiple_of(2 * LANES) {
             2
         } else {
@@ -102,17 +102,17 @@ pub(crate) struct KernelArgs {
 }
 
 /// One kernel call: `pixels` output pixels of one row x `group` output blocks.
-pub(crate) struct Tile<'a> {
+pub(crate) struct KernelCall<'a> {
     /// The padded input from the tile's top-left tap on.
     pub input: &'a [f32],
     pub weight: &'a [f32],
     pub bias: &'a [f32],
     pub residual: Option<&'a [f32]>,
     pub pixels: usize,
-    pub group: usize,
+    pub call_blocks: usize,
 }
 
-impl Tile<'_> {
+impl KernelCall<'_> {
     /// Runs the tile on `isa`'s kernel, after checking every read it makes.
     ///
     /// # Safety
@@ -123,20 +123,20 @@ impl Tile<'_> {
         let blocking = Blocking::of(isa);
         assert!(
             (1..=blocking.max_pixels).contains(&self.pixels)
-                && (1..=blocking.max_group).contains(&self.group),
+                && (1..=blocking.max_group).contains(&self.call_blocks),
             "blocked kernel tile {}x{} for {isa:?}",
-            self.group,
+            self.call_blocks,
             self.pixels
         );
         let last_pixel = (self.pixels - 1) * args.stride;
         let input_end = (args.in_blocks - 1) * args.in_block_stride
             + (k - 1) * args.in_row_stride
             + (last_pixel + k) * args.in_lanes;
-        let out_span = (self.group - 1) * args.out_block_stride + self.pixels * LANES;
+        let out_span = (self.call_blocks - 1) * args.out_block_stride + self.pixels * LANES;
         assert!(self.input.len() >= input_end, "blocked kernel input bounds");
         assert!(
-            self.weight.len() == args.in_blocks * k * k * args.in_lanes * LANES * self.group
-                && self.bias.len() == self.group * LANES
+            self.weight.len() == args.in_blocks * k * k * args.in_lanes * LANES * self.call_blocks
+                && self.bias.len() == self.call_blocks * LANES
                 && self.residual.is_none_or(|r| r.len() >= out_span),
             "blocked kernel bounds"
         );
@@ -150,16 +150,16 @@ impl Tile<'_> {
         );
         // One arm per (group, pixels) the instruction set tiles with.
         macro_rules! dispatch {
-            ($isa:ident, $group:literal: $($n:literal)*) => {
+            ($isa:ident, $call_blocks:literal: $($n:literal)*) => {
                 match self.pixels {
                     // SAFETY: reads checked above, writes the caller's promise; the
                     // token says this CPU has the instructions.
-                    $($n => unsafe { $isa::conv_tile::<$group, $n>(args, pointers) },)*
+                    $($n => unsafe { $isa::conv_tile::<$call_blocks, $n>(args, pointers) },)*
                     _ => unreachable!("pixels checked above"),
                 }
             };
         }
-        match (isa.isa(), self.group) {
+        match (isa.isa(), self.call_blocks) {
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx512, 2) => dispatch!(avx512, 2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
             #[cfg(target_arch = "x86_64")]
@@ -186,7 +186,7 @@ pub(super) type TilePointers = (*const f32, *const f32, *const f32, *const f32, 
 ///
 /// # Safety
 /// Inside a function compiled for `V`'s instruction set; every pointer valid for the
-/// reads and writes [`Tile::run`] checks.
+/// reads and writes [`KernelCall::run`] checks.
 #[inline(always)]
 pub(super) unsafe fn conv_tile<V: F32x16, const GROUP: usize, const PIXELS: usize>(
     args: &KernelArgs,
@@ -408,7 +408,7 @@ macro_rules! isa_entry_points {
         /// [`super::conv_tile`] on this instruction set.
         ///
         /// # Safety
-        /// This CPU has the instruction set; the pointers as [`super::Tile::run`] checks.
+        /// This CPU has the instruction set; the pointers as [`super::KernelCall::run`] checks.
         $(#[target_feature(enable = $feature)])?
         pub(super) unsafe fn conv_tile<const GROUP: usize, const PIXELS: usize>(
             args: &super::KernelArgs,
