@@ -318,23 +318,41 @@ impl BlockedConv {
         xs.contiguous()?.apply_op1_no_bwd(&op)
     }
 }
-/// A grouped weight `(c_out, c_in / groups, k, k)` as the dense weight of each block
-/// group, `(c_out, c_in / block_groups, k, k)` in all: zero between channel groups.
-fn densify(
-    source: &[f32],
+
+/// For each output channel of a grouped weight `(c_out, c_in / groups, k, k)`: where its
+/// row starts in that weight, where it goes in the dense weight of its block group
+/// (`(c_out, c_in / block_groups, k, k)` in all, zero between channel groups), and its
+/// length.
+fn group_rows(
     (c_out, c_in, kernel): (usize, usize, usize),
     groups: usize,
     block_groups: usize,
-) -> Vec<f32> {
+) -> impl Iterator<Item = (usize, usize, usize)> {
     let taps = kernel * kernel;
     let (group_in, group_out) = (c_in / groups, c_out / groups);
     let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
-    let mut dense = vec![0.0; c_out * bg_in * taps];
-    for oc in 0..c_out {
+    (0..c_out).map(move |oc| {
         // The first input channel of oc's group, relative to its block group's.
         let first = (oc / group_out) * group_in - (oc / bg_out) * bg_in;
-        let row = &source[oc * group_in * taps..(oc + 1) * group_in * taps];
-        dense[(oc * bg_in + first) * taps..][..group_in * taps].copy_from_slice(row);
+        (
+            oc * group_in * taps,
+            (oc * bg_in + first) * taps,
+            group_in * taps,
+        )
+    })
+}
+
+/// A grouped weight as the dense weights of its block groups (see [`group_rows`]).
+fn densify(
+    source: &[f32],
+    shape: (usize, usize, usize),
+    groups: usize,
+    block_groups: usize,
+) -> Vec<f32> {
+    let (c_out, c_in, kernel) = shape;
+    let mut dense = vec![0.0; c_out * (c_in / block_groups) * kernel * kernel];
+    for (sparse_at, dense_at, len) in group_rows(shape, groups, block_groups) {
+        dense[dense_at..dense_at + len].copy_from_slice(&source[sparse_at..sparse_at + len]);
     }
     dense
 }
@@ -342,17 +360,14 @@ fn densify(
 /// The inverse of [`densify`].
 fn sparsify(
     dense: &[f32],
-    (c_out, c_in, kernel): (usize, usize, usize),
+    shape: (usize, usize, usize),
     groups: usize,
     block_groups: usize,
 ) -> Vec<f32> {
-    let taps = kernel * kernel;
-    let (group_in, group_out) = (c_in / groups, c_out / groups);
-    let (bg_in, bg_out) = (c_in / block_groups, c_out / block_groups);
-    let mut weight = Vec::with_capacity(c_out * group_in * taps);
-    for oc in 0..c_out {
-        let first = (oc / group_out) * group_in - (oc / bg_out) * bg_in;
-        weight.extend_from_slice(&dense[(oc * bg_in + first) * taps..][..group_in * taps]);
+    let (c_out, c_in, kernel) = shape;
+    let mut weight = vec![0.0; c_out * (c_in / groups) * kernel * kernel];
+    for (sparse_at, dense_at, len) in group_rows(shape, groups, block_groups) {
+        weight[sparse_at..sparse_at + len].copy_from_slice(&dense[dense_at..dense_at + len]);
     }
     weight
 }

@@ -296,8 +296,7 @@ impl Image<'_> {
         let transformed = unsafe { std::slice::from_raw_parts(v.base, v.len()) };
         let tile = KernelCall {
             input: &transformed[position * v.position_stride() + v.at(0, tiles.start)..],
-            weight: &self.weight[position * position_weights + g * call_weights..]
-                [..call_weights],
+            weight: &self.weight[position * position_weights + g * call_weights..][..call_weights],
             bias: &zero_bias[..call_blocks * LANES],
             residual: None,
             pixels: tiles.len(),

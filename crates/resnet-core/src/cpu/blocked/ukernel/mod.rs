@@ -349,8 +349,24 @@ pub(super) unsafe fn winograd_output_tile<V: F32x16>(
     }
 }
 
-/// The Winograd transforms on one tile, dispatched on the token (see
-/// [`winograd_input_tile`]).
+/// `$module::$kernel($args)` in the module of `$isa`'s instruction set.
+macro_rules! on_isa {
+    ($isa:expr, $kernel:ident($($arg:expr),*)) => {
+        match $isa.isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::$kernel($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::$kernel($($arg),*),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::$kernel($($arg),*),
+            Isa::Scalar => scalar::$kernel($($arg),*),
+            #[allow(unreachable_patterns)] // which arms exist depends on the target
+            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+        }
+    };
+}
+
+/// [`winograd_input_tile`] on the token's instruction set.
 ///
 /// # Safety
 /// As [`winograd_input_tile`], less the instruction set, which the token vouches for.
@@ -361,20 +377,10 @@ pub(crate) unsafe fn input_tile(
     out: *mut f32,
     position_stride: usize,
 ) {
-    match isa.isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::input_tile(plane, at, out, position_stride),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::input_tile(plane, at, out, position_stride),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::input_tile(plane, at, out, position_stride),
-        Isa::Scalar => scalar::input_tile(plane, at, out, position_stride),
-        #[allow(unreachable_patterns)] // which arms exist depends on the target
-        isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
-    }
+    on_isa!(isa, input_tile(plane, at, out, position_stride))
 }
 
-/// [`winograd_output_tile`] dispatched on the token.
+/// [`winograd_output_tile`] on the token's instruction set.
 ///
 /// # Safety
 /// As [`winograd_output_tile`], less the instruction set, which the token vouches for.
@@ -387,17 +393,7 @@ pub(crate) unsafe fn output_tile(
     at: (usize, usize, usize, usize),
     out: *mut f32,
 ) {
-    match isa.isa() {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::output_tile(products, bias, residual, relu, at, out),
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => avx2::output_tile(products, bias, residual, relu, at, out),
-        #[cfg(target_arch = "aarch64")]
-        Isa::Neon => neon::output_tile(products, bias, residual, relu, at, out),
-        Isa::Scalar => scalar::output_tile(products, bias, residual, relu, at, out),
-        #[allow(unreachable_patterns)] // which arms exist depends on the target
-        isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
-    }
+    on_isa!(isa, output_tile(products, bias, residual, relu, at, out))
 }
 
 /// The three kernels of an instruction set, compiled for it: `conv_tile`, `input_tile`
