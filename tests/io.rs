@@ -60,9 +60,21 @@ fn timm_model_directory() -> Result<()> {
 
 #[test]
 fn transformers_model_directories() -> Result<()> {
-    for name in ["transformers_bottleneck_tiny", "transformers_basic_tiny"] {
+    for name in [
+        "transformers_bottleneck_tiny",
+        "transformers_basic_tiny",
+        "transformers_v1_tiny",
+    ] {
         let dir = model_fixture(name);
         let source = check_model_dir(dir.to_str().context("path")?, name)?;
+        // `downsample_in_bottleneck: true`: the stride on the first 1x1 (the paper's v1).
+        let v1 = name == "transformers_v1_tiny";
+        let stride = source.config.as_ref().map(|c| c.bottleneck_stride);
+        assert_eq!(
+            stride == Some(resnet_core::BottleneckStride::Reduce1x1),
+            v1,
+            "{name}"
+        );
         assert_eq!(
             source.labels(3).context("labels")?,
             ["red", "green", "blue"]

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_nn::VarBuilder;
-use resnet_core::{BlockKind, CpuIsa, CpuKernels, Isa, ResNet, ResNetConfig, ShortcutKind};
+use resnet_core::{
+    BlockKind, BottleneckStride, CpuIsa, CpuKernels, Isa, ResNet, ResNetConfig, ShortcutKind,
+};
 use resnet_tests::{
     assert_close, hashed_tensor, hashed_var_builder, parity_fixture, shared_dir, test_device,
     F32_RELATIVE_TOLERANCE,
@@ -212,6 +214,26 @@ fn torchvision_resnet18() -> Result<()> {
 #[test]
 fn torchvision_resnet50() -> Result<()> {
     check_torchvision("tv_resnet50", &ResNetConfig::resnet50())
+}
+
+/// The paper's v1 (stride on the first 1x1 of each downsampling bottleneck), against
+/// torchvision's resnet50 with its strides moved there (`generate_parity.py`).
+#[test]
+fn resnet50_v1_stride_on_the_first_1x1() -> Result<()> {
+    let config = ResNetConfig::resnet50().with_bottleneck_stride(BottleneckStride::Reduce1x1);
+    assert_eq!(config.describe(), "resnet50, v1 (stride on the first 1x1)");
+    check_torchvision("tv_resnet50_v1", &config)?;
+    // The fixture tells the two apart: v1.5 is off by far more than the tolerance.
+    let expected = load_fixture("tv_resnet50_v1")?
+        .remove("expected")
+        .context("expected")?;
+    let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
+    let v1_5 = ResNet::new(
+        &ResNetConfig::resnet50(),
+        hashed_var_builder(DType::F32, &Device::Cpu),
+    )?;
+    assert!(assert_close(&v1_5.forward(&input)?, &expected, 1e-2, "v1.5").is_err());
+    Ok(())
 }
 
 #[test]

@@ -6,7 +6,7 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 use std::sync::Arc;
 
 use crate::batch_norm::BatchNorm2d;
-use crate::config::{BlockKind, ResNetConfig, ShortcutKind};
+use crate::config::{BlockKind, BottleneckStride, ResNetConfig, ShortcutKind};
 use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
 use crate::cpu::gemm_conv::FusedConv;
@@ -466,19 +466,24 @@ impl ResidualBlock {
             ],
             BlockKind::Bottleneck => {
                 let width = config.bottleneck_width(planes);
+                // v1 strides on the first 1x1, v1.5 on the 3x3.
+                let reduce_stride = match config.bottleneck_stride {
+                    BottleneckStride::Reduce1x1 => stride,
+                    _ => 1,
+                };
                 vec![
                     ConvSpec {
                         in_channels,
                         out_channels: width,
                         kernel: 1,
-                        stride: 1,
+                        stride: reduce_stride,
                         groups: 1,
                     },
                     ConvSpec {
                         in_channels: width,
                         out_channels: width,
                         kernel: 3,
-                        stride,
+                        stride: stride / reduce_stride,
                         groups: config.groups,
                     },
                     ConvSpec {

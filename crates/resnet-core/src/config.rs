@@ -28,6 +28,20 @@ impl BlockKind {
     }
 }
 
+/// Where a bottleneck block strides when its stage downsamples (basic blocks stride on
+/// their first 3x3 either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BottleneckStride {
+    /// On the 3x3 convolution: torchvision's and timm's "ResNet v1.5".
+    #[default]
+    Conv3x3,
+    /// On the first 1x1 convolution: the paper's ResNet ("v1"), Keras' ResNet50/101/152,
+    /// transformers' `downsample_in_bottleneck: true`.
+    Reduce1x1,
+}
+
 /// The layers before the first stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +108,9 @@ pub struct ResNetConfig {
     pub num_classes: usize,
     /// BatchNorm epsilon (PyTorch's default 1e-5).
     pub bn_eps: f64,
+    /// Where bottleneck blocks stride (v1.5 by default; absent from older configs).
+    #[serde(default)]
+    pub bottleneck_stride: BottleneckStride,
 }
 
 /// Every preset name, in the order of the paper and torchvision.
@@ -132,6 +149,7 @@ impl ResNetConfig {
             in_channels: 3,
             num_classes: 1000,
             bn_eps: 1e-5,
+            bottleneck_stride: BottleneckStride::Conv3x3,
         }
     }
 
@@ -150,6 +168,7 @@ impl ResNetConfig {
             in_channels: 3,
             num_classes: 10,
             bn_eps: 1e-5,
+            bottleneck_stride: BottleneckStride::Conv3x3,
         }
     }
 
@@ -256,6 +275,7 @@ impl ResNetConfig {
         let base = Self {
             num_classes: 0,
             in_channels: 3,
+            bottleneck_stride: BottleneckStride::default(),
             ..self.clone()
         };
         let preset = PRESET_NAMES
@@ -285,7 +305,18 @@ impl ResNetConfig {
         if self.in_channels != 3 {
             text += &format!(", {} input channels", self.in_channels);
         }
+        if self.block == BlockKind::Bottleneck
+            && self.bottleneck_stride == BottleneckStride::Reduce1x1
+        {
+            text += ", v1 (stride on the first 1x1)";
+        }
         text
+    }
+
+    /// The same network striding its bottlenecks at `stride` (v1 or v1.5).
+    pub fn with_bottleneck_stride(mut self, stride: BottleneckStride) -> Self {
+        self.bottleneck_stride = stride;
+        self
     }
 
     /// The same network with other groups and channels per group (ResNeXt, Wide ResNet).

@@ -117,6 +117,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         in_channels,
         num_classes,
         bn_eps: 1e-5,
+        bottleneck_stride: resnet_core::BottleneckStride::Conv3x3,
     };
     config.validate().map_err(|e| e.to_string())?;
     if shortcut == ShortcutKind::Projection && projections == total_blocks {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use resnet_core::{BlockKind, ResNetConfig, ShortcutKind, StemKind};
+use resnet_core::{BlockKind, BottleneckStride, ResNetConfig, ShortcutKind, StemKind};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
@@ -467,11 +467,12 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
             "downsample_in_first_stage = true is not supported (torchvision layout only)".into(),
         );
     }
-    if flag("downsample_in_bottleneck") {
-        return Err(
-            "downsample_in_bottleneck = true (stride on the first 1x1) is not supported yet".into(),
-        );
-    }
+    // transformers' "downsample_in_bottleneck": the paper's v1, stride on the first 1x1.
+    let bottleneck_stride = if flag("downsample_in_bottleneck") {
+        BottleneckStride::Reduce1x1
+    } else {
+        BottleneckStride::Conv3x3
+    };
     if let Some(act) = config.get("hidden_act").and_then(Value::as_str) {
         if act != "relu" {
             return Err(format!(
@@ -504,6 +505,7 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         in_channels: config.get("num_channels").and_then(usize_of).unwrap_or(3),
         num_classes,
         bn_eps: 1e-5,
+        bottleneck_stride,
     };
     resnet.validate().map_err(|e| e.to_string())?;
     Ok(ModelSource {
