@@ -207,3 +207,34 @@ fn a_checkpoint_for_another_architecture_gets_a_full_report() -> Result<()> {
     );
     Ok(())
 }
+
+/// A timm ResNet-D checkpoint (deep stem `conv1.0`..`conv1.6`, average-pool shortcuts
+/// `downsample.1`/`.2`) is recognised by its tensors alone: `--arch auto` infers the
+/// preset, deep and tiered stems told apart.
+#[test]
+fn resnet_d_checkpoints_are_inferred() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tiered = ResNetConfig {
+        stem: resnet_core::StemKind::DeepTiered,
+        ..ResNetConfig::preset("resnet26d").context("preset")?
+    };
+    for config in [
+        ResNetConfig::preset("resnet26d").context("preset")?,
+        ResNetConfig::preset("resnet50d").context("preset")?,
+        tiered,
+    ] {
+        let model = resnet_core::ResNet::new(
+            &config,
+            resnet_tests::hashed_var_builder(DType::F32, &Device::Cpu),
+        )?;
+        let tensors: std::collections::HashMap<String, Tensor> =
+            model.named_tensors()?.into_iter().collect();
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path)?;
+        let files = WeightFiles::open(&[path])?;
+        let inferred = inspect(&files, None)?;
+        assert_eq!(inferred.config, config, "{}", config.describe());
+        assert!(inferred.report.is_ok(), "{}", inferred.report);
+    }
+    Ok(())
+}

@@ -216,6 +216,38 @@ fn torchvision_resnet50() -> Result<()> {
     check_torchvision("tv_resnet50", &ResNetConfig::resnet50())
 }
 
+/// timm's ResNet-D (deep stem, average-pool shortcuts) with seeded weights, unfolded and
+/// folded on every CPU path, against timm (`generate_parity.py`).
+#[test]
+fn timm_resnet26d_and_resnet50d() -> Result<()> {
+    for name in ["resnet26d", "resnet50d"] {
+        let config = ResNetConfig::preset(name).context("preset")?;
+        check_torchvision(&format!("timm_{name}"), &config)?;
+    }
+    Ok(())
+}
+
+/// Every ResNet-D preset has timm's parameter count (`generate_parity.py` prints them).
+#[test]
+fn resnet_d_parameter_counts_are_timms() -> Result<()> {
+    for (name, count) in [
+        ("resnet26d", 16_014_408),
+        ("resnet50d", 25_576_264),
+        ("resnet101d", 44_568_392),
+        ("resnet152d", 60_212_040),
+        ("resnet200d", 64_693_064),
+    ] {
+        let config = ResNetConfig::preset(name).context("preset")?;
+        let params = ResNet::expected_tensors(&config)?
+            .iter()
+            .filter(|(n, _)| !n.contains("running_"))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum::<usize>();
+        assert_eq!(params, count, "{name}");
+    }
+    Ok(())
+}
+
 /// The paper's v1 (stride on the first 1x1 of each downsampling bottleneck), against
 /// torchvision's resnet50 with its strides moved there (`generate_parity.py`).
 #[test]

@@ -352,12 +352,24 @@ pub enum Shortcut {
     },
     /// Options B and C: a strided 1x1 convolution and BatchNorm (`downsample.0`, `.1`).
     Projection(ConvBn),
+    /// ResNet-D: a 2x2 average pool of stride `stride` (ceil mode, padding not counted;
+    /// none at stride 1), then a 1x1 convolution and BatchNorm (`downsample.1`, `.2`).
+    AvgDownProjection {
+        /// The pool's stride.
+        stride: usize,
+        /// The projection.
+        unit: ConvBn,
+    },
 }
 
 impl Shortcut {
     fn fold(self, target: FoldTarget) -> Result<Self> {
         Ok(match self {
             Self::Projection(unit) => Self::Projection(unit.fold(target)?),
+            Self::AvgDownProjection { stride, unit } => Self::AvgDownProjection {
+                stride,
+                unit: unit.fold(target)?,
+            },
             other => other,
         })
     }
@@ -390,6 +402,18 @@ impl Shortcut {
             ShortcutKind::ProjectionAll => projection(),
             _ if !shape_changes => Ok(Self::Identity),
             ShortcutKind::Projection => projection(),
+            ShortcutKind::AvgDownProjection => {
+                let spec = ConvSpec {
+                    in_channels,
+                    out_channels,
+                    kernel: 1,
+                    stride: 1,
+                    groups: 1,
+                };
+                let vb = vb.pp("downsample");
+                let unit = ConvBn::new(spec, config.bn_eps, vb.pp("1"), vb.pp("2"))?;
+                Ok(Self::AvgDownProjection { stride, unit })
+            }
             ShortcutKind::ZeroPad => {
                 // validate() guarantees out_channels >= in_channels here.
                 let added = out_channels - in_channels;
@@ -422,6 +446,14 @@ impl Shortcut {
                 crate::ops::subsample(xs, *stride)?.pad_with_zeros(1, *pad_before, *pad_after)
             }
             Self::Projection(conv_bn) => conv_bn.forward_with(xs, None, false, train),
+            Self::AvgDownProjection { stride, unit } => {
+                let pooled = match (*stride, xs.rank()) {
+                    (1, _) => xs.clone(),
+                    (stride, 5) => blocked::avg_pool_2x2_ceil(xs, stride)?,
+                    (stride, _) => crate::ops::avg_pool_2x2_ceil(xs, stride)?,
+                };
+                unit.forward_with(&pooled, None, false, train)
+            }
         }
     }
 }
@@ -536,21 +568,13 @@ impl ResidualBlock {
     }
 
     pub(crate) fn parameter_count(&self) -> usize {
-        let shortcut = match &self.shortcut {
-            Shortcut::Projection(unit) => unit.parameter_count(),
-            Shortcut::Identity | Shortcut::ZeroPad { .. } => 0,
-        };
-        self.chain
-            .iter()
-            .map(ConvBn::parameter_count)
-            .sum::<usize>()
-            + shortcut
+        self.units().map(ConvBn::parameter_count).sum()
     }
 
     /// Its convolution units: the chain, then the projection if any.
     pub(crate) fn units(&self) -> impl Iterator<Item = &ConvBn> {
         let projection = match &self.shortcut {
-            Shortcut::Projection(unit) => Some(unit),
+            Shortcut::Projection(unit) | Shortcut::AvgDownProjection { unit, .. } => Some(unit),
             Shortcut::Identity | Shortcut::ZeroPad { .. } => None,
         };
         self.chain.iter().chain(projection)
@@ -560,7 +584,9 @@ impl ResidualBlock {
     pub(crate) fn can_block(&self) -> bool {
         self.chain.iter().all(ConvBn::can_block)
             && match &self.shortcut {
-                Shortcut::Projection(unit) => unit.can_block(),
+                Shortcut::Projection(unit) | Shortcut::AvgDownProjection { unit, .. } => {
+                    unit.can_block()
+                }
                 Shortcut::Identity | Shortcut::ZeroPad { .. } => true,
             }
     }
@@ -574,9 +600,20 @@ impl ResidualBlock {
                 out,
             )?;
         }
-        if let Shortcut::Projection(unit) = &self.shortcut {
-            let downsample = format!("{prefix}.downsample");
-            unit.push_named_tensors(&format!("{downsample}.0"), &format!("{downsample}.1"), out)?;
+        let downsample = format!("{prefix}.downsample");
+        match &self.shortcut {
+            Shortcut::Projection(unit) => unit.push_named_tensors(
+                &format!("{downsample}.0"),
+                &format!("{downsample}.1"),
+                out,
+            )?,
+            // timm's Sequential(AvgPool2d or Identity, conv, BN).
+            Shortcut::AvgDownProjection { unit, .. } => unit.push_named_tensors(
+                &format!("{downsample}.1"),
+                &format!("{downsample}.2"),
+                out,
+            )?,
+            Shortcut::Identity | Shortcut::ZeroPad { .. } => {}
         }
         Ok(())
     }

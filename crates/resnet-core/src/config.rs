@@ -51,15 +51,36 @@ pub enum StemKind {
     ImageNet,
     /// 3x3/1 convolution, BatchNorm, ReLU, no pooling (paper section 4.2): stride 1.
     Cifar,
+    /// ResNet-D's deep stem (timm's `stem_type='deep'`): three 3x3 convolutions (the first
+    /// strided) of half, half and all the stem width, each with BatchNorm and ReLU, then
+    /// the 3x3/2 max-pool: stride 4.
+    Deep,
+    /// timm's `stem_type='deep_tiered'`: as `Deep`, the first convolution 3/8 of the
+    /// stem width.
+    DeepTiered,
 }
 
 impl StemKind {
     /// Spatial reduction of the stem's output against the input.
     pub fn stride(self) -> usize {
+        self.convolutions(64).iter().map(|c| c.1).product::<usize>()
+            * if self.max_pools() { 2 } else { 1 }
+    }
+
+    /// The stem's convolutions for a stem of `width` output channels: kernel, stride and
+    /// output channels of each (each followed by BatchNorm and ReLU).
+    pub fn convolutions(self, width: usize) -> Vec<(usize, usize, usize)> {
         match self {
-            StemKind::ImageNet => 4,
-            StemKind::Cifar => 1,
+            StemKind::ImageNet => vec![(7, 2, width)],
+            StemKind::Cifar => vec![(3, 1, width)],
+            StemKind::Deep => vec![(3, 2, width / 2), (3, 1, width / 2), (3, 1, width)],
+            StemKind::DeepTiered => vec![(3, 2, 3 * (width / 8)), (3, 1, width / 2), (3, 1, width)],
         }
+    }
+
+    /// Whether a 3x3/2 max-pool follows the convolutions.
+    pub fn max_pools(self) -> bool {
+        !matches!(self, StemKind::Cifar)
     }
 }
 
@@ -77,6 +98,10 @@ pub enum ShortcutKind {
     Projection,
     /// Option C: a 1x1 projection + BatchNorm on every block.
     ProjectionAll,
+    /// Option B as ResNet-D does it (timm's `avg_down=True`): where the shape changes,
+    /// `AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)` (none at stride 1),
+    /// then a stride-1 1x1 projection + BatchNorm.
+    AvgDownProjection,
 }
 
 /// Everything that tells one ResNet from another.
@@ -113,25 +138,51 @@ pub struct ResNetConfig {
     pub bottleneck_stride: BottleneckStride,
 }
 
-/// Every preset name, in the order of the paper and torchvision.
-pub const PRESET_NAMES: &[&str] = &[
-    "resnet18",
-    "resnet34",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "wide_resnet50_2",
-    "wide_resnet101_2",
-    "resnext50_32x4d",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "resnet20",
-    "resnet32",
-    "resnet44",
-    "resnet56",
-    "resnet110",
-    "resnet1202",
-];
+/// Every preset, each defined here and nowhere else: its name (the one its home library
+/// uses) and its configuration. Makes [`PRESET_NAMES`] and [`ResNetConfig::preset`].
+macro_rules! presets {
+    ($($name:literal => $config:expr;)*) => {
+        /// Every preset name, in the order of the paper, torchvision and timm.
+        pub const PRESET_NAMES: &[&str] = &[$($name),*];
+
+        fn preset_config(name: &str) -> Option<ResNetConfig> {
+            use BlockKind::{Basic, Bottleneck};
+            match name {
+                $($name => Some($config),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+presets! {
+    // The paper's Table 1, as torchvision builds them (stride on the 3x3: "v1.5").
+    "resnet18" => ResNetConfig::imagenet(Basic, [2, 2, 2, 2]);
+    "resnet34" => ResNetConfig::imagenet(Basic, [3, 4, 6, 3]);
+    "resnet50" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]);
+    "resnet101" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]);
+    "resnet152" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]);
+    // torchvision's wide and ResNeXt variants.
+    "wide_resnet50_2" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).with_groups(1, 128);
+    "wide_resnet101_2" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).with_groups(1, 128);
+    "resnext50_32x4d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).with_groups(32, 4);
+    "resnext101_32x8d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).with_groups(32, 8);
+    "resnext101_64x4d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).with_groups(64, 4);
+    // The paper's CIFAR networks (section 4.2): depth 6n + 2.
+    "resnet20" => ResNetConfig::cifar(3);
+    "resnet32" => ResNetConfig::cifar(5);
+    "resnet44" => ResNetConfig::cifar(7);
+    "resnet56" => ResNetConfig::cifar(9);
+    "resnet110" => ResNetConfig::cifar(18);
+    "resnet1202" => ResNetConfig::cifar(200);
+    // timm's ResNet-D (He et al., "Bag of Tricks", 2019): deep stem, average-pool
+    // downsampling in the shortcuts.
+    "resnet26d" => ResNetConfig::imagenet(Bottleneck, [2, 2, 2, 2]).resnet_d();
+    "resnet50d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).resnet_d();
+    "resnet101d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).resnet_d();
+    "resnet152d" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).resnet_d();
+    "resnet200d" => ResNetConfig::imagenet(Bottleneck, [3, 24, 36, 3]).resnet_d();
+}
 
 impl ResNetConfig {
     /// An ImageNet ResNet as in torchvision: 7x7 stem of 64 channels, stages of width
@@ -172,93 +223,87 @@ impl ResNetConfig {
         }
     }
 
+    /// The preset of that name (one of [`PRESET_NAMES`]), if there is one.
+    pub fn preset(name: &str) -> Option<Self> {
+        preset_config(name)
+    }
+
+    /// A preset of the table above (the named constructors below).
+    fn known(name: &str) -> Self {
+        preset_config(name).unwrap_or_else(|| unreachable!("{name} is in the preset table"))
+    }
+
+    /// The ResNet-D changes (timm's `stem_type='deep'`, `avg_down=True`): a stem of three
+    /// 3x3 convolutions, shortcuts that average-pool before their 1x1 projection.
+    pub fn resnet_d(mut self) -> Self {
+        self.stem = StemKind::Deep;
+        self.shortcut = ShortcutKind::AvgDownProjection;
+        self
+    }
+
     /// ResNet-18 (paper Table 1).
     pub fn resnet18() -> Self {
-        Self::imagenet(BlockKind::Basic, [2, 2, 2, 2])
+        Self::known("resnet18")
     }
     /// ResNet-34 (paper Table 1).
     pub fn resnet34() -> Self {
-        Self::imagenet(BlockKind::Basic, [3, 4, 6, 3])
+        Self::known("resnet34")
     }
     /// ResNet-50 (paper Table 1, stride on the 3x3 as torchvision).
     pub fn resnet50() -> Self {
-        Self::imagenet(BlockKind::Bottleneck, [3, 4, 6, 3])
+        Self::known("resnet50")
     }
     /// ResNet-101 (paper Table 1).
     pub fn resnet101() -> Self {
-        Self::imagenet(BlockKind::Bottleneck, [3, 4, 23, 3])
+        Self::known("resnet101")
     }
     /// ResNet-152 (paper Table 1).
     pub fn resnet152() -> Self {
-        Self::imagenet(BlockKind::Bottleneck, [3, 8, 36, 3])
+        Self::known("resnet152")
     }
     /// Wide ResNet-50-2 (torchvision): bottleneck inner width doubled.
     pub fn wide_resnet50_2() -> Self {
-        Self::resnet50().with_groups(1, 128)
+        Self::known("wide_resnet50_2")
     }
     /// Wide ResNet-101-2 (torchvision).
     pub fn wide_resnet101_2() -> Self {
-        Self::resnet101().with_groups(1, 128)
+        Self::known("wide_resnet101_2")
     }
     /// ResNeXt-50 32x4d (torchvision).
     pub fn resnext50_32x4d() -> Self {
-        Self::resnet50().with_groups(32, 4)
+        Self::known("resnext50_32x4d")
     }
     /// ResNeXt-101 32x8d (torchvision).
     pub fn resnext101_32x8d() -> Self {
-        Self::resnet101().with_groups(32, 8)
+        Self::known("resnext101_32x8d")
     }
     /// ResNeXt-101 64x4d (torchvision).
     pub fn resnext101_64x4d() -> Self {
-        Self::resnet101().with_groups(64, 4)
+        Self::known("resnext101_64x4d")
     }
     /// CIFAR ResNet-20 (n = 3, about 0.27M parameters).
     pub fn resnet20() -> Self {
-        Self::cifar(3)
+        Self::known("resnet20")
     }
     /// CIFAR ResNet-32 (n = 5).
     pub fn resnet32() -> Self {
-        Self::cifar(5)
+        Self::known("resnet32")
     }
     /// CIFAR ResNet-44 (n = 7).
     pub fn resnet44() -> Self {
-        Self::cifar(7)
+        Self::known("resnet44")
     }
     /// CIFAR ResNet-56 (n = 9).
     pub fn resnet56() -> Self {
-        Self::cifar(9)
+        Self::known("resnet56")
     }
     /// CIFAR ResNet-110 (n = 18).
     pub fn resnet110() -> Self {
-        Self::cifar(18)
+        Self::known("resnet110")
     }
     /// CIFAR ResNet-1202 (n = 200).
     pub fn resnet1202() -> Self {
-        Self::cifar(200)
-    }
-
-    /// The preset of that name (one of [`PRESET_NAMES`]), if there is one.
-    pub fn preset(name: &str) -> Option<Self> {
-        let config = match name {
-            "resnet18" => Self::resnet18(),
-            "resnet34" => Self::resnet34(),
-            "resnet50" => Self::resnet50(),
-            "resnet101" => Self::resnet101(),
-            "resnet152" => Self::resnet152(),
-            "wide_resnet50_2" => Self::wide_resnet50_2(),
-            "wide_resnet101_2" => Self::wide_resnet101_2(),
-            "resnext50_32x4d" => Self::resnext50_32x4d(),
-            "resnext101_32x8d" => Self::resnext101_32x8d(),
-            "resnext101_64x4d" => Self::resnext101_64x4d(),
-            "resnet20" => Self::resnet20(),
-            "resnet32" => Self::resnet32(),
-            "resnet44" => Self::resnet44(),
-            "resnet56" => Self::resnet56(),
-            "resnet110" => Self::resnet110(),
-            "resnet1202" => Self::resnet1202(),
-            _ => return None,
-        };
-        Some(config)
+        Self::known("resnet1202")
     }
 
     /// The name of the preset this configuration equals, if any.
@@ -517,6 +562,7 @@ impl fmt::Display for ShortcutKind {
             ShortcutKind::ZeroPad => "A (zero-pad)",
             ShortcutKind::Projection => "B (projection where the shape changes)",
             ShortcutKind::ProjectionAll => "C (projection on every block)",
+            ShortcutKind::AvgDownProjection => "B after 2x2 average pooling (ResNet-D)",
         })
     }
 }

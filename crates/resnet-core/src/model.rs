@@ -7,50 +7,92 @@ use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock, Un
 use crate::config::{ResNetConfig, StemKind};
 use crate::cpu::{CpuIsa, Isa};
 
-/// The layers before the first stage (`conv1`, `bn1`, and the max-pool of ImageNet stems).
+/// The layers before the first stage: one convolution (`conv1`, `bn1`) or ResNet-D's
+/// three (`conv1.0`/`conv1.1`, `conv1.3`/`conv1.4`, `conv1.6`/`bn1`, as timm names them),
+/// each with BatchNorm and ReLU, then the max-pool of ImageNet and deep stems.
 #[derive(Debug, Clone)]
 pub struct Stem {
     kind: StemKind,
-    conv_bn: ConvBn,
+    units: Vec<ConvBn>,
 }
 
 impl Stem {
     fn new(config: &ResNetConfig, vb: &VarBuilder) -> Result<Self> {
-        let (kernel, stride) = match config.stem {
-            StemKind::ImageNet => (7, 2),
-            StemKind::Cifar => (3, 1),
-        };
-        let spec = ConvSpec {
-            in_channels: config.in_channels,
-            out_channels: config.stem_width,
-            kernel,
-            stride,
-            groups: 1,
-        };
-        let conv_bn = ConvBn::new(spec, config.bn_eps, vb.pp("conv1"), vb.pp("bn1"))?;
+        let convolutions = config.stem.convolutions(config.stem_width);
+        let mut in_channels = config.in_channels;
+        let mut units = Vec::new();
+        for (i, &(kernel, stride, out_channels)) in convolutions.iter().enumerate() {
+            let spec = ConvSpec {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                groups: 1,
+            };
+            let (conv, bn) = Self::names(convolutions.len(), i);
+            units.push(ConvBn::new(spec, config.bn_eps, vb.pp(conv), vb.pp(bn))?);
+            in_channels = out_channels;
+        }
         Ok(Self {
             kind: config.stem,
-            conv_bn,
+            units,
         })
     }
 
-    /// The stem's convolution and BatchNorm.
-    pub fn conv_bn(&self) -> &ConvBn {
-        &self.conv_bn
+    /// Checkpoint names of unit `i` of `count`: `conv1`/`bn1` alone, else timm's
+    /// `Sequential` indices (conv, BN, ReLU per unit; the last BN is `bn1`).
+    fn names(count: usize, i: usize) -> (String, String) {
+        match (count, i) {
+            (1, _) => ("conv1".into(), "bn1".into()),
+            (n, i) if i + 1 == n => (format!("conv1.{}", 3 * i), "bn1".into()),
+            (_, i) => (format!("conv1.{}", 3 * i), format!("conv1.{}", 3 * i + 1)),
+        }
     }
 
-    /// Conv, BN, ReLU: the stem's feature map before any pooling.
+    /// The stem's convolution and BatchNorm units, in order.
+    pub fn units(&self) -> &[ConvBn] {
+        &self.units
+    }
+
+    /// Conv, BN, ReLU for each unit: the stem's feature map before any pooling.
     fn forward_activation(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.conv_bn.forward_with(xs, None, true, train)
+        let mut xs = xs.clone();
+        for unit in &self.units {
+            xs = unit.forward_with(&xs, None, true, train)?;
+        }
+        Ok(xs)
     }
 
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.kind {
-            StemKind::ImageNet if xs.rank() == 5 => crate::cpu::blocked::max_pool(xs, 3, 2, 1),
+        match (self.kind.max_pools(), xs.rank()) {
+            (false, _) => Ok(xs.clone()),
+            (true, 5) => crate::cpu::blocked::max_pool(xs, 3, 2, 1),
             // Differentiable (candle's max pool has no backward): the network trains.
-            StemKind::ImageNet => crate::ops::max_pool_3x3_stride2(xs),
-            StemKind::Cifar => Ok(xs.clone()),
+            (true, _) => crate::ops::max_pool_3x3_stride2(xs),
         }
+    }
+
+    /// Its units folded for inference: the first reads the image (`first`), the others
+    /// the unit before (`rest`).
+    fn fold(self, first: FoldTarget, rest: FoldTarget) -> Result<Self> {
+        let units = self
+            .units
+            .into_iter()
+            .enumerate()
+            .map(|(i, unit)| unit.fold(if i == 0 { first } else { rest }))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            kind: self.kind,
+            units,
+        })
+    }
+
+    fn push_named_tensors(&self, out: &mut NamedTensors) -> Result<()> {
+        for (i, unit) in self.units.iter().enumerate() {
+            let (conv, bn) = Self::names(self.units.len(), i);
+            unit.push_named_tensors(&conv, &bn, out)?;
+        }
+        Ok(())
     }
 }
 
@@ -318,10 +360,9 @@ impl ResNet {
     /// Channels and stride of each feature map, without the names: what a forward pass
     /// needs to size its work.
     fn feature_shapes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        let stem_stride = match self.config.stem {
-            StemKind::ImageNet => 2,
-            StemKind::Cifar => 1,
-        };
+        // Before its pool (feature maps take the activation).
+        let pool_stride = if self.config.stem.max_pools() { 2 } else { 1 };
+        let stem_stride = self.config.stem.stride() / pool_stride;
         let stages = (0..self.stages.len()).scan(self.config.stem.stride(), |stride, index| {
             *stride *= self.config.stage_stride(index);
             Some((self.config.stage_out_channels(index), *stride))
@@ -489,7 +530,7 @@ impl ResNet {
         let can_block = kernels != CpuKernels::Gemm
             && self.device.is_cpu()
             && self.dtype == DType::F32
-            && self.stem.conv_bn.can_block()
+            && self.stem.units.iter().all(ConvBn::can_block)
             && self
                 .stages
                 .iter()
@@ -521,10 +562,8 @@ impl ResNet {
             ..
         } = self;
         Ok(Self {
-            stem: Stem {
-                kind: stem.kind,
-                conv_bn: stem.conv_bn.fold(stem_target)?,
-            },
+            // A deep stem's later units read blocked input, as the stages do.
+            stem: stem.fold(stem_target, stage_target)?,
             stages: stages
                 .into_iter()
                 .map(|stage| {
@@ -551,7 +590,7 @@ impl ResNet {
             isa: self.cpu_isa(),
             ..KernelSummary::default()
         };
-        let units = std::iter::once(&self.stem.conv_bn).chain(
+        let units = self.stem.units.iter().chain(
             self.stages
                 .iter()
                 .flat_map(|stage| stage.blocks.iter().flat_map(ResidualBlock::units)),
@@ -581,9 +620,7 @@ impl ResNet {
     /// its torchvision name, in network order: what a checkpoint of it holds.
     pub fn named_tensors(&self) -> Result<NamedTensors> {
         let mut out = Vec::new();
-        self.stem
-            .conv_bn
-            .push_named_tensors("conv1", "bn1", &mut out)?;
+        self.stem.push_named_tensors(&mut out)?;
         for (s, stage) in self.stages.iter().enumerate() {
             for (b, block) in stage.blocks.iter().enumerate() {
                 block.push_named_tensors(&format!("layer{}.{b}", s + 1), &mut out)?;
@@ -604,7 +641,11 @@ impl ResNet {
         let head = self.head.as_ref().map_or(0, |fc| {
             fc.weight().elem_count() + fc.bias().map_or(0, Tensor::elem_count)
         });
-        self.stem.conv_bn.parameter_count()
+        self.stem
+            .units
+            .iter()
+            .map(ConvBn::parameter_count)
+            .sum::<usize>()
             + self
                 .stages
                 .iter()

@@ -54,6 +54,49 @@ pub fn max_pool_3x3_stride2(xs: &Tensor) -> Result<Tensor> {
     pooled.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))
 }
 
+/// ResNet-D's shortcut pool: PyTorch's `AvgPool2d(2, stride, ceil_mode=True,
+/// count_include_pad=False)` on an NCHW tensor, differentiable on every device: the 2x2
+/// windows at `stride` (only 2 and 1 occur; any stride works), a window cut by the edge
+/// averaging the values it holds. f32 on the CPU and others alike: sums of strided views
+/// divided by each window's count.
+pub fn avg_pool_2x2_ceil(xs: &Tensor, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = xs.dims4()?;
+    if stride == 0 || h == 0 || w == 0 {
+        candle_core::bail!("average pool: stride {stride} on {h}x{w}");
+    }
+    // ceil_mode: a last window may start at the last row/column, never beyond.
+    let out = |size: usize| (size.saturating_sub(2)).div_ceil(stride) + 1;
+    let (out_h, out_w) = (out(h), out(w));
+    // Zero rows/columns after, so that every window is whole; counts say how many count.
+    let (pad_h, pad_w) = ((out_h - 1) * stride + 2 - h, (out_w - 1) * stride + 2 - w);
+    let padded = xs
+        .pad_with_zeros(2, 0, pad_h)?
+        .pad_with_zeros(3, 0, pad_w)?;
+    let mut sum: Option<Tensor> = None;
+    for dy in 0..2 {
+        for dx in 0..2 {
+            let view = padded.narrow(2, dy, (out_h - 1) * stride + 1)?.narrow(
+                3,
+                dx,
+                (out_w - 1) * stride + 1,
+            )?;
+            let view = subsample(&view, stride)?;
+            sum = Some(match sum {
+                None => view,
+                Some(total) => (total + view)?,
+            });
+        }
+    }
+    let sum = sum.ok_or_else(|| candle_core::Error::Msg("empty pooling window".into()))?;
+    let inside = |o: usize, size: usize| (2.min(size - o * stride)) as f32;
+    let counts: Vec<f32> = (0..out_h)
+        .flat_map(|oy| (0..out_w).map(move |ox| inside(oy, h) * inside(ox, w)))
+        .collect();
+    let counts =
+        Tensor::from_vec(counts, (1, 1, out_h, out_w), xs.device())?.to_dtype(xs.dtype())?;
+    sum.broadcast_div(&counts)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +113,36 @@ mod tests {
             let diff = (got - expected)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert_eq!(diff, 0.0, "{h}x{w}/{stride}");
         }
+        Ok(())
+    }
+
+    /// Against PyTorch's `AvgPool2d(2, s, ceil_mode=True, count_include_pad=False)` as
+    /// written out by hand: even and odd sizes, strides 2 and 1.
+    #[test]
+    fn avg_pool_ceil_averages_what_each_window_holds() -> Result<()> {
+        let xs = Tensor::arange(0f32, 15.0, &Device::Cpu)?.reshape((1, 1, 3, 5))?;
+        let pooled = avg_pool_2x2_ceil(&xs, 2)?.flatten_all()?.to_vec1::<f32>()?;
+        // Rows {0,1} and {2}; columns {0,1}, {2,3}, {4}.
+        let expected = [3.0, 5.0, 6.5, 10.5, 12.5, 14.0];
+        assert_eq!(pooled, expected);
+        let stride1 = avg_pool_2x2_ceil(&xs, 1)?;
+        assert_eq!(stride1.dims(), &[1, 1, 2, 4]);
+        assert_eq!(stride1.flatten_all()?.to_vec1::<f32>()?[0], 3.0);
+        let even = Tensor::rand(0f32, 1.0, (2, 3, 8, 6), &Device::Cpu)?;
+        let diff = (avg_pool_2x2_ceil(&even, 2)? - even.avg_pool2d(2)?)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        let xs = Var::from_tensor(&xs)?;
+        let grads = avg_pool_2x2_ceil(xs.as_tensor(), 2)?
+            .sum_all()?
+            .backward()?;
+        let grad = grads
+            .get(xs.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))?;
+        // Each window hands out 1 in equal parts: the sum is the number of windows.
+        assert!((grad.sum_all()?.to_scalar::<f32>()? - 6.0).abs() < 1e-5);
         Ok(())
     }
 

@@ -24,12 +24,30 @@ fn conv_shape<'a>(shapes: &'a Shapes, name: &str) -> Result<&'a [usize], String>
     Ok(dims)
 }
 
-/// The configuration whose tensors these are: block kind, blocks per stage, widths,
-/// groups, stem, shortcut option, classes and input channels.
-pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
+/// The stem: kind, output channels and input channels. One convolution `conv1` (7x7:
+/// ImageNet, 3x3: CIFAR) or timm's deep stem `conv1.0`, `conv1.3`, `conv1.6` (ResNet-D),
+/// told from its tiered variant by the first convolution's width.
+fn infer_stem(shapes: &Shapes) -> Result<(StemKind, usize, usize), String> {
+    if shapes.contains_key("conv1.0.weight") {
+        let first = conv_shape(shapes, "conv1.0.weight")?;
+        let width = conv_shape(shapes, "conv1.6.weight")?[0];
+        let kind = [StemKind::Deep, StemKind::DeepTiered]
+            .into_iter()
+            .find(|kind| kind.convolutions(width)[0].2 == first[0])
+            .ok_or_else(|| {
+                format!(
+                    "conv1.0.weight has {} output channels for a deep stem of {width}: expected \
+                     {} (deep) or {} (deep tiered)",
+                    first[0],
+                    width / 2,
+                    3 * (width / 8)
+                )
+            })?;
+        return Ok((kind, width, first[1]));
+    }
     let stem = conv_shape(shapes, "conv1.weight")?;
     let (stem_width, in_channels, kernel) = (stem[0], stem[1], stem[2]);
-    let stem_kind = match kernel {
+    let kind = match kernel {
         7 => StemKind::ImageNet,
         3 => StemKind::Cifar,
         k => {
@@ -38,6 +56,13 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
             ))
         }
     };
+    Ok((kind, stem_width, in_channels))
+}
+
+/// The configuration whose tensors these are: block kind, blocks per stage, widths,
+/// groups, stem, shortcut option, classes and input channels.
+pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
+    let (stem_kind, stem_width, in_channels) = infer_stem(shapes)?;
     let block = if shapes.contains_key("layer1.0.conv3.weight") {
         BlockKind::Bottleneck
     } else {
@@ -46,7 +71,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
     let mut blocks_per_stage = Vec::new();
     let mut stage_widths = Vec::new();
     let mut groups_per_stage = Vec::new();
-    let mut projections = 0;
+    let (mut projections, mut avg_down_projections) = (0, 0);
     while shapes.contains_key(&format!(
         "layer{}.0.conv1.weight",
         blocks_per_stage.len() + 1
@@ -57,6 +82,14 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
             .count();
         projections += (0..blocks)
             .filter(|b| shapes.contains_key(&format!("layer{stage}.{b}.downsample.0.weight")))
+            .count();
+        // ResNet-D: `downsample.0` is the pool, the projection `downsample.1` (4-D).
+        avg_down_projections += (0..blocks)
+            .filter(|b| {
+                shapes
+                    .get(&format!("layer{stage}.{b}.downsample.1.weight"))
+                    .is_some_and(|dims| dims.len() == 4)
+            })
             .count();
         let planes = match block {
             BlockKind::Basic => conv_shape(shapes, &format!("layer{stage}.0.conv1.weight"))?[0],
@@ -95,7 +128,9 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         }
     };
     let total_blocks: usize = blocks_per_stage.iter().sum();
-    let shortcut = if projections == 0 {
+    let shortcut = if avg_down_projections > 0 {
+        ShortcutKind::AvgDownProjection
+    } else if projections == 0 {
         ShortcutKind::ZeroPad
     } else {
         ShortcutKind::Projection // refined below, once the config can be built

@@ -35,7 +35,8 @@ impl NamingScheme {
             Ok(Self::Transformers)
         } else if has("conv1.weight") && has("linear.weight") {
             Ok(Self::Cifar)
-        } else if has("conv1.weight") {
+        } else if has("conv1.weight") || has("conv1.0.weight") {
+            // timm's deep stems (ResNet-D) name their first convolution `conv1.0`.
             Ok(Self::Torchvision)
         } else {
             let sample: Vec<&str> = names.iter().take(5).copied().collect();

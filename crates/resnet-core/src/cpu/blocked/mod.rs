@@ -37,7 +37,7 @@ pub(crate) use layout::from_blocked;
 use layout::packed_order;
 #[cfg(test)]
 pub(crate) use layout::to_blocked;
-pub(crate) use pool::max_pool;
+pub(crate) use pool::{avg_pool_2x2_ceil, max_pool};
 pub(crate) use shortcut::subsample_and_pad_channels;
 
 /// Channels per block: one AVX-512 register of f32.

@@ -74,11 +74,92 @@ impl CustomOp1 for MaxPool {
     }
 }
 
+/// ResNet-D's shortcut pool on blocked `(N, C/16, H, W, 16)` f32: 2x2 windows at
+/// `stride`, ceil mode, a window cut by the edge averaging what it holds (PyTorch's
+/// `AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)`).
+pub(crate) fn avg_pool_2x2_ceil(xs: &Tensor, stride: usize) -> Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&AvgPool { stride })
+}
+
+struct AvgPool {
+    stride: usize,
+}
+
+impl CustomOp1 for AvgPool {
+    fn name(&self) -> &'static str {
+        "blocked-avg-pool-2x2-ceil"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = f32_input(storage, layout, "blocked average pool")?;
+        let (batch, blocks, height, width, lanes) = layout.shape().dims5()?;
+        let s = self.stride;
+        if lanes != LANES || s == 0 || height == 0 || width == 0 {
+            bail!(
+                "blocked average pool: stride {s} on {:?}",
+                layout.shape().dims()
+            );
+        }
+        let out = |size: usize| size.saturating_sub(2).div_ceil(s) + 1;
+        let (out_h, out_w) = (out(height), out(width));
+        let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
+        output
+            .par_chunks_mut(out_h * out_w * LANES)
+            .zip(input.par_chunks(height * width * LANES))
+            .for_each(|(dst, src)| {
+                for oy in 0..out_h {
+                    let rows = oy * s..(oy * s + 2).min(height);
+                    for ox in 0..out_w {
+                        let cols = ox * s..(ox * s + 2).min(width);
+                        let count = (rows.len() * cols.len()) as f32;
+                        let mut sum = [0.0f32; LANES];
+                        for y in rows.clone() {
+                            for x in cols.clone() {
+                                let at = (y * width + x) * LANES;
+                                for (m, &v) in sum.iter_mut().zip(&src[at..at + LANES]) {
+                                    *m += v;
+                                }
+                            }
+                        }
+                        let at = (oy * out_w + ox) * LANES;
+                        for (d, m) in dst[at..at + LANES].iter_mut().zip(sum) {
+                            *d = m / count;
+                        }
+                    }
+                }
+            });
+        Ok((
+            CpuStorage::F32(output),
+            Shape::from((batch, blocks, out_h, out_w, LANES)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cpu::blocked::layout::{from_blocked, test_values as values, to_blocked};
     use candle_core::{DType, Device, D};
+
+    #[test]
+    fn avg_pool_matches_the_composition() -> Result<()> {
+        for (height, width, stride) in [(1, 1, 2), (3, 5, 2), (8, 8, 2), (7, 6, 1), (56, 56, 2)] {
+            let x = Tensor::from_vec(
+                values(2 * 32 * height * width, 9),
+                (2, 32, height, width),
+                &Device::Cpu,
+            )?;
+            let expected = crate::ops::avg_pool_2x2_ceil(&x, stride)?;
+            let got = from_blocked(&avg_pool_2x2_ceil(&to_blocked(&x)?, stride)?)?;
+            assert_eq!(got.dims(), expected.dims());
+            let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert!(
+                difference.to_scalar::<f32>()? < 1e-6,
+                "{height}x{width}/{stride}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn max_pool_matches_candle() -> Result<()> {
