@@ -13,7 +13,11 @@ use crate::common::{parse_arch, resolve_source, GlobalOptions};
 #[derive(clap::Args)]
 pub struct Args {
     /// A .safetensors file, a model directory or a Hugging Face hub id.
-    model: String,
+    #[arg(required_unless_present = "list")]
+    model: Option<String>,
+    /// List every preset (name, parameters, layout) instead.
+    #[arg(long, conflicts_with = "model")]
+    list: bool,
     /// Check against this architecture instead of the inferred one.
     #[arg(long, default_value = "auto")]
     arch: String,
@@ -23,7 +27,10 @@ pub struct Args {
 }
 
 pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
-    let source = resolve_source(&args.model)?;
+    let Some(model) = args.model.as_deref() else {
+        return list_presets(args.json);
+    };
+    let source = resolve_source(model)?;
     let files = WeightFiles::open(&source.weights)?;
     let arch = parse_arch(&args.arch)?;
     let inspection = resnet_io::inspect(&files, arch.as_ref().or(source.config.as_ref()))?;
@@ -129,4 +136,45 @@ fn cpu_kernels(config: &resnet_core::ResNetConfig) -> Result<resnet_core::Kernel
     let vb = candle_nn::VarBuilder::zeros(DType::F32, &device);
     let model = resnet_core::ResNet::new(config, vb)?.fold_batch_norm()?;
     Ok(model.kernel_summary())
+}
+
+/// `resnet inspect --list`: every preset with its parameter count and layout.
+fn list_presets(as_json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for name in resnet_core::PRESET_NAMES {
+        let config = resnet_core::ResNetConfig::preset(name)
+            .ok_or_else(|| anyhow::anyhow!("preset {name} missing from its own table"))?;
+        let parameters: usize = resnet_core::ResNet::expected_tensors(&config)?
+            .iter()
+            .filter(|(n, _)| !n.contains("running_"))
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        rows.push((name, parameters, config));
+    }
+    if as_json {
+        let list: Vec<_> = rows
+            .iter()
+            .map(|(name, parameters, config)| {
+                json!({"name": name, "parameters": parameters, "config": config})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    for (name, parameters, config) in rows {
+        println!(
+            "{name:<18} {:>6.2}M  {:?} {:?}, {:?} stem, shortcut {}{}",
+            parameters as f64 / 1e6,
+            config.block,
+            config.blocks_per_stage,
+            config.stem,
+            config.shortcut,
+            if config.groups > 1 {
+                format!(", {}x{}d groups", config.groups, config.width_per_group)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
 }

@@ -86,6 +86,7 @@ enum Command {
     #[command(after_help = "Examples:
   resnet inspect resnet50.safetensors
   resnet inspect microsoft/resnet-50 --json
+  resnet inspect --list                                   # every preset
   resnet inspect resnet20.safetensors --arch resnet32    # why it does not fit")]
     Inspect(inspect::Args),
     /// Convert a checkpoint to torchvision (or another) naming and any dtype.
