@@ -208,9 +208,9 @@ fn a_checkpoint_for_another_architecture_gets_a_full_report() -> Result<()> {
     Ok(())
 }
 
-/// A timm ResNet-D checkpoint (deep stem `conv1.0`..`conv1.6`, average-pool shortcuts
-/// `downsample.1`/`.2`) is recognised by its tensors alone: `--arch auto` infers the
-/// preset, deep and tiered stems told apart.
+/// A timm ResNet-D or SE checkpoint (deep stem `conv1.0`..`conv1.6`, average-pool
+/// shortcuts `downsample.1`/`.2`, `se.fc1`/`.fc2`) is recognised by its tensors alone:
+/// `--arch auto` infers the preset, deep and tiered stems told apart.
 #[test]
 fn resnet_d_checkpoints_are_inferred() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -221,6 +221,8 @@ fn resnet_d_checkpoints_are_inferred() -> Result<()> {
     for config in [
         ResNetConfig::preset("resnet26d").context("preset")?,
         ResNetConfig::preset("resnet50d").context("preset")?,
+        ResNetConfig::preset("seresnet50").context("preset")?,
+        ResNetConfig::preset("seresnext26d_32x4d").context("preset")?,
         tiered,
     ] {
         let model = resnet_core::ResNet::new(

@@ -293,3 +293,40 @@ fn resnext_runs_blocked_and_matches_the_gemm_path() -> Result<()> {
     }
     Ok(())
 }
+
+/// ResNet-D and squeeze-and-excitation train: after one train-mode forward and backward
+/// of SE-ResNeXt-26d (deep stem, average-pool shortcuts, groups, SE gates) every
+/// parameter has a finite gradient, and the new ones are not all zero.
+#[test]
+fn resnet_d_and_se_networks_backpropagate() -> Result<()> {
+    use candle_core::ModuleT;
+    let device = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let config = ResNetConfig::preset("seresnext26d_32x4d")
+        .ok_or_else(|| anyhow::anyhow!("preset"))?
+        .with_num_classes(4);
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let model = ResNet::new(&config, vb)?;
+    let images = Tensor::randn(0f32, 1.0, (2, 3, 65, 63), &device)?;
+    let labels = Tensor::new(&[1u32, 3], &device)?;
+    let loss = candle_nn::loss::cross_entropy(&model.forward_t(&images, true)?, &labels)?;
+    let grads = loss.backward()?;
+    let vars = varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    for (name, var) in vars.iter() {
+        if name.contains("running_") {
+            continue;
+        }
+        let grad = grads
+            .get(var.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("{name}: no gradient"))?;
+        let total = grad.abs()?.sum_all()?.to_scalar::<f32>()?;
+        assert!(total.is_finite(), "{name}: {total}");
+        if name.contains("se.fc") || name.starts_with("conv1.0") || name.contains("downsample.1") {
+            assert!(total > 0.0, "{name}: zero gradient");
+        }
+    }
+    Ok(())
+}

@@ -216,21 +216,29 @@ fn torchvision_resnet50() -> Result<()> {
     check_torchvision("tv_resnet50", &ResNetConfig::resnet50())
 }
 
-/// timm's ResNet-D (deep stem, average-pool shortcuts) with seeded weights, unfolded and
-/// folded on every CPU path, against timm (`generate_parity.py`).
+/// timm's ResNet-D (deep stem, average-pool shortcuts) and squeeze-and-excitation
+/// networks (SE-ResNeXt-26d: groups, deep stem, average-pool shortcuts and SE together)
+/// with seeded weights, unfolded and folded on every CPU path, against timm
+/// (`generate_parity.py`).
 #[test]
-fn timm_resnet26d_and_resnet50d() -> Result<()> {
-    for name in ["resnet26d", "resnet50d"] {
+fn timm_resnet_d_and_squeeze_excitation() -> Result<()> {
+    for name in ["resnet26d", "resnet50d", "seresnet50", "seresnext26d_32x4d"] {
         let config = ResNetConfig::preset(name).context("preset")?;
         check_torchvision(&format!("timm_{name}"), &config)?;
     }
     Ok(())
 }
 
-/// Every ResNet-D preset has timm's parameter count (`generate_parity.py` prints them).
+/// Every ResNet-D and SE preset has timm's parameter count (`generate_parity.py` prints
+/// them).
 #[test]
-fn resnet_d_parameter_counts_are_timms() -> Result<()> {
+fn resnet_d_and_se_parameter_counts_are_timms() -> Result<()> {
     for (name, count) in [
+        ("seresnet50", 28_088_024),
+        ("seresnet152d", 66_841_080),
+        ("seresnext26d_32x4d", 16_809_512),
+        ("seresnext50_32x4d", 27_559_896),
+        ("seresnext101_32x4d", 48_955_416),
         ("resnet26d", 16_014_408),
         ("resnet50d", 25_576_264),
         ("resnet101d", 44_568_392),

@@ -11,6 +11,7 @@ use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
 use crate::cpu::gemm_conv::FusedConv;
 use crate::cpu::CpuIsa;
+use crate::squeeze_excite::SqueezeExcite;
 
 /// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
 #[derive(Debug, Clone)]
@@ -467,6 +468,8 @@ impl Shortcut {
 pub struct ResidualBlock {
     chain: Vec<ConvBn>,
     shortcut: Shortcut,
+    /// Squeeze-and-excitation on the last unit's output (`se`), if the network has it.
+    squeeze_excite: Option<SqueezeExcite>,
 }
 
 impl ResidualBlock {
@@ -541,8 +544,17 @@ impl ResidualBlock {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
+        let squeeze_excite = if config.squeeze_excite {
+            Some(SqueezeExcite::new(out_channels, vb.pp("se"))?)
+        } else {
+            None
+        };
         let shortcut = Shortcut::new(config, in_channels, out_channels, stride, vb)?;
-        Ok(Self { chain, shortcut })
+        Ok(Self {
+            chain,
+            shortcut,
+            squeeze_excite,
+        })
     }
 
     /// The conv-BN units in order.
@@ -564,11 +576,16 @@ impl ResidualBlock {
                 .map(|unit| unit.fold(target))
                 .collect::<Result<_>>()?,
             shortcut: self.shortcut.fold(target)?,
+            squeeze_excite: self.squeeze_excite,
         })
     }
 
     pub(crate) fn parameter_count(&self) -> usize {
-        self.units().map(ConvBn::parameter_count).sum()
+        self.units().map(ConvBn::parameter_count).sum::<usize>()
+            + self
+                .squeeze_excite
+                .as_ref()
+                .map_or(0, SqueezeExcite::parameter_count)
     }
 
     /// Its convolution units: the chain, then the projection if any.
@@ -615,6 +632,9 @@ impl ResidualBlock {
             )?,
             Shortcut::Identity | Shortcut::ZeroPad { .. } => {}
         }
+        if let Some(se) = &self.squeeze_excite {
+            se.push_named_tensors(&format!("{prefix}.se"), out);
+        }
         Ok(())
     }
 
@@ -628,6 +648,12 @@ impl ResidualBlock {
         for unit in inner {
             ys = unit.forward_with(&ys, None, true, train)?;
         }
-        last.forward_with(&ys, Some(&shortcut), true, train)
+        match &self.squeeze_excite {
+            None => last.forward_with(&ys, Some(&shortcut), true, train),
+            // The gate needs the whole map first: no residual or ReLU in the unit.
+            Some(se) => {
+                (se.forward(&last.forward_with(&ys, None, false, train)?)? + shortcut)?.relu()
+            }
+        }
     }
 }

@@ -136,6 +136,10 @@ pub struct ResNetConfig {
     /// Where bottleneck blocks stride (v1.5 by default; absent from older configs).
     #[serde(default)]
     pub bottleneck_stride: BottleneckStride,
+    /// A squeeze-and-excitation gate on each block's last BatchNorm output, before the
+    /// shortcut is added (timm's `attn_layer='se'`; absent from older configs).
+    #[serde(default)]
+    pub squeeze_excite: bool,
 }
 
 /// Every preset, each defined here and nowhere else: its name (the one its home library
@@ -182,6 +186,18 @@ presets! {
     "resnet101d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).resnet_d();
     "resnet152d" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).resnet_d();
     "resnet200d" => ResNetConfig::imagenet(Bottleneck, [3, 24, 36, 3]).resnet_d();
+    // timm's squeeze-and-excitation networks (Hu et al., 2018).
+    "seresnet50" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).with_squeeze_excite();
+    "seresnet152d" =>
+        ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).resnet_d().with_squeeze_excite();
+    "seresnext26d_32x4d" => ResNetConfig::imagenet(Bottleneck, [2, 2, 2, 2])
+        .with_groups(32, 4)
+        .resnet_d()
+        .with_squeeze_excite();
+    "seresnext50_32x4d" =>
+        ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).with_groups(32, 4).with_squeeze_excite();
+    "seresnext101_32x4d" =>
+        ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).with_groups(32, 4).with_squeeze_excite();
 }
 
 impl ResNetConfig {
@@ -201,6 +217,7 @@ impl ResNetConfig {
             num_classes: 1000,
             bn_eps: 1e-5,
             bottleneck_stride: BottleneckStride::Conv3x3,
+            squeeze_excite: false,
         }
     }
 
@@ -220,6 +237,7 @@ impl ResNetConfig {
             num_classes: 10,
             bn_eps: 1e-5,
             bottleneck_stride: BottleneckStride::Conv3x3,
+            squeeze_excite: false,
         }
     }
 
@@ -356,6 +374,12 @@ impl ResNetConfig {
             text += ", v1 (stride on the first 1x1)";
         }
         text
+    }
+
+    /// The same network with squeeze-and-excitation gates (timm's SE-ResNets).
+    pub fn with_squeeze_excite(mut self) -> Self {
+        self.squeeze_excite = true;
+        self
     }
 
     /// The same network striding its bottlenecks at `stride` (v1 or v1.5).

@@ -33,6 +33,7 @@ mod cpu;
 mod device;
 mod model;
 pub mod ops;
+mod squeeze_excite;
 
 /// The candle this crate is built on: use it rather than guessing the matching version.
 pub use candle_core;
@@ -55,3 +56,4 @@ pub use device::{device, device_name};
 pub use model::{
     CpuKernels, FeatureInfo, FeatureMap, Inference, KernelSummary, ResNet, Stage, Stem,
 };
+pub use squeeze_excite::SqueezeExcite;

@@ -153,6 +153,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         num_classes,
         bn_eps: 1e-5,
         bottleneck_stride: resnet_core::BottleneckStride::Conv3x3,
+        squeeze_excite: shapes.contains_key("layer1.0.se.fc1.weight"),
     };
     config.validate().map_err(|e| e.to_string())?;
     if shortcut == ShortcutKind::Projection && projections == total_blocks {

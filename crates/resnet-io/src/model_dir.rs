@@ -506,6 +506,7 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         num_classes,
         bn_eps: 1e-5,
         bottleneck_stride,
+        squeeze_excite: false,
     };
     resnet.validate().map_err(|e| e.to_string())?;
     Ok(ModelSource {
