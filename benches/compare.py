@@ -35,7 +35,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32),
-         ("resnext50_32x4d", 1, 224), ("resnext50_32x4d", 8, 224)]
+         ("resnext50_32x4d", 1, 224), ("resnext50_32x4d", 8, 224),
+         # timm's ResNet-D and SE-ResNeXt (PyTorch and ONNX Runtime run timm's models).
+         ("resnet50d", 1, 224), ("resnet50d", 8, 224),
+         ("seresnext50_32x4d", 1, 224), ("seresnext50_32x4d", 8, 224)]
 TRAIN_CASES = [("resnet20", 128, 32), ("resnet50", 16, 224)]
 
 
@@ -87,7 +90,11 @@ def torch_model(arch):
         from generate_parity import CifarResNet
 
         return CifarResNet([3, 3, 3]).eval()
-    return getattr(torchvision.models, arch)().eval()
+    if hasattr(torchvision.models, arch):
+        return getattr(torchvision.models, arch)().eval()
+    import timm
+
+    return timm.create_model(arch, pretrained=False).eval()
 
 
 def pytorch(arch, batch, size, args):
