@@ -652,7 +652,7 @@ impl ResidualBlock {
             None => last.forward_with(&ys, Some(&shortcut), true, train),
             // The gate needs the whole map first: no residual or ReLU in the unit.
             Some(se) => {
-                (se.forward(&last.forward_with(&ys, None, false, train)?)? + shortcut)?.relu()
+                se.forward_add_relu(&last.forward_with(&ys, None, false, train)?, &shortcut)
             }
         }
     }

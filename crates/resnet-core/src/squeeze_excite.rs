@@ -3,9 +3,9 @@
 //! `sigmoid(fc2(relu(fc1(mean(x)))))`, the two 1x1 convolutions with biases, the reduced
 //! width `channels / 16` rounded to a multiple of 8 (at least 8).
 //!
-//! candle ops on any device and layout, differentiable: on the blocked CPU path it runs
-//! on the `(N, C/16, H, W, 16)` map as it is (a mean over it and a broadcast multiply:
-//! two passes over the block's output, no kernel of its own).
+//! candle ops on any device, differentiable; on the blocked CPU path two one-pass kernels
+//! (the channel means; the gate with the residual add and ReLU) around the two small
+//! dense layers.
 
 use candle_core::{Result, Tensor, D};
 use candle_nn::{Init, VarBuilder};
@@ -51,27 +51,29 @@ impl SqueezeExcite {
         })
     }
 
-    /// `xs` scaled per channel: `(N, C, H, W)`, or blocked `(N, C/16, H, W, 16)`.
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    /// `relu(xs · gate(xs) + residual)`: the gate, then the block's residual add and
+    /// ReLU. `(N, C, H, W)` through candle ops (any device, differentiable), or blocked
+    /// `(N, C/16, H, W, 16)` on the CPU through two one-pass kernels.
+    pub(crate) fn forward_add_relu(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if xs.rank() == 5 {
+            let gate = self.gate(&crate::cpu::blocked::channel_means(xs)?)?;
+            return crate::cpu::blocked::scale_add_relu(xs, &gate, residual);
+        }
         let (batch, channels) = (xs.dim(0)?, self.fc2_bias.elem_count());
-        // The mean over the spatial dimensions, channel order kept in both layouts.
-        let pooled = match xs.rank() {
-            5 => xs.mean_keepdim(2)?.mean_keepdim(3)?,
-            _ => xs.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?,
-        };
-        let pooled = pooled.reshape((batch, channels))?;
+        let pooled = xs.mean_keepdim(D::Minus1)?.mean_keepdim(D::Minus2)?;
+        let gate = self.gate(&pooled.reshape((batch, channels))?)?;
+        (xs.broadcast_mul(&gate.reshape((batch, channels, 1, 1))?)? + residual)?.relu()
+    }
+
+    /// `sigmoid(fc2(relu(fc1(pooled))))` for the channel means `(N, C)`.
+    fn gate(&self, pooled: &Tensor) -> Result<Tensor> {
         let dense = |x: &Tensor, weight: &Tensor, bias: &Tensor| -> Result<Tensor> {
             let weight = weight.flatten_from(1)?.to_dtype(x.dtype())?;
             x.matmul(&weight.t()?)?
                 .broadcast_add(&bias.to_dtype(x.dtype())?)
         };
-        let hidden = dense(&pooled, &self.fc1_weight, &self.fc1_bias)?.relu()?;
-        let gate = candle_nn::ops::sigmoid(&dense(&hidden, &self.fc2_weight, &self.fc2_bias)?)?;
-        let gate = match xs.rank() {
-            5 => gate.reshape((batch, channels / 16, 1, 1, 16))?,
-            _ => gate.reshape((batch, channels, 1, 1))?,
-        };
-        xs.broadcast_mul(&gate)
+        let hidden = dense(pooled, &self.fc1_weight, &self.fc1_bias)?.relu()?;
+        candle_nn::ops::sigmoid(&dense(&hidden, &self.fc2_weight, &self.fc2_bias)?)
     }
 
     pub(crate) fn parameter_count(&self) -> usize {

@@ -27,12 +27,14 @@ use crate::cpu::CpuIsa;
 use ukernel::Blocking;
 
 mod direct;
+mod excite;
 mod layout;
 mod pool;
 mod shortcut;
 mod ukernel;
 pub(crate) mod winograd;
 
+pub(crate) use excite::{channel_means, scale_add_relu};
 pub(crate) use layout::from_blocked;
 use layout::packed_order;
 #[cfg(test)]
