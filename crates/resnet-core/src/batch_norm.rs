@@ -142,7 +142,7 @@ impl BatchNorm2d {
             .broadcast_mul(&scale.reshape(shape)?)?
             .broadcast_add(&shift.reshape(shape)?)?
             .to_dtype(dtype)?;
-        finish(ys, residual, relu)
+        add_relu(ys, residual, relu)
     }
 
     /// Moves the running statistics towards the batch's (`count` values per channel).
@@ -169,7 +169,7 @@ impl BatchNorm2d {
         if train {
             self.forward_train(xs, residual, relu)
         } else {
-            finish(self.forward_inference(xs)?, residual, relu)
+            add_relu(self.forward_inference(xs)?, residual, relu)
         }
     }
 
@@ -180,7 +180,7 @@ impl BatchNorm2d {
 }
 
 /// `relu(ys + residual)`, residual and ReLU optional.
-fn finish(ys: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+pub(crate) fn add_relu(ys: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
     let ys = match residual {
         Some(residual) => (ys + residual)?,
         None => ys,

@@ -137,7 +137,7 @@ impl ConvBn {
         relu: bool,
         train: bool,
     ) -> Result<Tensor> {
-        let mut ys = match (&self.weights, train) {
+        let ys = match (&self.weights, train) {
             (ConvWeights::Folded(_) | ConvWeights::Blocked(_), true) => candle_core::bail!(
                 "this network's BatchNorm is folded into its convolutions for inference: it cannot train"
             ),
@@ -170,13 +170,7 @@ impl ConvBn {
                     .forward_add_relu(&convolve(conv, xs)?, residual, relu, train);
             }
         };
-        if let Some(residual) = residual {
-            ys = (ys + residual)?;
-        }
-        if relu {
-            ys = ys.relu()?;
-        }
-        Ok(ys)
+        crate::batch_norm::add_relu(ys, residual, relu)
     }
 
     /// This unit with its BatchNorm folded into the convolution: inference only. The
