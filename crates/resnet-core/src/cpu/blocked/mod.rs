@@ -13,10 +13,10 @@
 //! output.
 //!
 //! Files: `layout.rs` (the layouts), `direct.rs` (the driver), `winograd.rs` (3x3
-//! stride-1 layers), `pool.rs` and `shortcut.rs` (the other blocked ops), `ukernel/`
-//! (the kernels, per instruction set). Used when every convolution after the stem has
-//! channel counts divisible by 16 and no groups (the ResNet and wide ResNet presets;
-//! ResNeXt runs the GEMM path).
+//! stride-1 layers), `pool.rs`, `shortcut.rs` and `excite.rs` (the other blocked ops),
+//! `ukernel/` (the kernels, per instruction set). Used when every convolution after the
+//! stem has channel counts divisible by 16 and groups that fit whole blocks or divide
+//! one (see [`BlockedConv::block_groups`]): every preset.
 #![allow(unsafe_code)] // the kernels' entry points
 
 use std::sync::Arc;
