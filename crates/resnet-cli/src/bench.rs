@@ -84,6 +84,17 @@ fn summary(
     })
 }
 
+/// A batch of `N(0, 1)` images, `(batch, channels, size, size)`.
+fn random_input(
+    batch: usize,
+    channels: usize,
+    size: usize,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1.0, (batch, channels, size, size), device)?.to_dtype(dtype)?)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -151,13 +162,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let config = model.config();
     let size = input_size(args.size, config.stem);
     check_forward_memory([args.batch, config.in_channels, size, size], dtype, &device)?;
-    let input = Tensor::randn(
-        0f32,
-        1.0,
-        (args.batch, config.in_channels, size, size),
-        &device,
-    )?
-    .to_dtype(dtype)?;
+    let input = random_input(args.batch, config.in_channels, size, &device, dtype)?;
     let run_once = || -> Result<f64> {
         let started = Instant::now();
         let output = model.forward(&input)?;
@@ -219,13 +224,7 @@ fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
         &device,
     )?;
     let (model, varmap) = resnet_train::trainable(&model)?;
-    let input = Tensor::randn(
-        0f32,
-        1.0,
-        (args.batch, config.in_channels, size, size),
-        &device,
-    )?
-    .to_dtype(dtype)?;
+    let input = random_input(args.batch, config.in_channels, size, &device, dtype)?;
     let mut times = time_training(&model, &varmap, &input, args.iters, args.warmup)?;
     let median_ms = median(&mut times.total);
     let (forward, backward, update) = (

@@ -21,6 +21,13 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// A path inside the repository (the embedded model, the sample images).
+fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(relative)
+}
+
 /// The first `per_class` images of each class of `source`, as an ImageFolder tree in `dir`.
 fn subset(source: &Path, dir: &Path, per_class: usize) -> Result<()> {
     let mut classes: Vec<PathBuf> = std::fs::read_dir(source)?
@@ -240,13 +247,12 @@ fn train_command_as_pytorch_sgd_at_lr_0_01() -> Result<()> {
 
 #[test]
 fn trains_writes_a_model_directory_every_command_reads() -> Result<()> {
-    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let samples = repo_path("weights/samples");
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     subset(&samples, &data, 2)?;
     let out = dir.path().join("model");
-    let model =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let model = repo_path("weights/resnet20.safetensors");
     let output = resnet(&[
         "train",
         "--model",
@@ -328,7 +334,7 @@ fn trains_writes_a_model_directory_every_command_reads() -> Result<()> {
 
 #[test]
 fn bad_training_inputs_are_one_line_errors() -> Result<()> {
-    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let samples = repo_path("weights/samples");
     let dir = tempfile::tempdir()?;
     let one_class = dir.path().join("one");
     std::fs::create_dir_all(one_class.join("cat"))?;
@@ -434,12 +440,11 @@ fn bad_training_inputs_are_one_line_errors() -> Result<()> {
 /// through: model, BatchNorm statistics, momentum, data order and augmentation all resume.
 #[test]
 fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
-    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
+    let samples = repo_path("weights/samples");
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     subset(&samples, &data, 2)?;
-    let model =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let model = repo_path("weights/resnet20.safetensors");
     // The run's settings; each call adds where it starts from and where it writes.
     let settings = [
         "--data",
@@ -503,9 +508,8 @@ fn a_resumed_run_ends_bit_identical_to_one_straight_through() -> Result<()> {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_checkpoints_mid_epoch_and_the_run_resumes_exactly() -> Result<()> {
-    let samples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/samples");
-    let model =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../weights/resnet20.safetensors");
+    let samples = repo_path("weights/samples");
+    let model = repo_path("weights/resnet20.safetensors");
     let dir = tempfile::tempdir()?;
     let args = |output: &Path| -> Vec<String> {
         [

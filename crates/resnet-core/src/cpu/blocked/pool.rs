@@ -41,35 +41,16 @@ impl CustomOp1 for MaxPool {
                 layout.shape().dims()
             );
         }
-        let out_h = (height + 2 * p - k) / s + 1;
-        let out_w = (width + 2 * p - k) / s + 1;
-        let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
-        output
-            .par_chunks_mut(out_h * out_w * LANES)
-            .zip(input.par_chunks(height * width * LANES))
-            .for_each(|(dst, src)| {
-                for oy in 0..out_h {
-                    // The window's rows and columns inside the image.
-                    let rows = (oy * s).saturating_sub(p)..(oy * s + k - p).min(height);
-                    for ox in 0..out_w {
-                        let cols = (ox * s).saturating_sub(p)..(ox * s + k - p).min(width);
-                        let mut max = [f32::NEG_INFINITY; LANES];
-                        for y in rows.clone() {
-                            for x in cols.clone() {
-                                let at = (y * width + x) * LANES;
-                                for (m, &v) in max.iter_mut().zip(&src[at..at + LANES]) {
-                                    *m = m.max(v);
-                                }
-                            }
-                        }
-                        let at = (oy * out_w + ox) * LANES;
-                        dst[at..at + LANES].copy_from_slice(&max);
-                    }
-                }
-            });
-        Ok((
-            CpuStorage::F32(output),
-            Shape::from((batch, blocks, out_h, out_w, LANES)),
+        let out = |size: usize| (size + 2 * p - k) / s + 1;
+        // The window's rows or columns inside the image.
+        let window =
+            move |o: usize, size: usize| (o * s).saturating_sub(p)..(o * s + k - p).min(size);
+        Ok(pool_planes(
+            input,
+            (batch, blocks, height, width),
+            (out(height), out(width)),
+            window,
+            (f32::NEG_INFINITY, f32::max, |max, _| max),
         ))
     }
 }
@@ -101,38 +82,61 @@ impl CustomOp1 for AvgPool {
             );
         }
         let out = |size: usize| size.saturating_sub(2).div_ceil(s) + 1;
-        let (out_h, out_w) = (out(height), out(width));
-        let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
-        output
-            .par_chunks_mut(out_h * out_w * LANES)
-            .zip(input.par_chunks(height * width * LANES))
-            .for_each(|(dst, src)| {
-                for oy in 0..out_h {
-                    let rows = oy * s..(oy * s + 2).min(height);
-                    for ox in 0..out_w {
-                        let cols = ox * s..(ox * s + 2).min(width);
-                        let count = (rows.len() * cols.len()) as f32;
-                        let mut sum = [0.0f32; LANES];
-                        for y in rows.clone() {
-                            for x in cols.clone() {
-                                let at = (y * width + x) * LANES;
-                                for (m, &v) in sum.iter_mut().zip(&src[at..at + LANES]) {
-                                    *m += v;
-                                }
-                            }
-                        }
-                        let at = (oy * out_w + ox) * LANES;
-                        for (d, m) in dst[at..at + LANES].iter_mut().zip(sum) {
-                            *d = m / count;
-                        }
-                    }
-                }
-            });
-        Ok((
-            CpuStorage::F32(output),
-            Shape::from((batch, blocks, out_h, out_w, LANES)),
+        let window = move |o: usize, size: usize| o * s..(o * s + 2).min(size);
+        Ok(pool_planes(
+            input,
+            (batch, blocks, height, width),
+            (out(height), out(width)),
+            window,
+            (0.0, |sum, v| sum + v, |sum, count| sum / count as f32),
         ))
     }
+}
+
+/// A pooling of every `(H, W, 16)` plane: output pixel `(oy, ox)` reduces the input
+/// pixels of rows `window(oy, H)` and columns `window(ox, W)`, lane by lane: `start`,
+/// `combine` each value in, `finish` with the window's pixel count.
+fn pool_planes(
+    input: &[f32],
+    (batch, blocks, height, width): (usize, usize, usize, usize),
+    (out_h, out_w): (usize, usize),
+    window: impl Fn(usize, usize) -> std::ops::Range<usize> + Sync,
+    (start, combine, finish): (
+        f32,
+        impl Fn(f32, f32) -> f32 + Sync,
+        impl Fn(f32, usize) -> f32 + Sync,
+    ),
+) -> (CpuStorage, Shape) {
+    let mut output = vec![0.0f32; batch * blocks * out_h * out_w * LANES];
+    output
+        .par_chunks_mut(out_h * out_w * LANES)
+        .zip(input.par_chunks(height * width * LANES))
+        .for_each(|(dst, src)| {
+            for oy in 0..out_h {
+                let rows = window(oy, height);
+                for ox in 0..out_w {
+                    let cols = window(ox, width);
+                    let mut lanes = [start; LANES];
+                    for y in rows.clone() {
+                        for x in cols.clone() {
+                            let at = (y * width + x) * LANES;
+                            for (m, &v) in lanes.iter_mut().zip(&src[at..at + LANES]) {
+                                *m = combine(*m, v);
+                            }
+                        }
+                    }
+                    let count = rows.len() * cols.len();
+                    let at = (oy * out_w + ox) * LANES;
+                    for (d, m) in dst[at..at + LANES].iter_mut().zip(lanes) {
+                        *d = finish(m, count);
+                    }
+                }
+            }
+        });
+    (
+        CpuStorage::F32(output),
+        Shape::from((batch, blocks, out_h, out_w, LANES)),
+    )
 }
 
 #[cfg(test)]
