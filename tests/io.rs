@@ -240,3 +240,53 @@ fn resnet_d_checkpoints_are_inferred() -> Result<()> {
     }
     Ok(())
 }
+
+/// A timm resnetv2 checkpoint under timm's names (`stem.conv`, `stages.S.blocks.B`,
+/// `norm`, the classifier `head.fc` as a 1x1 convolution) loads with `--arch auto`:
+/// naming scheme, pre-activation, deep stem and average-pool shortcuts inferred, and the
+/// output equals timm's (the parity fixture of the same seeded weights).
+#[test]
+fn timm_v2_checkpoints_load_by_inference() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let input = resnet_tests::hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
+    for name in ["resnetv2_50", "resnetv2_50d"] {
+        let config = ResNetConfig::preset(name).context("preset")?;
+        let model = resnet_core::ResNet::new(
+            &config,
+            resnet_tests::hashed_var_builder(DType::F32, &Device::Cpu),
+        )?;
+        let scheme = NamingScheme::TimmV2;
+        let mut tensors = std::collections::HashMap::new();
+        for (ours, tensor) in model.named_tensors()? {
+            let timm = scheme.from_torchvision(&ours).context("timm name")?;
+            let tensor = tensor.reshape(scheme.file_shape(&ours, tensor.dims()))?;
+            tensors.insert(timm, tensor);
+        }
+        assert_eq!(tensors["head.fc.weight"].dims(), [1000, 2048, 1, 1]);
+        let path = dir.path().join(format!("{name}.safetensors"));
+        candle_core::safetensors::save(&tensors, &path)?;
+        let loaded = load_file(&path, None, &Device::Cpu, DType::F32)?;
+        assert_eq!(loaded.scheme, scheme);
+        assert_eq!(loaded.config, config, "{}", loaded.config.describe());
+        assert_eq!(loaded.config.describe(), name);
+        let expected = candle_core::safetensors::load(
+            resnet_tests::parity_fixture(&format!("timm_{name}")),
+            &Device::Cpu,
+        )?;
+        resnet_tests::assert_close(
+            &loaded.model.forward(&input)?,
+            &expected["expected"],
+            resnet_tests::F32_RELATIVE_TOLERANCE,
+            name,
+        )?;
+        // And back: saved under timm's names, the classifier 4-D again.
+        let again = dir.path().join(format!("{name}-saved.safetensors"));
+        save(&loaded.model, &again, scheme, DType::F32)?;
+        let files = WeightFiles::open(&[&again])?;
+        assert_eq!(
+            files.info("head.fc.weight").context("head")?.shape,
+            [1000, 2048, 1, 1]
+        );
+    }
+    Ok(())
+}

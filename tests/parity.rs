@@ -216,24 +216,38 @@ fn torchvision_resnet50() -> Result<()> {
     check_torchvision("tv_resnet50", &ResNetConfig::resnet50())
 }
 
-/// timm's ResNet-D (deep stem, average-pool shortcuts) and squeeze-and-excitation
+/// timm's ResNet-D (deep stem, average-pool shortcuts), squeeze-and-excitation
 /// networks (SE-ResNeXt-26d: groups, deep stem, average-pool shortcuts and SE together)
-/// with seeded weights, unfolded and folded on every CPU path, against timm
-/// (`generate_parity.py`).
+/// and pre-activation ResNets (resnetv2_50; resnetv2_50d with the deep stem and
+/// average-pool shortcuts) with seeded weights, unfolded and folded on every CPU path,
+/// against timm (`generate_parity.py`).
 #[test]
-fn timm_resnet_d_and_squeeze_excitation() -> Result<()> {
-    for name in ["resnet26d", "resnet50d", "seresnet50", "seresnext26d_32x4d"] {
+fn timm_resnet_d_squeeze_excitation_and_preactivation() -> Result<()> {
+    for name in [
+        "resnet26d",
+        "resnet50d",
+        "seresnet50",
+        "seresnext26d_32x4d",
+        "resnetv2_50",
+        "resnetv2_50d",
+    ] {
         let config = ResNetConfig::preset(name).context("preset")?;
         check_torchvision(&format!("timm_{name}"), &config)?;
     }
     Ok(())
 }
 
-/// Every ResNet-D and SE preset has timm's parameter count (`generate_parity.py` prints
-/// them).
+/// Every ResNet-D, SE and pre-activation preset has timm's parameter count
+/// (`generate_parity.py` prints them).
 #[test]
-fn resnet_d_and_se_parameter_counts_are_timms() -> Result<()> {
+fn resnet_d_se_and_v2_parameter_counts_are_timms() -> Result<()> {
     for (name, count) in [
+        ("resnetv2_50", 25_549_352),
+        ("resnetv2_50d", 25_568_584),
+        ("resnetv2_101", 44_541_480),
+        ("resnetv2_101d", 44_560_712),
+        ("resnetv2_152", 60_185_128),
+        ("resnetv2_152d", 60_204_360),
         ("seresnet50", 28_088_024),
         ("seresnet152d", 66_841_080),
         ("seresnext26d_32x4d", 16_809_512),

@@ -177,6 +177,19 @@ impl BatchNorm2d {
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_add_relu(xs, None, false, train)
     }
+
+    /// Appends its four tensors, named `{name}.weight`, `{name}.bias`,
+    /// `{name}.running_mean`, `{name}.running_var`, to `out`.
+    pub(crate) fn push_named_tensors(&self, name: &str, out: &mut crate::block::NamedTensors) {
+        for (param, tensor) in [
+            ("weight", self.weight()),
+            ("bias", self.bias()),
+            ("running_mean", self.running_mean()),
+            ("running_var", self.running_var()),
+        ] {
+            out.push((format!("{name}.{param}"), tensor.clone()));
+        }
+    }
 }
 
 /// `relu(ys + residual)`, residual and ReLU optional.
@@ -189,5 +202,64 @@ pub(crate) fn add_relu(ys: Tensor, residual: Option<&Tensor>, relu: bool) -> Res
         ys.relu()
     } else {
         Ok(ys)
+    }
+}
+
+/// BatchNorm then ReLU with no convolution to fold into: the pre-activation of a
+/// pre-activation block (`norm1`) and such a network's final norm (`norm`).
+#[derive(Debug, Clone)]
+pub struct BatchNormRelu {
+    bn: BatchNorm2d,
+    /// Per-channel scale and shift, f32, once folded for inference.
+    folded: Option<(Tensor, Tensor)>,
+}
+
+impl BatchNormRelu {
+    pub(crate) fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            bn: BatchNorm2d::new(channels, eps, vb)?,
+            folded: None,
+        })
+    }
+
+    /// The BatchNorm.
+    pub fn bn(&self) -> &BatchNorm2d {
+        &self.bn
+    }
+
+    /// The same, its statistics reduced to a scale and shift for inference.
+    pub(crate) fn fold(self) -> Result<Self> {
+        let folded = Some(self.bn.scale_and_shift()?);
+        Ok(Self { folded, ..self })
+    }
+
+    /// `relu(bn(xs))` on `(N, C, H, W)`, or once folded also on the blocked
+    /// `(N, C/16, H, W, 16)` layout.
+    pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        let Some((scale, shift)) = &self.folded else {
+            return self.bn.forward_add_relu(xs, None, true, train);
+        };
+        if train {
+            bail!("this network's BatchNorm is folded for inference: it cannot train");
+        }
+        let channels = scale.elem_count();
+        let shape: Vec<usize> = match *xs.dims() {
+            [_, blocks, _, _, lanes] if blocks * lanes == channels => vec![1, blocks, 1, 1, lanes],
+            [_, c, _, _] if c == channels => vec![1, c, 1, 1],
+            ref dims => bail!("BatchNorm of {channels} channels on a tensor of shape {dims:?}"),
+        };
+        let per_channel = |t: &Tensor| t.to_dtype(xs.dtype())?.reshape(shape.as_slice());
+        xs.broadcast_mul(&per_channel(scale)?)?
+            .broadcast_add(&per_channel(shift)?)?
+            .relu()
+    }
+
+    pub(crate) fn parameter_count(&self) -> usize {
+        2 * self.bn.channels()
+    }
+
+    /// Appends its four tensors named `{name}.weight`, ... to `out`.
+    pub(crate) fn push_named_tensors(&self, name: &str, out: &mut crate::block::NamedTensors) {
+        self.bn.push_named_tensors(name, out);
     }
 }

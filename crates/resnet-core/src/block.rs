@@ -5,7 +5,7 @@ use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
 use std::sync::Arc;
 
-use crate::batch_norm::BatchNorm2d;
+use crate::batch_norm::{BatchNorm2d, BatchNormRelu};
 use crate::config::{BlockKind, BottleneckStride, ResNetConfig, ShortcutKind};
 use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
@@ -13,11 +13,13 @@ use crate::cpu::gemm_conv::FusedConv;
 use crate::cpu::CpuIsa;
 use crate::squeeze_excite::SqueezeExcite;
 
-/// A bias-free convolution followed by BatchNorm, the unit every ResNet is made of.
+/// A convolution followed by BatchNorm, the unit every ResNet is made of. Pre-activation
+/// networks also have units without BatchNorm (the last of each block, projections, the
+/// stem's last), and Keras' convolutions carry biases.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     weights: ConvWeights,
-    bn: BatchNorm2d,
+    bn: Option<BatchNorm2d>,
 }
 
 /// A unit's convolution, as loaded or folded for inference.
@@ -69,15 +71,17 @@ pub(crate) struct ConvSpec {
     pub kernel: usize,
     pub stride: usize,
     pub groups: usize,
+    pub bias: bool,
 }
 
 impl ConvBn {
-    /// Reads the convolution `conv_vb` ("conv1") and the BatchNorm `bn_vb` ("bn1").
+    /// Reads the convolution `conv_vb` ("conv1") and the BatchNorm `bn_vb` ("bn1"), if
+    /// the unit has one.
     pub(crate) fn new(
         spec: ConvSpec,
         bn_eps: f64,
         conv_vb: VarBuilder,
-        bn_vb: VarBuilder,
+        bn_vb: Option<VarBuilder>,
     ) -> Result<Self> {
         let config = Conv2dConfig {
             padding: spec.kernel / 2,
@@ -85,14 +89,21 @@ impl ConvBn {
             groups: spec.groups,
             ..Default::default()
         };
-        let conv = candle_nn::conv2d_no_bias(
+        let make = if spec.bias {
+            candle_nn::conv2d
+        } else {
+            candle_nn::conv2d_no_bias
+        };
+        let conv = make(
             spec.in_channels,
             spec.out_channels,
             spec.kernel,
             config,
             conv_vb,
         )?;
-        let bn = BatchNorm2d::new(spec.out_channels, bn_eps, bn_vb)?;
+        let bn = bn_vb
+            .map(|vb| BatchNorm2d::new(spec.out_channels, bn_eps, vb))
+            .transpose()?;
         Ok(Self {
             weights: ConvWeights::Trainable(conv),
             bn,
@@ -107,7 +118,8 @@ impl ConvBn {
             ConvWeights::Blocked(blocked) => {
                 let (shape, stride, padding, groups) = blocked.shape();
                 let (weight, bias) = blocked.unpack();
-                let device = self.bn.weight().device();
+                // Blocked units live on the CPU.
+                let device = &candle_core::Device::Cpu;
                 let config = Conv2dConfig {
                     padding,
                     stride,
@@ -123,9 +135,9 @@ impl ConvBn {
         }
     }
 
-    /// The BatchNorm.
-    pub fn bn(&self) -> &BatchNorm2d {
-        &self.bn
+    /// The BatchNorm, if the unit has one.
+    pub fn bn(&self) -> Option<&BatchNorm2d> {
+        self.bn.as_ref()
     }
 
     /// `relu(bn(conv(xs)) + residual)`, ReLU and residual optional. Folded units run
@@ -164,11 +176,10 @@ impl ConvBn {
                 }
                 convolve(folded, xs)?
             }
-            (ConvWeights::Trainable(conv), _) => {
-                return self
-                    .bn
-                    .forward_add_relu(&convolve(conv, xs)?, residual, relu, train);
-            }
+            (ConvWeights::Trainable(conv), _) => match &self.bn {
+                Some(bn) => return bn.forward_add_relu(&convolve(conv, xs)?, residual, relu, train),
+                None => convolve(conv, xs)?,
+            },
         };
         crate::batch_norm::add_relu(ys, residual, relu)
     }
@@ -182,7 +193,17 @@ impl ConvBn {
             ConvWeights::Trainable(conv) => conv,
             ConvWeights::Folded(_) | ConvWeights::Blocked(_) => return Ok(self),
         };
-        let (scale, shift) = self.bn.scale_and_shift()?;
+        let (scale, shift) = match &self.bn {
+            Some(bn) => bn.scale_and_shift()?,
+            None => {
+                let channels = conv.weight().dim(0)?;
+                let device = conv.weight().device();
+                (
+                    Tensor::ones(channels, DType::F32, device)?,
+                    Tensor::zeros(channels, DType::F32, device)?,
+                )
+            }
+        };
         let config = *conv.config();
         // The folded bias, in f32, for both targets: b' = b·k + shift.
         let bias = match conv.bias() {
@@ -219,7 +240,7 @@ impl ConvBn {
             });
         }
         let dtype = conv.weight().dtype();
-        let out_channels = self.bn.channels();
+        let out_channels = scale.elem_count();
         let weight = conv
             .weight()
             .to_dtype(DType::F32)?
@@ -275,7 +296,7 @@ impl ConvBn {
             }
             ConvWeights::Blocked(blocked) => blocked.parameter_count(),
         };
-        conv + self.bn.weight().elem_count() + self.bn.bias().elem_count()
+        conv + self.bn.as_ref().map_or(0, |bn| 2 * bn.channels())
     }
 
     /// Appends this unit's tensors, named `{conv}.weight`, `{bn}.weight`, ... to `out`.
@@ -290,13 +311,8 @@ impl ConvBn {
         if let Some(bias) = convolution.bias() {
             out.push((format!("{conv}.bias"), bias.clone()));
         }
-        for (name, tensor) in [
-            ("weight", self.bn.weight()),
-            ("bias", self.bn.bias()),
-            ("running_mean", self.bn.running_mean()),
-            ("running_var", self.bn.running_var()),
-        ] {
-            out.push((format!("{bn}.{name}"), tensor.clone()));
+        if let Some(norm) = &self.bn {
+            norm.push_named_tensors(bn, out);
         }
         Ok(())
     }
@@ -336,7 +352,8 @@ pub type NamedTensors = Vec<(String, Tensor)>;
 pub enum Shortcut {
     /// The input itself.
     Identity,
-    /// Option A: subsample by `stride`, then zero-pad channels before and after.
+    /// Option A: subsample by `stride`, then zero-pad channels before and after (none in
+    /// Keras V2's subsampled identity).
     ZeroPad {
         /// Spatial subsampling step.
         stride: usize,
@@ -377,38 +394,40 @@ impl Shortcut {
         vb: VarBuilder,
     ) -> Result<Self> {
         let shape_changes = stride != 1 || in_channels != out_channels;
-        let projection = || -> Result<Self> {
+        let vb = vb.pp("downsample");
+        // A 1x1 convolution of that stride, `downsample.{conv}` and BatchNorm
+        // `downsample.{bn}`; pre-activation projections (timm's `downsample.conv`) have
+        // no BatchNorm.
+        let unit = |stride, conv: &str, bn: &str| -> Result<ConvBn> {
             let spec = ConvSpec {
                 in_channels,
                 out_channels,
                 kernel: 1,
                 stride,
                 groups: 1,
+                bias: config.conv_has_bias(!config.preactivation),
             };
-            let vb = vb.pp("downsample");
-            Ok(Self::Projection(ConvBn::new(
-                spec,
-                config.bn_eps,
-                vb.pp("0"),
-                vb.pp("1"),
-            )?))
+            if config.preactivation {
+                ConvBn::new(spec, config.bn_eps, vb.pp("conv"), None)
+            } else {
+                ConvBn::new(spec, config.bn_eps, vb.pp(conv), Some(vb.pp(bn)))
+            }
         };
+        let projection = || Ok(Self::Projection(unit(stride, "0", "1")?));
         match config.shortcut {
             ShortcutKind::ProjectionAll => projection(),
             _ if !shape_changes => Ok(Self::Identity),
             ShortcutKind::Projection => projection(),
-            ShortcutKind::AvgDownProjection => {
-                let spec = ConvSpec {
-                    in_channels,
-                    out_channels,
-                    kernel: 1,
-                    stride: 1,
-                    groups: 1,
-                };
-                let vb = vb.pp("downsample");
-                let unit = ConvBn::new(spec, config.bn_eps, vb.pp("1"), vb.pp("2"))?;
-                Ok(Self::AvgDownProjection { stride, unit })
-            }
+            ShortcutKind::ProjectionOrSubsample if in_channels != out_channels => projection(),
+            ShortcutKind::ProjectionOrSubsample => Ok(Self::ZeroPad {
+                stride,
+                pad_before: 0,
+                pad_after: 0,
+            }),
+            ShortcutKind::AvgDownProjection => Ok(Self::AvgDownProjection {
+                stride,
+                unit: unit(1, "1", "2")?,
+            }),
             ShortcutKind::ZeroPad => {
                 // validate() guarantees out_channels >= in_channels here.
                 let added = out_channels - in_channels;
@@ -458,8 +477,15 @@ impl Shortcut {
 ///
 /// A basic block's chain is 3x3, 3x3; a bottleneck's is 1x1, 3x3 (strided, grouped), 1x1.
 /// Tensors are named `conv1`/`bn1`, `conv2`/`bn2`, ... and `downsample.0`/`.1`.
+///
+/// A pre-activation block (timm's `PreActBottleneck`) normalises its input first
+/// (`norm1`, BatchNorm and ReLU) and each convolution's output but the last (`norm2`,
+/// ...); the shortcut adds to the last convolution, with no ReLU after. Identity
+/// shortcuts take the input, projections (`downsample.conv`) the normalised input.
 #[derive(Debug, Clone)]
 pub struct ResidualBlock {
+    /// Pre-activation blocks: the BatchNorm and ReLU before the first convolution.
+    pre_norm: Option<BatchNormRelu>,
     chain: Vec<ConvBn>,
     shortcut: Shortcut,
     /// Squeeze-and-excitation on the last unit's output (`se`), if the network has it.
@@ -476,22 +502,10 @@ impl ResidualBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let out_channels = planes * config.block.expansion();
-        let specs = match config.block {
+        let shapes = match config.block {
             BlockKind::Basic => vec![
-                ConvSpec {
-                    in_channels,
-                    out_channels: planes,
-                    kernel: 3,
-                    stride,
-                    groups: 1,
-                },
-                ConvSpec {
-                    in_channels: planes,
-                    out_channels,
-                    kernel: 3,
-                    stride: 1,
-                    groups: 1,
-                },
+                (in_channels, planes, 3, stride, 1),
+                (planes, out_channels, 3, 1, 1),
             ],
             BlockKind::Bottleneck => {
                 let width = config.bottleneck_width(planes);
@@ -501,43 +515,40 @@ impl ResidualBlock {
                     _ => 1,
                 };
                 vec![
-                    ConvSpec {
-                        in_channels,
-                        out_channels: width,
-                        kernel: 1,
-                        stride: reduce_stride,
-                        groups: 1,
-                    },
-                    ConvSpec {
-                        in_channels: width,
-                        out_channels: width,
-                        kernel: 3,
-                        stride: stride / reduce_stride,
-                        groups: config.groups,
-                    },
-                    ConvSpec {
-                        in_channels: width,
-                        out_channels,
-                        kernel: 1,
-                        stride: 1,
-                        groups: 1,
-                    },
+                    (in_channels, width, 1, reduce_stride, 1),
+                    (width, width, 3, stride / reduce_stride, config.groups),
+                    (width, out_channels, 1, 1, 1),
                 ]
             }
         };
-        let chain = specs
+        let units = shapes.len();
+        let chain = shapes
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| {
+            .map(|(i, (in_channels, out_channels, kernel, stride, groups))| {
                 let n = i + 1;
-                ConvBn::new(
-                    spec,
-                    config.bn_eps,
-                    vb.pp(format!("conv{n}")),
-                    vb.pp(format!("bn{n}")),
-                )
+                // Pre-activation: the BatchNorm after convolution n is norm{n+1}, and
+                // the last convolution has none.
+                let bn = match (config.preactivation, n == units) {
+                    (false, _) => Some(vb.pp(format!("bn{n}"))),
+                    (true, false) => Some(vb.pp(format!("norm{}", n + 1))),
+                    (true, true) => None,
+                };
+                let spec = ConvSpec {
+                    in_channels,
+                    out_channels,
+                    kernel,
+                    stride,
+                    groups,
+                    bias: config.conv_has_bias(bn.is_some()),
+                };
+                ConvBn::new(spec, config.bn_eps, vb.pp(format!("conv{n}")), bn)
             })
             .collect::<Result<Vec<_>>>()?;
+        let pre_norm = config
+            .preactivation
+            .then(|| BatchNormRelu::new(in_channels, config.bn_eps, vb.pp("norm1")))
+            .transpose()?;
         let squeeze_excite = if config.squeeze_excite {
             Some(SqueezeExcite::new(out_channels, vb.pp("se"))?)
         } else {
@@ -545,6 +556,7 @@ impl ResidualBlock {
         };
         let shortcut = Shortcut::new(config, in_channels, out_channels, stride, vb)?;
         Ok(Self {
+            pre_norm,
             chain,
             shortcut,
             squeeze_excite,
@@ -561,9 +573,15 @@ impl ResidualBlock {
         &self.shortcut
     }
 
+    /// The BatchNorm and ReLU before the first convolution, in a pre-activation block.
+    pub fn pre_norm(&self) -> Option<&BatchNormRelu> {
+        self.pre_norm.as_ref()
+    }
+
     /// Folds every unit into the form `target` asks for.
     pub(crate) fn fold(self, target: FoldTarget) -> Result<Self> {
         Ok(Self {
+            pre_norm: self.pre_norm.map(BatchNormRelu::fold).transpose()?,
             chain: self
                 .chain
                 .into_iter()
@@ -580,6 +598,10 @@ impl ResidualBlock {
                 .squeeze_excite
                 .as_ref()
                 .map_or(0, SqueezeExcite::parameter_count)
+            + self
+                .pre_norm
+                .as_ref()
+                .map_or(0, BatchNormRelu::parameter_count)
     }
 
     /// Its convolution units: the chain, then the projection if any.
@@ -593,26 +615,32 @@ impl ResidualBlock {
 
     /// Whether every unit of this block can run the channel-blocked kernels.
     pub(crate) fn can_block(&self) -> bool {
-        self.chain.iter().all(ConvBn::can_block)
-            && match &self.shortcut {
-                Shortcut::Projection(unit) | Shortcut::AvgDownProjection { unit, .. } => {
-                    unit.can_block()
-                }
-                Shortcut::Identity | Shortcut::ZeroPad { .. } => true,
-            }
+        self.units().all(ConvBn::can_block)
     }
 
     pub(crate) fn push_named_tensors(&self, prefix: &str, out: &mut NamedTensors) -> Result<()> {
+        if let Some(norm) = &self.pre_norm {
+            norm.push_named_tensors(&format!("{prefix}.norm1"), out);
+        }
+        let units = self.chain.len();
         for (i, unit) in self.chain.iter().enumerate() {
             let n = i + 1;
-            unit.push_named_tensors(
-                &format!("{prefix}.conv{n}"),
-                &format!("{prefix}.bn{n}"),
-                out,
-            )?;
+            let bn = if self.pre_norm.is_some() {
+                format!("{prefix}.norm{}", n + 1)
+            } else {
+                format!("{prefix}.bn{n}")
+            };
+            debug_assert!(unit.bn().is_some() || n == units);
+            unit.push_named_tensors(&format!("{prefix}.conv{n}"), &bn, out)?;
         }
         let downsample = format!("{prefix}.downsample");
         match &self.shortcut {
+            // Pre-activation projections: timm's `downsample.conv`, no BatchNorm.
+            Shortcut::Projection(unit) | Shortcut::AvgDownProjection { unit, .. }
+                if self.pre_norm.is_some() =>
+            {
+                unit.push_named_tensors(&format!("{downsample}.conv"), "", out)?
+            }
             Shortcut::Projection(unit) => unit.push_named_tensors(
                 &format!("{downsample}.0"),
                 &format!("{downsample}.1"),
@@ -633,21 +661,35 @@ impl ResidualBlock {
     }
 
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let shortcut = self.shortcut.forward_t(xs, train)?;
         let (last, inner) = match self.chain.split_last() {
             Some(split) => split,
             None => candle_core::bail!("residual block without convolutions"),
         };
-        let mut ys = xs.clone();
+        let Some(pre_norm) = &self.pre_norm else {
+            let shortcut = self.shortcut.forward_t(xs, train)?;
+            let mut ys = xs.clone();
+            for unit in inner {
+                ys = unit.forward_with(&ys, None, true, train)?;
+            }
+            return match &self.squeeze_excite {
+                None => last.forward_with(&ys, Some(&shortcut), true, train),
+                // The gate needs the whole map first: no residual or ReLU in the unit.
+                Some(se) => {
+                    se.forward_add_relu(&last.forward_with(&ys, None, false, train)?, &shortcut)
+                }
+            };
+        };
+        let preact = pre_norm.forward_t(xs, train)?;
+        let shortcut = match &self.shortcut {
+            Shortcut::Projection(_) | Shortcut::AvgDownProjection { .. } => {
+                self.shortcut.forward_t(&preact, train)?
+            }
+            Shortcut::Identity | Shortcut::ZeroPad { .. } => self.shortcut.forward_t(xs, train)?,
+        };
+        let mut ys = preact;
         for unit in inner {
             ys = unit.forward_with(&ys, None, true, train)?;
         }
-        match &self.squeeze_excite {
-            None => last.forward_with(&ys, Some(&shortcut), true, train),
-            // The gate needs the whole map first: no residual or ReLU in the unit.
-            Some(se) => {
-                se.forward_add_relu(&last.forward_with(&ys, None, false, train)?, &shortcut)
-            }
-        }
+        last.forward_with(&ys, Some(&shortcut), false, train)
     }
 }

@@ -102,6 +102,9 @@ pub enum ShortcutKind {
     /// `AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)` (none at stride 1),
     /// then a stride-1 1x1 projection + BatchNorm.
     AvgDownProjection,
+    /// Keras' ResNetV2: a 1x1 projection where the channels change; where only the
+    /// resolution does, the input subsampled (`MaxPooling2D(1, strides)`).
+    ProjectionOrSubsample,
 }
 
 /// Everything that tells one ResNet from another.
@@ -140,7 +143,31 @@ pub struct ResNetConfig {
     /// shortcut is added (timm's `attn_layer='se'`; absent from older configs).
     #[serde(default)]
     pub squeeze_excite: bool,
+    /// Pre-activation blocks (He et al., "Identity Mappings in Deep Residual Networks",
+    /// 2016; timm's `resnetv2_*`, Keras' ResNet50V2): BatchNorm and ReLU before each
+    /// convolution (`norm1`, `conv1`, `norm2`, ...), projections without BatchNorm taken
+    /// from the pre-activation, a stem without BatchNorm after its last convolution, a
+    /// final BatchNorm and ReLU (`norm`) before the pool.
+    #[serde(default)]
+    pub preactivation: bool,
+    /// Each stage but the last downsamples in its last block instead of the next stage
+    /// in its first (Keras' ResNetV2: `stride1=2` on `conv2`-`conv4`'s last block).
+    #[serde(default)]
+    pub stride_in_last_block: bool,
+    /// Convolutions carry biases, as Keras builds them: every one in a v1 network; in a
+    /// pre-activation one those not followed by BatchNorm (stem, projection, last of
+    /// each block; Keras' `use_bias=False` on the others).
+    #[serde(default)]
+    pub conv_bias: bool,
+    /// The stem's max pool pads with zeros (Keras' `ZeroPadding2D`) rather than -inf
+    /// (PyTorch): they differ where its input can be negative (pre-activation stems have
+    /// no ReLU before it).
+    #[serde(default)]
+    pub zero_padded_pool: bool,
 }
+
+/// Keras' BatchNorm epsilon in its ResNets.
+pub const KERAS_BN_EPS: f64 = 1.001e-5;
 
 /// Every preset, each defined here and nowhere else: its name (the one its home library
 /// uses) and its configuration. Makes [`PRESET_NAMES`] and [`ResNetConfig::preset`].
@@ -198,6 +225,22 @@ presets! {
         ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).with_groups(32, 4).with_squeeze_excite();
     "seresnext101_32x4d" =>
         ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).with_groups(32, 4).with_squeeze_excite();
+    // timm's pre-activation ResNets (He et al., "Identity Mappings", 2016): `resnetv2_*`,
+    // the "d" ones with ResNet-D's deep stem and average-pool shortcuts.
+    "resnetv2_50" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).preactivated();
+    "resnetv2_50d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).resnet_d().preactivated();
+    "resnetv2_101" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).preactivated();
+    "resnetv2_101d" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).resnet_d().preactivated();
+    "resnetv2_152" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).preactivated();
+    "resnetv2_152d" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).resnet_d().preactivated();
+    // keras.applications: ResNet50/101/152 (the paper's v1: stride on the first 1x1,
+    // biased convolutions) and ResNet50V2/101V2/152V2 (pre-activation, Keras' layout).
+    "keras_resnet50" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).keras_v1();
+    "keras_resnet101" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).keras_v1();
+    "keras_resnet152" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).keras_v1();
+    "resnet50v2" => ResNetConfig::imagenet(Bottleneck, [3, 4, 6, 3]).keras_v2();
+    "resnet101v2" => ResNetConfig::imagenet(Bottleneck, [3, 4, 23, 3]).keras_v2();
+    "resnet152v2" => ResNetConfig::imagenet(Bottleneck, [3, 8, 36, 3]).keras_v2();
 }
 
 impl ResNetConfig {
@@ -218,6 +261,10 @@ impl ResNetConfig {
             bn_eps: 1e-5,
             bottleneck_stride: BottleneckStride::Conv3x3,
             squeeze_excite: false,
+            preactivation: false,
+            stride_in_last_block: false,
+            conv_bias: false,
+            zero_padded_pool: false,
         }
     }
 
@@ -238,6 +285,10 @@ impl ResNetConfig {
             bn_eps: 1e-5,
             bottleneck_stride: BottleneckStride::Conv3x3,
             squeeze_excite: false,
+            preactivation: false,
+            stride_in_last_block: false,
+            conv_bias: false,
+            zero_padded_pool: false,
         }
     }
 
@@ -256,6 +307,36 @@ impl ResNetConfig {
     pub fn resnet_d(mut self) -> Self {
         self.stem = StemKind::Deep;
         self.shortcut = ShortcutKind::AvgDownProjection;
+        self
+    }
+
+    /// The pre-activation form of this network (timm's `resnetv2_*`).
+    pub fn preactivated(mut self) -> Self {
+        self.preactivation = true;
+        self
+    }
+
+    /// Keras' ResNet50/101/152 layout: stride on the first 1x1, biased convolutions,
+    /// BatchNorm epsilon 1.001e-5, zero-padded stem pool (after a ReLU: as -inf).
+    pub fn keras_v1(mut self) -> Self {
+        self.bottleneck_stride = BottleneckStride::Reduce1x1;
+        self.conv_bias = true;
+        self.bn_eps = KERAS_BN_EPS;
+        self.zero_padded_pool = true;
+        self
+    }
+
+    /// Keras' ResNet50V2/101V2/152V2 layout: pre-activation, each stage but the last
+    /// downsampling in its last block through a subsampled identity, projections where
+    /// the channels change, biases where no BatchNorm follows, BatchNorm epsilon
+    /// 1.001e-5, zero-padded stem pool.
+    pub fn keras_v2(mut self) -> Self {
+        self.preactivation = true;
+        self.stride_in_last_block = true;
+        self.shortcut = ShortcutKind::ProjectionOrSubsample;
+        self.conv_bias = true;
+        self.bn_eps = KERAS_BN_EPS;
+        self.zero_padded_pool = true;
         self
     }
 
@@ -335,16 +416,23 @@ impl ResNetConfig {
     /// A short description: the preset name, with what differs from it (classes, input
     /// channels), or the block kind and stage layout.
     pub fn describe(&self) -> String {
-        let base = Self {
+        // The preset it is, classes and input channels aside; else the one it is with
+        // the stride moved (torchvision's resnet50 with the paper's v1 stride).
+        let normalized = |config: &Self, stride| Self {
             num_classes: 0,
             in_channels: 3,
-            bottleneck_stride: BottleneckStride::default(),
-            ..self.clone()
+            bottleneck_stride: stride,
+            ..config.clone()
         };
-        let preset = PRESET_NAMES
-            .iter()
-            .copied()
-            .find(|name| Self::preset(name).map(|p| p.with_num_classes(0)).as_ref() == Some(&base));
+        let find = |stride: Option<BottleneckStride>| {
+            PRESET_NAMES.iter().copied().find(|name| {
+                Self::preset(name).is_some_and(|p| {
+                    let stride = stride.unwrap_or(p.bottleneck_stride);
+                    normalized(&p, stride) == normalized(self, stride)
+                })
+            })
+        };
+        let preset = find(None).or_else(|| find(Some(BottleneckStride::default())));
         let mut text = match preset {
             Some(name) => name.to_string(),
             None => format!(
@@ -368,8 +456,10 @@ impl ResNetConfig {
         if self.in_channels != 3 {
             text += &format!(", {} input channels", self.in_channels);
         }
+        let preset_stride = preset.and_then(Self::preset).map(|p| p.bottleneck_stride);
         if self.block == BlockKind::Bottleneck
             && self.bottleneck_stride == BottleneckStride::Reduce1x1
+            && preset_stride != Some(BottleneckStride::Reduce1x1)
         {
             text += ", v1 (stride on the first 1x1)";
         }
@@ -413,17 +503,43 @@ impl ResNetConfig {
         self
     }
 
+    /// Whether a convolution has a bias: one `followed_by_bn` in a Keras v1 network, or
+    /// one not followed by BatchNorm in a Keras pre-activation network.
+    pub fn conv_has_bias(&self, followed_by_bn: bool) -> bool {
+        self.conv_bias && !(self.preactivation && followed_by_bn)
+    }
+
     /// Output channels of stage `stage`.
     pub fn stage_out_channels(&self, stage: usize) -> usize {
         self.stage_widths[stage] * self.block.expansion()
     }
 
-    /// Stride of stage `stage`'s first block: the first stage keeps the stem's resolution.
+    /// How much stage `stage` reduces the resolution: every stage but the first halves it
+    /// in its first block, or (Keras V2) every stage but the last in its last block.
     pub fn stage_stride(&self, stage: usize) -> usize {
-        if stage == 0 {
-            1
+        let halves = if self.stride_in_last_block {
+            stage + 1 < self.blocks_per_stage.len()
         } else {
+            stage > 0
+        };
+        if halves {
             2
+        } else {
+            1
+        }
+    }
+
+    /// Stride of block `block` of stage `stage`.
+    pub fn block_stride(&self, stage: usize, block: usize) -> usize {
+        let strided_block = if self.stride_in_last_block {
+            self.blocks_per_stage[stage].saturating_sub(1)
+        } else {
+            0
+        };
+        if block == strided_block {
+            self.stage_stride(stage)
+        } else {
+            1
         }
     }
 
@@ -538,6 +654,9 @@ impl ResNetConfig {
                 }
             }
         }
+        if self.preactivation && self.squeeze_excite {
+            bail!("invalid ResNet config: squeeze-and-excitation in pre-activation blocks is not supported");
+        }
         if self.shortcut == ShortcutKind::ZeroPad {
             // Option A can only add channels: zero-padding cannot remove any.
             let mut in_channels = self.stem_width;
@@ -587,6 +706,9 @@ impl fmt::Display for ShortcutKind {
             ShortcutKind::Projection => "B (projection where the shape changes)",
             ShortcutKind::ProjectionAll => "C (projection on every block)",
             ShortcutKind::AvgDownProjection => "B after 2x2 average pooling (ResNet-D)",
+            ShortcutKind::ProjectionOrSubsample => {
+                "projection where the channels change, else subsampled identity (Keras V2)"
+            }
         })
     }
 }

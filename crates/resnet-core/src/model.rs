@@ -3,17 +3,23 @@
 use candle_core::{bail, DType, Device, Module, ModuleT, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
+use crate::batch_norm::BatchNormRelu;
 use crate::block::{ConvBn, ConvSpec, FoldTarget, NamedTensors, ResidualBlock, UnitKernel};
 use crate::config::{ResNetConfig, StemKind};
 use crate::cpu::{CpuIsa, Isa};
 
 /// The layers before the first stage: one convolution (`conv1`, `bn1`) or ResNet-D's
 /// three (`conv1.0`/`conv1.1`, `conv1.3`/`conv1.4`, `conv1.6`/`bn1`, as timm names them),
-/// each with BatchNorm and ReLU, then the max-pool of ImageNet and deep stems.
+/// each with BatchNorm and ReLU, then the max-pool of ImageNet and deep stems. In a
+/// pre-activation network the last convolution has no BatchNorm or ReLU (the first
+/// block normalises), and Keras pads the pool with zeros.
 #[derive(Debug, Clone)]
 pub struct Stem {
     kind: StemKind,
     units: Vec<ConvBn>,
+    /// The last unit has BatchNorm and ReLU (all but pre-activation stems).
+    activated: bool,
+    zero_padded_pool: bool,
 }
 
 impl Stem {
@@ -28,14 +34,23 @@ impl Stem {
                 kernel,
                 stride,
                 groups: 1,
+                bias: false,
             };
             let (conv, bn) = Self::names(convolutions.len(), i);
-            units.push(ConvBn::new(spec, config.bn_eps, vb.pp(conv), vb.pp(bn))?);
+            let last = i + 1 == convolutions.len();
+            let bn = (!(config.preactivation && last)).then(|| vb.pp(bn));
+            let spec = ConvSpec {
+                bias: config.conv_has_bias(bn.is_some()),
+                ..spec
+            };
+            units.push(ConvBn::new(spec, config.bn_eps, vb.pp(conv), bn)?);
             in_channels = out_channels;
         }
         Ok(Self {
             kind: config.stem,
             units,
+            activated: !config.preactivation,
+            zero_padded_pool: config.zero_padded_pool,
         })
     }
 
@@ -57,18 +72,20 @@ impl Stem {
     /// Conv, BN, ReLU for each unit: the stem's feature map before any pooling.
     fn forward_activation(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut xs = xs.clone();
-        for unit in &self.units {
-            xs = unit.forward_with(&xs, None, true, train)?;
+        for (i, unit) in self.units.iter().enumerate() {
+            let relu = self.activated || i + 1 < self.units.len();
+            xs = unit.forward_with(&xs, None, relu, train)?;
         }
         Ok(xs)
     }
 
     fn pool(&self, xs: &Tensor) -> Result<Tensor> {
-        match (self.kind.max_pools(), xs.rank()) {
-            (false, _) => Ok(xs.clone()),
-            (true, 5) => crate::cpu::blocked::max_pool(xs, 3, 2, 1),
+        match (self.kind.max_pools(), xs.rank(), self.zero_padded_pool) {
+            (false, _, _) => Ok(xs.clone()),
+            (true, 5, zero_padded) => crate::cpu::blocked::max_pool(xs, 3, 2, 1, zero_padded),
             // Differentiable (candle's max pool has no backward): the network trains.
-            (true, _) => crate::ops::max_pool_3x3_stride2(xs),
+            (true, _, false) => crate::ops::max_pool_3x3_stride2(xs),
+            (true, _, true) => crate::ops::max_pool_3x3_stride2_zero_padded(xs),
         }
     }
 
@@ -81,10 +98,7 @@ impl Stem {
             .enumerate()
             .map(|(i, unit)| unit.fold(if i == 0 { first } else { rest }))
             .collect::<Result<_>>()?;
-        Ok(Self {
-            kind: self.kind,
-            units,
-        })
+        Ok(Self { units, ..self })
     }
 
     fn push_named_tensors(&self, out: &mut NamedTensors) -> Result<()> {
@@ -149,6 +163,8 @@ pub struct ResNet {
     config: ResNetConfig,
     stem: Stem,
     stages: Vec<Stage>,
+    /// Pre-activation networks: BatchNorm and ReLU after the last stage (`norm`).
+    final_norm: Option<BatchNormRelu>,
     head: Option<Linear>,
     dtype: DType,
     device: Device,
@@ -223,14 +239,13 @@ impl ResNet {
             .enumerate()
         {
             let stage_vb = vb.pp(format!("layer{}", index + 1));
-            let stride = config.stage_stride(index);
             let blocks = (0..blocks)
                 .map(|b| {
                     let block = ResidualBlock::new(
                         config,
                         in_channels,
                         planes,
-                        if b == 0 { stride } else { 1 },
+                        config.block_stride(index, b),
                         stage_vb.pp(b.to_string()),
                     );
                     in_channels = config.stage_out_channels(index);
@@ -239,6 +254,10 @@ impl ResNet {
                 .collect::<Result<Vec<_>>>()?;
             stages.push(Stage { blocks });
         }
+        let final_norm = config
+            .preactivation
+            .then(|| BatchNormRelu::new(config.num_features(), config.bn_eps, vb.pp("norm")))
+            .transpose()?;
         let head = match config.num_classes {
             0 => None,
             classes => Some(candle_nn::linear(
@@ -251,6 +270,7 @@ impl ResNet {
             config: config.clone(),
             stem,
             stages,
+            final_norm,
             head,
             dtype: vb.dtype(),
             device: vb.device().clone(),
@@ -379,8 +399,11 @@ impl ResNet {
             let stem = self.stem.forward_activation(xs, false)?;
             let mut current = self.stem.pool(&stem)?;
             let mut tensors = vec![self.plain_layout(&stem)?];
-            for stage in &self.stages {
+            for (index, stage) in self.stages.iter().enumerate() {
                 current = stage.forward_t(&current, false)?;
+                if index + 1 == self.stages.len() {
+                    current = self.final_norm_t(&current, false)?;
+                }
                 tensors.push(self.plain_layout(&current)?);
             }
             Ok(tensors)
@@ -405,7 +428,7 @@ impl ResNet {
             for stage in &self.stages {
                 xs = stage.forward_t(&xs, train)?;
             }
-            self.plain_layout(&xs)
+            self.plain_layout(&self.final_norm_t(&xs, train)?)
         };
         on_cpu_pool(xs, || {
             let batch = xs.dim(0)?;
@@ -454,6 +477,14 @@ impl ResNet {
             .unwrap_or(0)
             * xs.dtype().size_in_bytes();
         Ok((BUDGET / largest.max(1)).clamp(1, batch.max(1)))
+    }
+
+    /// The final BatchNorm and ReLU of a pre-activation network; others have none.
+    fn final_norm_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        match &self.final_norm {
+            Some(norm) => norm.forward_t(xs, train),
+            None => Ok(xs.clone()),
+        }
     }
 
     /// A feature map as `(N, C, H, W)` (the blocked network's stem and stages give
@@ -556,6 +587,7 @@ impl ResNet {
             config,
             stem,
             stages,
+            final_norm,
             head,
             dtype,
             device,
@@ -576,6 +608,7 @@ impl ResNet {
                     })
                 })
                 .collect::<Result<_>>()?,
+            final_norm: final_norm.map(BatchNormRelu::fold).transpose()?,
             config,
             head,
             dtype,
@@ -626,6 +659,9 @@ impl ResNet {
                 block.push_named_tensors(&format!("layer{}.{b}", s + 1), &mut out)?;
             }
         }
+        if let Some(norm) = &self.final_norm {
+            norm.push_named_tensors("norm", &mut out);
+        }
         if let Some(fc) = &self.head {
             out.push(("fc.weight".to_string(), fc.weight().clone()));
             if let Some(bias) = fc.bias() {
@@ -652,6 +688,10 @@ impl ResNet {
                 .flat_map(|stage| &stage.blocks)
                 .map(ResidualBlock::parameter_count)
                 .sum::<usize>()
+            + self
+                .final_norm
+                .as_ref()
+                .map_or(0, BatchNormRelu::parameter_count)
             + head
     }
 }

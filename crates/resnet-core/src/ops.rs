@@ -24,22 +24,44 @@ pub fn subsample(xs: &Tensor, stride: usize) -> Result<Tensor> {
         .reshape((n, c, rows, cols))
 }
 
-/// The ImageNet stem's 3x3 max pool with stride 2 and padding 1, as the maximum of its
-/// nine strided views. The input comes out of a ReLU, so zero padding equals PyTorch's
-/// -inf padding. Where two inputs tie for a window's maximum the gradient is split
-/// between them (PyTorch gives it to the first); after a ReLU such ties are zeros, whose
-/// gradient the ReLU drops anyway. f32 on the CPU runs one kernel instead, PyTorch's
-/// pooling exactly (the gradient to the first maximum).
+/// The ImageNet stem's 3x3 max pool with stride 2 and padding 1, PyTorch's (padding
+/// never wins). f32 on the CPU runs one kernel, PyTorch's pooling exactly (the gradient
+/// to a window's first maximum); elsewhere the maximum of its nine strided views, where
+/// two inputs tying for a window's maximum split the gradient.
 pub fn max_pool_3x3_stride2(xs: &Tensor) -> Result<Tensor> {
     if MaxPool3x3Stride2::supports(xs) {
         return MaxPool3x3Stride2::forward(xs);
     }
+    max_of_views(xs, false)
+}
+
+/// Keras' stem pool: `ZeroPadding2D(1)` then a 3x3 max pool of stride 2, so a window
+/// at the edge never goes below zero. Equal to [`max_pool_3x3_stride2`] after a ReLU.
+pub fn max_pool_3x3_stride2_zero_padded(xs: &Tensor) -> Result<Tensor> {
+    max_of_views(xs, true)
+}
+
+/// The 3x3/2 max pool as the maximum of nine strided views of the input padded by one
+/// (zeros, or a value that never wins), differentiable on every device.
+fn max_of_views(xs: &Tensor, zero_padded: bool) -> Result<Tensor> {
     let (_, _, h, w) = xs.dims4()?;
     let (out_h, out_w) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1);
     // One row and column of padding before; after, enough for every view to be whole.
-    let padded =
-        xs.pad_with_zeros(2, 1, 2 * out_h + 1 - h)?
-            .pad_with_zeros(3, 1, 2 * out_w + 1 - w)?;
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        t.pad_with_zeros(2, 1, 2 * out_h + 1 - h)?
+            .pad_with_zeros(3, 1, 2 * out_w + 1 - w)
+    };
+    let mut padded = pad(xs)?;
+    if !zero_padded {
+        // 0 inside, the most negative f32 in the padding (-inf once in f16).
+        let inside = pad(&Tensor::ones(
+            xs.shape(),
+            candle_core::DType::F32,
+            xs.device(),
+        )?)?;
+        let lowest = inside.affine(f32::MAX.into(), f32::MIN.into())?;
+        padded = (padded + lowest.to_dtype(xs.dtype())?)?;
+    }
     let mut pooled: Option<Tensor> = None;
     for dy in 0..3 {
         for dx in 0..3 {

@@ -63,6 +63,10 @@ fn infer_stem(shapes: &Shapes) -> Result<(StemKind, usize, usize), String> {
 /// groups, stem, shortcut option, classes and input channels.
 pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
     let (stem_kind, stem_width, in_channels) = infer_stem(shapes)?;
+    // Pre-activation blocks normalise their input (`norm1`); their projections are
+    // `downsample.conv`, without BatchNorm.
+    let preactivation = shapes.contains_key("layer1.0.norm1.weight");
+    let projection_name = if preactivation { "conv" } else { "0" };
     let block = if shapes.contains_key("layer1.0.conv3.weight") {
         BlockKind::Bottleneck
     } else {
@@ -81,7 +85,11 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
             .take_while(|b| shapes.contains_key(&format!("layer{stage}.{b}.conv1.weight")))
             .count();
         projections += (0..blocks)
-            .filter(|b| shapes.contains_key(&format!("layer{stage}.{b}.downsample.0.weight")))
+            .filter(|b| {
+                shapes.contains_key(&format!(
+                    "layer{stage}.{b}.downsample.{projection_name}.weight"
+                ))
+            })
             .count();
         // ResNet-D: `downsample.0` is the pool, the projection `downsample.1` (4-D).
         avg_down_projections += (0..blocks)
@@ -128,15 +136,21 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         }
     };
     let total_blocks: usize = blocks_per_stage.iter().sum();
-    let shortcut = if avg_down_projections > 0 {
+    // timm's pre-activation "d" networks pair the deep stem with average-pool shortcuts
+    // (the pool has no tensors to tell).
+    let preact_avg_down =
+        preactivation && matches!(stem_kind, StemKind::Deep | StemKind::DeepTiered);
+    let shortcut = if avg_down_projections > 0 || (preact_avg_down && projections > 0) {
         ShortcutKind::AvgDownProjection
     } else if projections == 0 {
         ShortcutKind::ZeroPad
     } else {
         ShortcutKind::Projection // refined below, once the config can be built
     };
-    let num_classes = match shapes.get("fc.weight") {
-        Some(dims) if dims.len() == 2 => dims[0],
+    let num_classes = match shapes.get("fc.weight").map(Vec::as_slice) {
+        Some(&[classes, _]) => classes,
+        // timm's resnetv2 classifier, a 1x1 convolution.
+        Some(&[classes, _, 1, 1]) => classes,
         Some(dims) => return Err(format!("fc.weight has shape {dims:?}, expected 2-D")),
         None => 0,
     };
@@ -154,6 +168,12 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         bn_eps: 1e-5,
         bottleneck_stride: resnet_core::BottleneckStride::Conv3x3,
         squeeze_excite: shapes.contains_key("layer1.0.se.fc1.weight"),
+        preactivation,
+        stride_in_last_block: false,
+        // Keras' biases: on every convolution of v1, on the last of a pre-activation block.
+        conv_bias: shapes.contains_key("layer1.0.conv3.bias")
+            || shapes.contains_key("layer1.0.conv2.bias"),
+        zero_padded_pool: false,
     };
     config.validate().map_err(|e| e.to_string())?;
     if shortcut == ShortcutKind::Projection && projections == total_blocks {
@@ -161,7 +181,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         let b_projections = resnet_core::ResNet::expected_tensors(&config)
             .map_err(|e| e.to_string())?
             .iter()
-            .filter(|(name, _)| name.ends_with("downsample.0.weight"))
+            .filter(|(name, _)| name.ends_with(&format!("downsample.{projection_name}.weight")))
             .count();
         if b_projections < projections {
             config.shortcut = ShortcutKind::ProjectionAll;

@@ -174,7 +174,9 @@ pub fn inspect(files: &WeightFiles, config: Option<&ResNetConfig>) -> Result<Ins
             tensor: file_name.clone(),
             reason: "vanished from the index".into(),
         })?;
-        if info.shape != expected_shape {
+        // Either our shape or the one the scheme stores it in (timm's 1x1-convolution
+        // classifier), reshaped on loading.
+        if info.shape != expected_shape && info.shape != scheme.file_shape(&name, &expected_shape) {
             report.mismatched.push(ShapeMismatch {
                 name,
                 file_name: file_name.clone(),
@@ -234,9 +236,15 @@ pub fn load_resnet(
         });
     }
     let mut tensors = HashMap::with_capacity(inspection.report.loaded.len());
+    let shapes: HashMap<String, Vec<usize>> = ResNet::expected_tensors(&inspection.config)?
+        .into_iter()
+        .collect();
     for name in &inspection.report.loaded {
         let file_name = &inspection.names[name];
-        let tensor = files.load(file_name, device, dtype)?;
+        let mut tensor = files.load(file_name, device, dtype)?;
+        if let Some(shape) = shapes.get(name).filter(|s| s.as_slice() != tensor.dims()) {
+            tensor = tensor.reshape(shape.as_slice())?;
+        }
         if name.ends_with("running_var") {
             let min = tensor.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()?;
             if min < 0.0 {

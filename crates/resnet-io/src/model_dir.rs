@@ -507,6 +507,10 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         bn_eps: 1e-5,
         bottleneck_stride,
         squeeze_excite: false,
+        preactivation: false,
+        stride_in_last_block: false,
+        conv_bias: false,
+        zero_padded_pool: false,
     };
     resnet.validate().map_err(|e| e.to_string())?;
     Ok(ModelSource {

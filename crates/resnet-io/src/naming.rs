@@ -16,7 +16,22 @@ pub enum NamingScheme {
     /// The CIFAR ResNets of the reference CIFAR code: torchvision's names with the head
     /// called `linear`.
     Cifar,
+    /// timm's pre-activation `resnetv2_*`: `stem.conv.weight` (or the deep stem's
+    /// `stem.conv1`, `stem.norm1`, ...), `stages.S.blocks.B.norm1.weight`, `norm.weight`,
+    /// and the classifier as a 1x1 convolution, `head.fc.weight` of shape
+    /// `(classes, features, 1, 1)`.
+    TimmV2,
 }
+
+/// timm's deep-stem names in `resnetv2_*` against timm's `resnet*d` (our names).
+const TIMM_V2_STEM: [(&str, &str); 6] = [
+    ("stem.conv.", "conv1."),
+    ("stem.conv1.", "conv1.0."),
+    ("stem.norm1.", "conv1.1."),
+    ("stem.conv2.", "conv1.3."),
+    ("stem.norm2.", "conv1.4."),
+    ("stem.conv3.", "conv1.6."),
+];
 
 /// Tensors every scheme may carry that no model reads.
 pub fn is_ignored(name: &str) -> bool {
@@ -33,6 +48,14 @@ impl NamingScheme {
             .any(|n| n.starts_with("resnet.embedder.") || n.starts_with("embedder.embedder."))
         {
             Ok(Self::Transformers)
+        } else if names
+            .iter()
+            .any(|n| strip_wrapper(n).starts_with("stages.0.blocks.0."))
+            && names
+                .iter()
+                .any(|n| strip_wrapper(n).starts_with("stem.conv"))
+        {
+            Ok(Self::TimmV2)
         } else if has("conv1.weight") && has("linear.weight") {
             Ok(Self::Cifar)
         } else if has("conv1.weight") || has("conv1.0.weight") {
@@ -42,6 +65,7 @@ impl NamingScheme {
             let sample: Vec<&str> = names.iter().take(5).copied().collect();
             Err(format!(
                 "expected torchvision/timm names (conv1.weight, layer1.0.conv1.weight, fc.weight), \
+                 timm resnetv2 names (stem.conv.weight, stages.0.blocks.0.norm1.weight, ...), \
                  HF transformers names (resnet.embedder.embedder.convolution.weight, ...) or CIFAR \
                  names (conv1.weight, linear.weight); found {} tensors, e.g. {sample:?}",
                 names.len()
@@ -60,6 +84,7 @@ impl NamingScheme {
                 None => name.to_string(),
             }),
             Self::Transformers => transformers_to_torchvision(name),
+            Self::TimmV2 => timm_v2_to_torchvision(name),
         }
     }
 
@@ -72,8 +97,61 @@ impl NamingScheme {
                 None => name.to_string(),
             }),
             Self::Transformers => torchvision_to_transformers(name),
+            Self::TimmV2 => torchvision_to_timm_v2(name),
         }
     }
+
+    /// The shape this scheme stores a tensor of our shape `dims` under our name `name`
+    /// in: timm's resnetv2 classifier is a 1x1 convolution.
+    pub fn file_shape(self, name: &str, dims: &[usize]) -> Vec<usize> {
+        match (self, dims) {
+            (Self::TimmV2, &[classes, features]) if name == "fc.weight" => {
+                vec![classes, features, 1, 1]
+            }
+            _ => dims.to_vec(),
+        }
+    }
+}
+
+fn timm_v2_to_torchvision(name: &str) -> Option<String> {
+    for (timm, ours) in TIMM_V2_STEM {
+        if let Some(param) = name.strip_prefix(timm) {
+            return Some(format!("{ours}{param}"));
+        }
+    }
+    if let Some(param) = name.strip_prefix("head.fc.") {
+        return Some(format!("fc.{param}"));
+    }
+    if name.starts_with("norm.") {
+        return Some(name.to_string());
+    }
+    let rest = name.strip_prefix("stages.")?;
+    let (stage, rest) = rest.split_once('.')?;
+    let stage: usize = stage.parse().ok()?;
+    let rest = rest.strip_prefix("blocks.")?;
+    Some(format!("layer{}.{rest}", stage.checked_add(1)?))
+}
+
+fn torchvision_to_timm_v2(name: &str) -> Option<String> {
+    for (timm, ours) in TIMM_V2_STEM {
+        if let Some(param) = name.strip_prefix(ours) {
+            // `conv1.0.weight` is the deep stem's, not `conv1.` + `0.weight`.
+            if ours == "conv1." && param.contains('.') {
+                continue;
+            }
+            return Some(format!("{timm}{param}"));
+        }
+    }
+    if let Some(param) = name.strip_prefix("fc.") {
+        return Some(format!("head.fc.{param}"));
+    }
+    if name.starts_with("norm.") {
+        return Some(name.to_string());
+    }
+    let rest = name.strip_prefix("layer")?;
+    let (stage, rest) = rest.split_once('.')?;
+    let stage: usize = stage.parse().ok()?;
+    Some(format!("stages.{}.blocks.{rest}", stage.checked_sub(1)?))
 }
 
 /// Drops the `module.` prefix that `nn.DataParallel` checkpoints carry.
@@ -174,6 +252,7 @@ impl fmt::Display for NamingScheme {
             Self::Torchvision => "torchvision",
             Self::Transformers => "transformers",
             Self::Cifar => "cifar",
+            Self::TimmV2 => "timm-v2",
         })
     }
 }
@@ -185,8 +264,9 @@ impl FromStr for NamingScheme {
             "torchvision" | "timm" => Ok(Self::Torchvision),
             "transformers" | "hf" | "huggingface" => Ok(Self::Transformers),
             "cifar" => Ok(Self::Cifar),
+            "timm-v2" | "timm_v2" | "resnetv2" => Ok(Self::TimmV2),
             _ => Err(format!(
-                "unknown naming scheme '{s}', expected torchvision, timm, transformers or cifar"
+                "unknown naming scheme '{s}', expected torchvision, timm, timm-v2, transformers or cifar"
             )),
         }
     }
@@ -236,6 +316,40 @@ mod tests {
         assert_eq!(
             NamingScheme::Transformers.to_torchvision("pooler.weight"),
             None
+        );
+    }
+
+    #[test]
+    fn timm_v2_names_round_trip() {
+        for (timm, ours) in [
+            ("stem.conv.weight", "conv1.weight"),
+            ("stem.conv1.weight", "conv1.0.weight"),
+            ("stem.norm2.running_var", "conv1.4.running_var"),
+            ("stem.conv3.weight", "conv1.6.weight"),
+            ("stages.0.blocks.0.norm1.weight", "layer1.0.norm1.weight"),
+            (
+                "stages.3.blocks.2.downsample.conv.weight",
+                "layer4.2.downsample.conv.weight",
+            ),
+            ("norm.running_mean", "norm.running_mean"),
+            ("head.fc.bias", "fc.bias"),
+        ] {
+            let scheme = NamingScheme::TimmV2;
+            assert_eq!(scheme.to_torchvision(timm).as_deref(), Some(ours), "{timm}");
+            assert_eq!(
+                scheme.from_torchvision(ours).as_deref(),
+                Some(timm),
+                "{ours}"
+            );
+        }
+        assert_eq!(NamingScheme::TimmV2.to_torchvision("stem.pool.x"), None);
+        assert_eq!(
+            NamingScheme::TimmV2.file_shape("fc.weight", &[10, 2048]),
+            [10, 2048, 1, 1]
+        );
+        assert_eq!(
+            NamingScheme::detect(["stem.conv.weight", "stages.0.blocks.0.conv1.weight"]),
+            Ok(NamingScheme::TimmV2)
         );
     }
 

@@ -45,6 +45,7 @@ pub fn save(
             .to_dtype(dtype)?
             .to_device(&Device::Cpu)?
             .contiguous()?;
+        let tensor = tensor.reshape(scheme.file_shape(&name, tensor.dims()))?;
         tensors.insert(file_name, tensor);
     }
     let config = serde_json::to_string(model.config()).map_err(|e| Error::Config {

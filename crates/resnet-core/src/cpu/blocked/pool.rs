@@ -6,17 +6,20 @@ use rayon::prelude::*;
 use super::LANES;
 use crate::cpu::gemm_conv::f32_input;
 
-/// Max pooling (PyTorch's: padding never wins) on blocked `(N, C/16, H, W, 16)` f32.
+/// Max pooling on blocked `(N, C/16, H, W, 16)` f32: PyTorch's (padding never wins),
+/// or with `zero_padded` Keras' (`ZeroPadding2D` first: padding is a zero).
 pub(crate) fn max_pool(
     xs: &Tensor,
     kernel: usize,
     stride: usize,
     padding: usize,
+    zero_padded: bool,
 ) -> Result<Tensor> {
     xs.contiguous()?.apply_op1_no_bwd(&MaxPool {
         kernel,
         stride,
         padding,
+        zero_padded,
     })
 }
 
@@ -24,6 +27,7 @@ struct MaxPool {
     kernel: usize,
     stride: usize,
     padding: usize,
+    zero_padded: bool,
 }
 
 impl CustomOp1 for MaxPool {
@@ -45,12 +49,22 @@ impl CustomOp1 for MaxPool {
         // The window's rows or columns inside the image.
         let window =
             move |o: usize, size: usize| (o * s).saturating_sub(p)..(o * s + k - p).min(size);
+        let zero_padded = self.zero_padded;
+        // A window cut by the edge holds fewer than k² pixels: with zero padding, one of
+        // the others is a zero.
+        let finish = move |max: f32, count: usize| {
+            if zero_padded && count < k * k {
+                max.max(0.0)
+            } else {
+                max
+            }
+        };
         Ok(pool_planes(
             input,
             (batch, blocks, height, width),
             (out(height), out(width)),
             window,
-            (f32::NEG_INFINITY, f32::max, |max, _| max),
+            (f32::NEG_INFINITY, f32::max, finish),
         ))
     }
 }
@@ -183,10 +197,29 @@ mod tests {
             let expected = inside
                 .where_cond(&padded, &minus_infinity)?
                 .max_pool2d_with_stride(3, 2)?;
-            let got = from_blocked(&max_pool(&to_blocked(&x)?, 3, 2, 1)?)?;
+            let got = from_blocked(&max_pool(&to_blocked(&x)?, 3, 2, 1, false)?)?;
             assert_eq!(got.dims(), expected.dims());
             let difference = (got - expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
             assert_eq!(difference.to_scalar::<f32>()?, 0.0, "{height}x{width}");
+            // Keras: zero padding, then no padding.
+            let expected = x
+                .pad_with_zeros(2, 1, 1)?
+                .pad_with_zeros(3, 1, 1)?
+                .max_pool2d_with_stride(3, 2)?;
+            let got = from_blocked(&max_pool(&to_blocked(&x)?, 3, 2, 1, true)?)?;
+            let difference = (&got - &expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(
+                difference.to_scalar::<f32>()?,
+                0.0,
+                "zero-padded {height}x{width}"
+            );
+            let views = crate::ops::max_pool_3x3_stride2_zero_padded(&x)?;
+            let difference = (&views - &expected)?.abs()?.flatten_all()?.max(D::Minus1)?;
+            assert_eq!(
+                difference.to_scalar::<f32>()?,
+                0.0,
+                "views {height}x{width}"
+            );
         }
         Ok(())
     }
