@@ -270,6 +270,47 @@ fn resnet_d_se_and_v2_parameter_counts_are_timms() -> Result<()> {
     Ok(())
 }
 
+/// keras.applications' ResNet50 (v1: stride on the first 1x1, biased convolutions,
+/// epsilon 1.001e-5), ResNet50V2 and ResNet101V2 (pre-activation in Keras' layout: stride
+/// in each stage's last block, subsampled identities, a stem pool padded with zeros after
+/// a convolution with no ReLU) with seeded weights, unfolded and folded on every CPU path,
+/// against Keras on the torch backend (`generate_keras.py`).
+#[test]
+fn keras_resnet50_resnet50v2_resnet101v2() -> Result<()> {
+    for (preset, fixture) in [
+        ("keras_resnet50", "keras_resnet50"),
+        ("resnet50v2", "keras_resnet50v2"),
+        ("resnet101v2", "keras_resnet101v2"),
+    ] {
+        let config = ResNetConfig::preset(preset).context("preset")?;
+        check_torchvision(fixture, &config)?;
+    }
+    Ok(())
+}
+
+/// Every Keras preset has Keras' parameter count (`generate_keras.py` prints them):
+/// `count_params()`, which counts BatchNorm's moving statistics (non-trainable weights)
+/// too, so the learned parameters plus the running statistics.
+#[test]
+fn keras_parameter_counts_are_keras() -> Result<()> {
+    for (name, count) in [
+        ("keras_resnet50", 25_636_712),
+        ("keras_resnet101", 44_707_176),
+        ("keras_resnet152", 60_419_944),
+        ("resnet50v2", 25_613_800),
+        ("resnet101v2", 44_675_560),
+        ("resnet152v2", 60_380_648),
+    ] {
+        let config = ResNetConfig::preset(name).context("preset")?;
+        let weights = ResNet::expected_tensors(&config)?
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum::<usize>();
+        assert_eq!(weights, count, "{name}");
+    }
+    Ok(())
+}
+
 /// The paper's v1 (stride on the first 1x1 of each downsampling bottleneck), against
 /// torchvision's resnet50 with its strides moved there (`generate_parity.py`).
 #[test]

@@ -34,6 +34,7 @@ fn matches_timm_eval_transform() -> Result<()> {
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             resize: resnet_io::Resize::CenterCrop,
+            bgr: false,
         };
         for image in [
             "landscape.jpg",

@@ -42,6 +42,22 @@ pub enum BottleneckStride {
     Reduce1x1,
 }
 
+/// How the images a network was trained on were normalised: what its input must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum InputNormalization {
+    /// RGB scaled to [0, 1], less the ImageNet mean, over its standard deviation
+    /// (torchvision, timm, transformers, the CIFAR ResNets).
+    #[default]
+    MeanStd,
+    /// Keras' `'caffe'` mode (ResNet50/101/152): RGB to BGR, the ImageNet mean
+    /// subtracted from values in [0, 255], no scaling.
+    Caffe,
+    /// Keras' `'tf'` mode (ResNet50V2/101V2/152V2): scaled to [-1, 1].
+    Tf,
+}
+
 /// The layers before the first stage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -164,6 +180,10 @@ pub struct ResNetConfig {
     /// no ReLU before it).
     #[serde(default)]
     pub zero_padded_pool: bool,
+    /// The input normalisation the weights expect (ImageNet mean and standard deviation
+    /// unless Keras'): `classify` and `eval` apply it.
+    #[serde(default)]
+    pub input_normalization: InputNormalization,
 }
 
 /// Keras' BatchNorm epsilon in its ResNets.
@@ -265,6 +285,7 @@ impl ResNetConfig {
             stride_in_last_block: false,
             conv_bias: false,
             zero_padded_pool: false,
+            input_normalization: InputNormalization::MeanStd,
         }
     }
 
@@ -289,6 +310,7 @@ impl ResNetConfig {
             stride_in_last_block: false,
             conv_bias: false,
             zero_padded_pool: false,
+            input_normalization: InputNormalization::MeanStd,
         }
     }
 
@@ -317,19 +339,21 @@ impl ResNetConfig {
     }
 
     /// Keras' ResNet50/101/152 layout: stride on the first 1x1, biased convolutions,
-    /// BatchNorm epsilon 1.001e-5, zero-padded stem pool (after a ReLU: as -inf).
+    /// BatchNorm epsilon 1.001e-5, zero-padded stem pool (after a ReLU: as -inf), Keras'
+    /// `'caffe'` input.
     pub fn keras_v1(mut self) -> Self {
         self.bottleneck_stride = BottleneckStride::Reduce1x1;
         self.conv_bias = true;
         self.bn_eps = KERAS_BN_EPS;
         self.zero_padded_pool = true;
+        self.input_normalization = InputNormalization::Caffe;
         self
     }
 
     /// Keras' ResNet50V2/101V2/152V2 layout: pre-activation, each stage but the last
     /// downsampling in its last block through a subsampled identity, projections where
     /// the channels change, biases where no BatchNorm follows, BatchNorm epsilon
-    /// 1.001e-5, zero-padded stem pool.
+    /// 1.001e-5, zero-padded stem pool, inputs in [-1, 1].
     pub fn keras_v2(mut self) -> Self {
         self.preactivation = true;
         self.stride_in_last_block = true;
@@ -337,6 +361,7 @@ impl ResNetConfig {
         self.conv_bias = true;
         self.bn_eps = KERAS_BN_EPS;
         self.zero_padded_pool = true;
+        self.input_normalization = InputNormalization::Tf;
         self
     }
 

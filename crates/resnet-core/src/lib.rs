@@ -51,7 +51,8 @@ pub use allocator::retain_freed_memory;
 pub use batch_norm::{BatchNorm2d, BatchNormRelu};
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{
-    BlockKind, BottleneckStride, ResNetConfig, ShortcutKind, StemKind, KERAS_BN_EPS, PRESET_NAMES,
+    BlockKind, BottleneckStride, InputNormalization, ResNetConfig, ShortcutKind, StemKind,
+    KERAS_BN_EPS, PRESET_NAMES,
 };
 pub use cpu::{CpuIsa, Isa, ISA_ENV};
 pub use device::{device, device_name};

@@ -95,6 +95,14 @@ pub enum Error {
         /// What went wrong, and what to do about it.
         reason: String,
     },
+    /// A Keras weights file or archive cannot be read.
+    #[error("{}: not a readable Keras weights file: {reason}", path.display())]
+    Keras {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A data folder cannot be used.
     #[error("{}: {reason}", path.display())]
     Dataset {

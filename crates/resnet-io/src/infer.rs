@@ -174,6 +174,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         conv_bias: shapes.contains_key("layer1.0.conv3.bias")
             || shapes.contains_key("layer1.0.conv2.bias"),
         zero_padded_pool: false,
+        input_normalization: resnet_core::InputNormalization::MeanStd,
     };
     config.validate().map_err(|e| e.to_string())?;
     if shortcut == ShortcutKind::Projection && projections == total_blocks {

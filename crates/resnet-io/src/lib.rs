@@ -35,6 +35,7 @@ mod image_folder;
 mod image_formats;
 mod image_read;
 mod infer;
+mod keras;
 mod labels;
 mod load;
 mod model_dir;
@@ -56,6 +57,7 @@ pub use image_read::{
     MAX_IMAGE_PIXELS,
 };
 pub use infer::{infer_config, Shapes};
+pub use keras::{is_keras_path, keras_checkpoint, open_keras, MAX_KERAS_FILE_BYTES};
 pub use labels::{builtin_labels, read_labels, CIFAR10};
 pub use load::{
     inspect, load_file, load_resnet, safetensors_paths, Inspection, LoadedModel, WeightFiles,

@@ -24,11 +24,19 @@ pub struct WeightFiles {
 
 impl WeightFiles {
     /// Opens and validates the headers of every shard. A tensor named in two shards is
-    /// an error.
+    /// an error. Keras files (`.h5`, `.keras`) are read and converted whole
+    /// ([`crate::open_keras`]).
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
         let shards = paths
             .iter()
-            .map(Checkpoint::open)
+            .map(|path| {
+                let path = path.as_ref();
+                if crate::keras::is_keras_path(path) {
+                    crate::keras::open_keras(path)
+                } else {
+                    Checkpoint::open(path)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         Self::from_checkpoints(shards)
     }

@@ -47,12 +47,12 @@ impl ModelSource {
             .or_else(|| builtin_labels(num_classes))
     }
 
-    /// The preprocessing: the config's, else CIFAR's for a CIFAR stem, else ImageNet's.
+    /// The preprocessing: the config's, else what the network's input normalisation
+    /// calls for (Keras' modes; CIFAR's for a CIFAR stem; else ImageNet's).
     pub fn preprocess(&self, config: &ResNetConfig) -> PreprocessConfig {
-        match (&self.preprocess, config.stem) {
-            (Some(p), _) => p.clone(),
-            (None, StemKind::Cifar) => PreprocessConfig::cifar(),
-            (None, _) => PreprocessConfig::imagenet(),
+        match &self.preprocess {
+            Some(p) => p.clone(),
+            None => PreprocessConfig::for_config(config),
         }
     }
 }
@@ -511,6 +511,7 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         stride_in_last_block: false,
         conv_bias: false,
         zero_padded_pool: false,
+        input_normalization: resnet_core::InputNormalization::MeanStd,
     };
     resnet.validate().map_err(|e| e.to_string())?;
     Ok(ModelSource {

@@ -50,6 +50,8 @@ pub struct PreprocessConfig {
     pub std: [f32; 3],
     /// How an image of another size is brought to `size`.
     pub resize: Resize,
+    /// Channels in BGR order (Keras' `'caffe'` mode), `mean` and `std` in that order too.
+    pub bgr: bool,
 }
 
 /// How an image of another size than the model's input is brought to it.
@@ -94,6 +96,7 @@ impl PreprocessConfig {
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             resize: Resize::CenterCrop,
+            bgr: false,
         }
     }
 
@@ -106,6 +109,44 @@ impl PreprocessConfig {
             mean: IMAGENET_MEAN,
             std: IMAGENET_STD,
             resize: Resize::Squash,
+            bgr: false,
+        }
+    }
+
+    /// Keras' ResNet50/101/152 (`preprocess_input`, `'caffe'` mode): BGR, the ImageNet
+    /// mean (103.939, 116.779, 123.68) subtracted from values in [0, 255]; 224x224 as
+    /// `keras.utils.load_img(target_size=(224, 224))` makes it (squashed, nearest).
+    pub fn keras_caffe() -> Self {
+        Self {
+            mean: [103.939 / 255.0, 116.779 / 255.0, 123.68 / 255.0],
+            std: [1.0 / 255.0; 3],
+            bgr: true,
+            ..Self::keras_tf()
+        }
+    }
+
+    /// Keras' ResNet50V2/101V2/152V2 (`'tf'` mode): scaled to [-1, 1]; 224x224 as
+    /// `load_img` makes it.
+    pub fn keras_tf() -> Self {
+        Self {
+            size: (224, 224),
+            crop_pct: 1.0,
+            interpolation: Interpolation::Nearest,
+            mean: [0.5; 3],
+            std: [0.5; 3],
+            resize: Resize::Squash,
+            bgr: false,
+        }
+    }
+
+    /// The preprocessing a network's input normalisation calls for, at ImageNet's size
+    /// (CIFAR's for a CIFAR stem).
+    pub fn for_config(config: &resnet_core::ResNetConfig) -> Self {
+        match (config.input_normalization, config.stem) {
+            (resnet_core::InputNormalization::Caffe, _) => Self::keras_caffe(),
+            (resnet_core::InputNormalization::Tf, _) => Self::keras_tf(),
+            (_, resnet_core::StemKind::Cifar) => Self::cifar(),
+            _ => Self::imagenet(),
         }
     }
 
@@ -166,7 +207,9 @@ impl PreprocessConfig {
         let mut data = vec![0f32; 3 * h * w];
         for (i, pixel) in rgb.pixels().enumerate() {
             for c in 0..3 {
-                data[c * h * w + i] = (f32::from(pixel[c]) / 255.0 - self.mean[c]) / self.std[c];
+                let source = if self.bgr { 2 - c } else { c };
+                data[c * h * w + i] =
+                    (f32::from(pixel[source]) / 255.0 - self.mean[c]) / self.std[c];
             }
         }
         Ok(Tensor::from_vec(data, (3, h, w), &Device::Cpu)?)
