@@ -64,11 +64,18 @@ fn transformers_model_directories() -> Result<()> {
         "transformers_bottleneck_tiny",
         "transformers_basic_tiny",
         "transformers_v1_tiny",
+        "transformers_first_stage_tiny",
     ] {
         let dir = model_fixture(name);
         let source = check_model_dir(dir.to_str().context("path")?, name)?;
         // `downsample_in_bottleneck: true`: the stride on the first 1x1 (the paper's v1).
-        let v1 = name == "transformers_v1_tiny";
+        let v1 = name != "transformers_bottleneck_tiny" && name != "transformers_basic_tiny";
+        let first_stage = source.config.as_ref().map(|c| c.downsample_first_stage);
+        assert_eq!(
+            first_stage,
+            Some(name == "transformers_first_stage_tiny"),
+            "{name}"
+        );
         let stride = source.config.as_ref().map(|c| c.bottleneck_stride);
         assert_eq!(
             stride == Some(resnet_core::BottleneckStride::Reduce1x1),

@@ -170,6 +170,10 @@ pub struct ResNetConfig {
     /// in its first (Keras' ResNetV2: `stride1=2` on `conv2`-`conv4`'s last block).
     #[serde(default)]
     pub stride_in_last_block: bool,
+    /// The first stage halves the resolution too (transformers'
+    /// `downsample_in_first_stage: true`): an output stride of 64 with an ImageNet stem.
+    #[serde(default)]
+    pub downsample_first_stage: bool,
     /// Convolutions carry biases, as Keras builds them: every one in a v1 network; in a
     /// pre-activation one those not followed by BatchNorm (stem, projection, last of
     /// each block; Keras' `use_bias=False` on the others).
@@ -283,6 +287,7 @@ impl ResNetConfig {
             squeeze_excite: false,
             preactivation: false,
             stride_in_last_block: false,
+            downsample_first_stage: false,
             conv_bias: false,
             zero_padded_pool: false,
             input_normalization: InputNormalization::MeanStd,
@@ -308,6 +313,7 @@ impl ResNetConfig {
             squeeze_excite: false,
             preactivation: false,
             stride_in_last_block: false,
+            downsample_first_stage: false,
             conv_bias: false,
             zero_padded_pool: false,
             input_normalization: InputNormalization::MeanStd,
@@ -545,7 +551,7 @@ impl ResNetConfig {
         let halves = if self.stride_in_last_block {
             stage + 1 < self.blocks_per_stage.len()
         } else {
-            stage > 0
+            stage > 0 || self.downsample_first_stage
         };
         if halves {
             2

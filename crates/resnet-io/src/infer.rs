@@ -170,6 +170,7 @@ pub fn infer_config(shapes: &Shapes) -> Result<ResNetConfig, String> {
         squeeze_excite: shapes.contains_key("layer1.0.se.fc1.weight"),
         preactivation,
         stride_in_last_block: false,
+        downsample_first_stage: false,
         // Keras' biases: on every convolution of v1, on the last of a pre-activation block.
         conv_bias: shapes.contains_key("layer1.0.conv3.bias")
             || shapes.contains_key("layer1.0.conv2.bias"),

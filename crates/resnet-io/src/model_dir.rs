@@ -462,11 +462,6 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         }
     };
     let flag = |key: &str| config.get(key).and_then(Value::as_bool).unwrap_or(false);
-    if flag("downsample_in_first_stage") {
-        return Err(
-            "downsample_in_first_stage = true is not supported (torchvision layout only)".into(),
-        );
-    }
     // transformers' "downsample_in_bottleneck": the paper's v1, stride on the first 1x1.
     let bottleneck_stride = if flag("downsample_in_bottleneck") {
         BottleneckStride::Reduce1x1
@@ -509,6 +504,8 @@ fn transformers_config(config: &Value) -> std::result::Result<ModelSource, Strin
         squeeze_excite: false,
         preactivation: false,
         stride_in_last_block: false,
+        // transformers' first stage strides too.
+        downsample_first_stage: flag("downsample_in_first_stage"),
         conv_bias: false,
         zero_padded_pool: false,
         input_normalization: resnet_core::InputNormalization::MeanStd,
