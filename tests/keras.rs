@@ -112,6 +112,27 @@ fn keras_files_convert_to_safetensors() -> Result<()> {
     )
 }
 
+/// PreprocessConfig's Keras modes against keras.applications' `preprocess_input` on the
+/// same pixels (`generate_keras.py`): 'caffe' (BGR, mean subtracted from [0, 255]) and
+/// 'tf' ([-1, 1]), within 1e-5 of the largest value.
+#[test]
+fn keras_preprocessing_matches_preprocess_input() -> Result<()> {
+    let tensors = candle_core::safetensors::load(parity_fixture("keras_preprocess"), &Device::Cpu)?;
+    let rgb = tensors["rgb"].squeeze(0)?; // (3, 5, 4), values 0-255
+    let (height, width) = (rgb.dim(1)?, rgb.dim(2)?);
+    let values = rgb.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
+    let pixels: Vec<u8> = values.iter().map(|&v| v as u8).collect();
+    let image = image::RgbImage::from_raw(width as u32, height as u32, pixels).context("image")?;
+    for (mode, config) in [
+        ("caffe", PreprocessConfig::keras_caffe()),
+        ("tf", PreprocessConfig::keras_tf()),
+    ] {
+        let ours = config.normalize(&image)?;
+        assert_close(&ours, &tensors[mode].squeeze(0)?, 1e-5, mode)?;
+    }
+    Ok(())
+}
+
 /// The error of loading `bytes` as a Keras file named `name`.
 fn load_error(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> Result<String> {
     let path = dir.path().join(name);

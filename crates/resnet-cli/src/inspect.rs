@@ -72,7 +72,11 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
     for path in &source.weights {
         println!("file:         {}", path.display());
     }
-    println!("naming:       {}", inspection.scheme);
+    if files.metadata().get("format").map(String::as_str) == Some("keras") {
+        println!("naming:       keras (read as {} names)", inspection.scheme);
+    } else {
+        println!("naming:       {}", inspection.scheme);
+    }
     println!("architecture: {}", inspection.config.describe());
     let config = &inspection.config;
     println!(
@@ -105,7 +109,8 @@ pub struct ConvertArgs {
     input: String,
     /// Output .safetensors file (written atomically; an existing file is replaced).
     output: PathBuf,
-    /// Naming of the output: torchvision (timm), transformers or cifar.
+    /// Naming of the output: torchvision (timm; timm's resnetv2 names for a pre-activation
+    /// network), timm-v2, transformers or cifar.
     #[arg(long, default_value = "torchvision")]
     naming: String,
 }
@@ -119,6 +124,7 @@ pub fn convert(global: &GlobalOptions, args: ConvertArgs) -> Result<()> {
     let dtype: DType = global.dtype;
     let replaced = args.output.is_file();
     let config = resnet_io::convert(&files, &args.output, scheme, dtype, source.config.as_ref())?;
+    let scheme = scheme.for_config(&config);
     println!(
         "{} {} ({}, {scheme} naming, {})",
         if replaced { "replaced" } else { "wrote" },
@@ -162,18 +168,30 @@ fn list_presets(as_json: bool) -> Result<()> {
         return Ok(());
     }
     for (name, parameters, config) in rows {
+        let mut notes = String::new();
+        if config.groups > 1 {
+            notes += &format!(", {}x{}d groups", config.groups, config.width_per_group);
+        }
+        for (flag, note) in [
+            (config.squeeze_excite, ", SE"),
+            (config.preactivation, ", pre-activation"),
+            (
+                config.bottleneck_stride == resnet_core::BottleneckStride::Reduce1x1,
+                ", v1 stride",
+            ),
+            (config.conv_bias, ", Keras layout"),
+        ] {
+            if flag {
+                notes += note;
+            }
+        }
         println!(
-            "{name:<18} {:>6.2}M  {:?} {:?}, {:?} stem, shortcut {}{}",
+            "{name:<20} {:>6.2}M  {:?} {:?}, {:?} stem, shortcut {:?}{notes}",
             parameters as f64 / 1e6,
             config.block,
             config.blocks_per_stage,
             config.stem,
             config.shortcut,
-            if config.groups > 1 {
-                format!(", {}x{}d groups", config.groups, config.width_per_group)
-            } else {
-                String::new()
-            }
         );
     }
     Ok(())

@@ -487,6 +487,22 @@ impl ResNetConfig {
         if self.in_channels != 3 {
             text += &format!(", {} input channels", self.in_channels);
         }
+        if preset.is_none() {
+            for (flag, note) in [
+                (self.preactivation, ", pre-activation"),
+                (
+                    self.stride_in_last_block,
+                    ", stride in each stage's last block",
+                ),
+                (self.downsample_first_stage, ", first stage strided"),
+                (self.conv_bias, ", convolutions with biases"),
+                (self.squeeze_excite, ", squeeze-and-excitation"),
+            ] {
+                if flag {
+                    text += note;
+                }
+            }
+        }
         let preset_stride = preset.and_then(Self::preset).map(|p| p.bottleneck_stride);
         if self.block == BlockKind::Bottleneck
             && self.bottleneck_stride == BottleneckStride::Reduce1x1

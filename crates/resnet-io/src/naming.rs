@@ -101,6 +101,15 @@ impl NamingScheme {
         }
     }
 
+    /// The scheme a network of `config` is written in when this one is asked for:
+    /// torchvision has no pre-activation networks, and timm names them as resnetv2.
+    pub fn for_config(self, config: &resnet_core::ResNetConfig) -> Self {
+        match self {
+            Self::Torchvision if config.preactivation => Self::TimmV2,
+            other => other,
+        }
+    }
+
     /// The shape this scheme stores a tensor of our shape `dims` under our name `name`
     /// in: timm's resnetv2 classifier is a 1x1 convolution.
     pub fn file_shape(self, name: &str, dims: &[usize]) -> Vec<usize> {

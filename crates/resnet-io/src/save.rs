@@ -32,6 +32,7 @@ pub fn save(
     dtype: DType,
 ) -> Result<()> {
     let path = path.as_ref();
+    let scheme = scheme.for_config(model.config());
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, tensor) in model.named_tensors()? {
         let file_name = scheme
