@@ -242,6 +242,14 @@ impl BatchNormRelu {
         if train {
             bail!("this network's BatchNorm is folded for inference: it cannot train");
         }
+        // Blocked activations (f32, CPU): one pass.
+        if xs.rank() == 5 && xs.dtype() == DType::F32 && xs.device().is_cpu() {
+            return crate::cpu::blocked::affine_relu(
+                xs,
+                &scale.to_vec1::<f32>()?,
+                &shift.to_vec1::<f32>()?,
+            );
+        }
         let channels = scale.elem_count();
         let shape: Vec<usize> = match *xs.dims() {
             [_, blocks, _, _, lanes] if blocks * lanes == channels => vec![1, blocks, 1, 1, lanes],

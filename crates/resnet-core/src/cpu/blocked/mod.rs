@@ -26,6 +26,7 @@ use candle_core::{bail, Result, Tensor};
 use crate::cpu::CpuIsa;
 use ukernel::Blocking;
 
+mod affine;
 mod direct;
 mod excite;
 mod layout;
@@ -34,6 +35,7 @@ mod shortcut;
 mod ukernel;
 pub(crate) mod winograd;
 
+pub(crate) use affine::affine_relu;
 pub(crate) use excite::{channel_means, scale_add_relu};
 pub(crate) use layout::from_blocked;
 use layout::packed_order;
