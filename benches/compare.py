@@ -38,7 +38,9 @@ CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32),
          ("resnext50_32x4d", 1, 224), ("resnext50_32x4d", 8, 224),
          # timm's ResNet-D and SE-ResNeXt (PyTorch and ONNX Runtime run timm's models).
          ("resnet50d", 1, 224), ("resnet50d", 8, 224),
-         ("seresnext50_32x4d", 1, 224), ("seresnext50_32x4d", 8, 224)]
+         ("seresnext50_32x4d", 1, 224), ("seresnext50_32x4d", 8, 224),
+         # timm's pre-activation ResNet.
+         ("resnetv2_50", 1, 224), ("resnetv2_50", 8, 224)]
 TRAIN_CASES = [("resnet20", 128, 32), ("resnet50", 16, 224)]
 
 

@@ -318,6 +318,8 @@ fn resnet50_v1_stride_on_the_first_1x1() -> Result<()> {
     let config = ResNetConfig::resnet50().with_bottleneck_stride(BottleneckStride::Reduce1x1);
     assert_eq!(config.describe(), "resnet50, v1 (stride on the first 1x1)");
     check_torchvision("tv_resnet50_v1", &config)?;
+    // transformers' own ResNet-50 with `downsample_in_bottleneck=True`.
+    check_torchvision("transformers_resnet50_v1", &config)?;
     // The fixture tells the two apart: v1.5 is off by far more than the tolerance.
     let expected = load_fixture("tv_resnet50_v1")?
         .remove("expected")
