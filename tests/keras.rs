@@ -75,7 +75,9 @@ fn keras_v1_weights_load_from_h5_keras2_h5_and_keras_archives() -> Result<()> {
 
 #[test]
 fn keras_v2_weights_load_from_h5_and_keras_archives() -> Result<()> {
-    for file in ["v2_tiny.h5", "v2_tiny.keras"] {
+    // `_unnamed`: an archive whose weight groups do not name their layers (older Keras 3),
+    // the names then taken from config.json's layer order.
+    for file in ["v2_tiny.h5", "v2_tiny.keras", "v2_tiny_unnamed.keras"] {
         let model = check_file(file, "keras_v2_tiny")?;
         let config = model.config();
         assert!(

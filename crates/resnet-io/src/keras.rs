@@ -81,10 +81,10 @@ pub fn open_keras(path: &Path) -> Result<Checkpoint> {
 /// [`open_keras`] on the bytes of a file; `label` names it in errors.
 pub fn keras_checkpoint(label: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Checkpoint> {
     let path = label.into();
-    let h5 = if bytes.starts_with(ZIP_MAGIC) {
+    let (h5, object_names) = if bytes.starts_with(ZIP_MAGIC) {
         archive_weights(&bytes).map_err(|reason| invalid(&path, reason))?
     } else {
-        bytes
+        (bytes, Vec::new())
     };
     if !h5.starts_with(HDF5_MAGIC) {
         let start = &h5[..h5.len().min(8)];
@@ -97,7 +97,7 @@ pub fn keras_checkpoint(label: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Che
     }
     // The HDF5 reader is third-party code on hostile bytes: a panic in it is an error
     // here, not an abort of the caller.
-    let weights = std::panic::catch_unwind(move || read_weights(h5))
+    let weights = std::panic::catch_unwind(move || read_weights(h5, &object_names))
         .unwrap_or_else(|_| Err("the HDF5 reader failed on this file's structure".into()))
         .map_err(|reason| invalid(&path, reason))?;
     to_checkpoint(&path, weights)
@@ -110,30 +110,97 @@ fn invalid(path: &Path, reason: String) -> Error {
     }
 }
 
-/// `model.weights.h5` of a `.keras` archive, inflated within bounds.
-fn archive_weights(bytes: &[u8]) -> std::result::Result<Vec<u8>, String> {
+/// `model.weights.h5` of a `.keras` archive, inflated within bounds, and the layer
+/// names by weights group that its `config.json` implies (see [`object_names`]).
+type ArchiveContents = (Vec<u8>, Vec<(String, String)>);
+
+fn archive_weights(bytes: &[u8]) -> std::result::Result<ArchiveContents, String> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| format!("not a readable .keras zip archive ({e})"))?;
-    let mut entry = archive.by_name("model.weights.h5").map_err(|e| {
-        format!(
-            "a .keras archive holds model.weights.h5 beside config.json; this one does not ({e})"
-        )
-    })?;
     let limit = INFLATION_SLACK + MAX_INFLATION * bytes.len() as u64;
-    let mut h5 = Vec::new();
-    // The entry's declared size is the archive's word: count what actually comes out.
-    entry
-        .by_ref()
-        .take(limit + 1)
-        .read_to_end(&mut h5)
-        .map_err(|e| format!("model.weights.h5 cannot be inflated ({e})"))?;
-    if h5.len() as u64 > limit {
-        return Err(format!(
-            "model.weights.h5 inflates to more than {limit} bytes from a {}-byte archive: refused (a zip bomb?)",
-            bytes.len()
-        ));
+    let mut inflate = |name: &str| -> std::result::Result<Vec<u8>, String> {
+        let mut entry = archive.by_name(name).map_err(|e| {
+            format!("a .keras archive holds model.weights.h5 and config.json; this one has no {name} ({e})")
+        })?;
+        let mut data = Vec::new();
+        // The entry's declared size is the archive's word: count what actually comes out.
+        entry
+            .by_ref()
+            .take(limit + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| format!("{name} cannot be inflated ({e})"))?;
+        if data.len() as u64 > limit {
+            return Err(format!(
+                "{name} inflates to more than {limit} bytes from a {}-byte archive: refused (a zip bomb?)",
+                bytes.len()
+            ));
+        }
+        Ok(data)
+    };
+    let h5 = inflate("model.weights.h5")?;
+    // Only needed where the weights do not name their layers (older Keras 3).
+    let names = inflate("config.json")
+        .ok()
+        .and_then(|json| serde_json::from_slice(&json).ok())
+        .map(|config: serde_json::Value| object_names(&config))
+        .unwrap_or_default();
+    Ok((h5, names))
+}
+
+/// The group each layer of a functional model's `config.json` is saved under in
+/// `model.weights.h5` (Keras 3's `saving_lib`: the class name in snake case, `_1`, `_2`,
+/// ... for later layers of the same class, input layers not saved), with its name.
+fn object_names(config: &serde_json::Value) -> Vec<(String, String)> {
+    let Some(layers) = config.pointer("/config/layers").and_then(|l| l.as_array()) else {
+        return Vec::new();
+    };
+    let mut used = std::collections::HashMap::<String, usize>::new();
+    let mut names = Vec::new();
+    for layer in layers {
+        let class = layer.get("class_name").and_then(|c| c.as_str());
+        let name = layer.pointer("/config/name").and_then(|n| n.as_str());
+        let (Some(class), Some(name)) = (class, name) else {
+            continue;
+        };
+        if class == "InputLayer" {
+            continue;
+        }
+        let snake = snake_case(class);
+        let object = match used.get_mut(&snake) {
+            Some(count) => {
+                *count += 1;
+                format!("{snake}_{count}")
+            }
+            None => {
+                used.insert(snake.clone(), 0);
+                snake
+            }
+        };
+        names.push((object, name.to_string()));
     }
-    Ok(h5)
+    names
+}
+
+/// Keras' `to_snake_case`: `BatchNormalization` -> `batch_normalization`, `Conv2D` ->
+/// `conv2d` (an underscore before each capital that follows a lower-case letter, or
+/// that starts a capitalised word after any character).
+fn snake_case(class: &str) -> String {
+    let chars: Vec<char> = class
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    let mut out = String::new();
+    for (i, &c) in chars.iter().enumerate() {
+        let starts_word = c.is_ascii_uppercase()
+            && i > 0
+            && (chars[i - 1].is_ascii_lowercase()
+                || chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase()));
+        if starts_word && !out.ends_with('_') {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
 }
 
 /// One weight as Keras stores it.
@@ -147,7 +214,10 @@ struct KerasWeight {
 }
 
 /// Reads every weight of the file, in either layout.
-fn read_weights(h5: Vec<u8>) -> std::result::Result<Vec<KerasWeight>, String> {
+fn read_weights(
+    h5: Vec<u8>,
+    object_names: &[(String, String)],
+) -> std::result::Result<Vec<KerasWeight>, String> {
     let budget = h5.len();
     let file = Hdf5File::from_vec(h5).map_err(|e| format!("not readable as HDF5 ({e})"))?;
     let root = file
@@ -166,7 +236,7 @@ fn read_weights(h5: Vec<u8>) -> std::result::Result<Vec<KerasWeight>, String> {
         }
     }
     if let Ok(layers) = root.group("layers") {
-        return reader.keras3(&layers);
+        return reader.keras3(&layers, object_names);
     }
     Err(
         "no Keras weights found: expected a root attribute layer_names (a legacy weights \
@@ -208,7 +278,11 @@ impl Reader<'_> {
 
     /// Keras 3: `layers/<object>/vars/0`, `1`, ..., the layer's name in the attribute
     /// `name` of `vars`, the datasets in the order the layer creates its weights.
-    fn keras3(&mut self, layers: &Group) -> std::result::Result<Vec<KerasWeight>, String> {
+    fn keras3(
+        &mut self,
+        layers: &Group,
+        object_names: &[(String, String)],
+    ) -> std::result::Result<Vec<KerasWeight>, String> {
         let (groups, _) = layers
             .members()
             .map_err(|e| format!("the layers group cannot be listed ({e})"))?;
@@ -223,12 +297,20 @@ impl Reader<'_> {
             if datasets.is_empty() {
                 continue;
             }
+            // Recent Keras names the layer on its group; older Keras 3 only in the
+            // order of config.json.
+            let from_config = || {
+                object_names
+                    .iter()
+                    .find(|(object, _)| object == group.name())
+                    .map(|(_, name)| name.clone())
+            };
             let layer = string_list(&vars, "name")?
                 .and_then(|names| names.into_iter().next())
+                .or_else(from_config)
                 .ok_or_else(|| {
                     format!(
-                        "layers/{}/vars has no attribute 'name': written by a Keras 3 too old \
-                         to name its layers; re-save the model with a recent Keras",
+                        "layers/{}/vars names no layer and config.json has none for it",
                         group.name()
                     )
                 })?;
@@ -543,6 +625,21 @@ mod tests {
             ("dense", "kernel"),
         ] {
             assert_eq!(our_name(layer, param, false), None, "{layer}/{param}");
+        }
+    }
+
+    #[test]
+    fn snake_case_is_keras() {
+        for (class, snake) in [
+            ("BatchNormalization", "batch_normalization"),
+            ("Conv2D", "conv2d"),
+            ("ZeroPadding2D", "zero_padding2d"),
+            ("GlobalAveragePooling2D", "global_average_pooling2d"),
+            ("Dense", "dense"),
+            ("Add", "add"),
+            ("MaxPooling2D", "max_pooling2d"),
+        ] {
+            assert_eq!(snake_case(class), snake);
         }
     }
 
