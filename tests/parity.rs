@@ -237,6 +237,17 @@ fn timm_resnet_d_squeeze_excitation_and_preactivation() -> Result<()> {
     Ok(())
 }
 
+/// Elements of the tensors of preset `name`: the learned parameters, and with
+/// `running_statistics` BatchNorm's running means and variances too.
+fn preset_elements(name: &str, running_statistics: bool) -> Result<usize> {
+    let config = ResNetConfig::preset(name).context("preset")?;
+    Ok(ResNet::expected_tensors(&config)?
+        .iter()
+        .filter(|(n, _)| running_statistics || !n.contains("running_"))
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum())
+}
+
 /// Every ResNet-D, SE and pre-activation preset has timm's parameter count
 /// (`generate_parity.py` prints them).
 #[test]
@@ -259,13 +270,7 @@ fn resnet_d_se_and_v2_parameter_counts_are_timms() -> Result<()> {
         ("resnet152d", 60_212_040),
         ("resnet200d", 64_693_064),
     ] {
-        let config = ResNetConfig::preset(name).context("preset")?;
-        let params = ResNet::expected_tensors(&config)?
-            .iter()
-            .filter(|(n, _)| !n.contains("running_"))
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum::<usize>();
-        assert_eq!(params, count, "{name}");
+        assert_eq!(preset_elements(name, false)?, count, "{name}");
     }
     Ok(())
 }
@@ -301,12 +306,7 @@ fn keras_parameter_counts_are_keras() -> Result<()> {
         ("resnet101v2", 44_675_560),
         ("resnet152v2", 60_380_648),
     ] {
-        let config = ResNetConfig::preset(name).context("preset")?;
-        let weights = ResNet::expected_tensors(&config)?
-            .iter()
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum::<usize>();
-        assert_eq!(weights, count, "{name}");
+        assert_eq!(preset_elements(name, true)?, count, "{name}");
     }
     Ok(())
 }

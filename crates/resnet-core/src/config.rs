@@ -347,28 +347,36 @@ impl ResNetConfig {
     /// Keras' ResNet50/101/152 layout: stride on the first 1x1, biased convolutions,
     /// BatchNorm epsilon 1.001e-5, zero-padded stem pool (after a ReLU: as -inf), Keras'
     /// `'caffe'` input.
-    pub fn keras_v1(mut self) -> Self {
-        self.bottleneck_stride = BottleneckStride::Reduce1x1;
-        self.conv_bias = true;
-        self.bn_eps = KERAS_BN_EPS;
-        self.zero_padded_pool = true;
-        self.input_normalization = InputNormalization::Caffe;
-        self
+    pub fn keras_v1(self) -> Self {
+        Self {
+            bottleneck_stride: BottleneckStride::Reduce1x1,
+            input_normalization: InputNormalization::Caffe,
+            ..self.keras()
+        }
     }
 
     /// Keras' ResNet50V2/101V2/152V2 layout: pre-activation, each stage but the last
     /// downsampling in its last block through a subsampled identity, projections where
     /// the channels change, biases where no BatchNorm follows, BatchNorm epsilon
     /// 1.001e-5, zero-padded stem pool, inputs in [-1, 1].
-    pub fn keras_v2(mut self) -> Self {
-        self.preactivation = true;
-        self.stride_in_last_block = true;
-        self.shortcut = ShortcutKind::ProjectionOrSubsample;
-        self.conv_bias = true;
-        self.bn_eps = KERAS_BN_EPS;
-        self.zero_padded_pool = true;
-        self.input_normalization = InputNormalization::Tf;
-        self
+    pub fn keras_v2(self) -> Self {
+        Self {
+            preactivation: true,
+            stride_in_last_block: true,
+            shortcut: ShortcutKind::ProjectionOrSubsample,
+            input_normalization: InputNormalization::Tf,
+            ..self.keras()
+        }
+    }
+
+    /// What Keras' two layouts share: biases, its epsilon, zero padding.
+    fn keras(self) -> Self {
+        Self {
+            conv_bias: true,
+            bn_eps: KERAS_BN_EPS,
+            zero_padded_pool: true,
+            ..self
+        }
     }
 
     /// ResNet-18 (paper Table 1).

@@ -49,24 +49,11 @@ pub fn open_keras(path: &Path) -> Result<Checkpoint> {
         path: path.to_path_buf(),
         source,
     };
-    let metadata = std::fs::metadata(path).map_err(io)?;
-    if !metadata.is_file() {
-        return Err(Error::NotAFile {
-            path: path.to_path_buf(),
-            found: if metadata.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file"
-            },
-        });
-    }
-    if metadata.len() > MAX_KERAS_FILE_BYTES {
+    let len = crate::load::regular_file_len(path)?;
+    if len > MAX_KERAS_FILE_BYTES {
         return Err(invalid(
             path,
-            format!(
-                "{} bytes is larger than the {MAX_KERAS_FILE_BYTES} bytes read",
-                metadata.len()
-            ),
+            format!("{len} bytes is larger than the {MAX_KERAS_FILE_BYTES} bytes read"),
         ));
     }
     let mut bytes = Vec::new();

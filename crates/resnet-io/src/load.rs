@@ -330,13 +330,13 @@ pub fn safetensors_paths(path: &Path) -> Result<Vec<PathBuf>> {
 /// Largest JSON file (configs, indexes) read whole.
 const MAX_JSON_BYTES: u64 = 64 << 20;
 
-/// Reads a JSON or text file of bounded size (configs, indexes, label lists).
-pub(crate) fn read_small_text(path: &Path) -> Result<String> {
-    let io = |source| Error::Io {
+/// The size of `path`, a regular file (a directory, FIFO or device is an error, found
+/// without opening it).
+pub(crate) fn regular_file_len(path: &Path) -> Result<u64> {
+    let metadata = std::fs::metadata(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let metadata = std::fs::metadata(path).map_err(io)?;
+    })?;
     if !metadata.is_file() {
         return Err(Error::NotAFile {
             path: path.to_path_buf(),
@@ -347,13 +347,20 @@ pub(crate) fn read_small_text(path: &Path) -> Result<String> {
             },
         });
     }
-    if metadata.len() > MAX_JSON_BYTES {
+    Ok(metadata.len())
+}
+
+/// Reads a JSON or text file of bounded size (configs, indexes, label lists).
+pub(crate) fn read_small_text(path: &Path) -> Result<String> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = regular_file_len(path)?;
+    if len > MAX_JSON_BYTES {
         return Err(Error::Config {
             path: path.to_path_buf(),
-            reason: format!(
-                "{} bytes is too large (at most {MAX_JSON_BYTES})",
-                metadata.len()
-            ),
+            reason: format!("{len} bytes is too large (at most {MAX_JSON_BYTES})"),
         });
     }
     std::fs::read_to_string(path).map_err(io)
