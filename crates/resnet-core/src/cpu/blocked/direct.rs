@@ -136,6 +136,7 @@ impl CustomOp1 for BlockedOp<'_> {
             in_row_stride: padded_w * in_lanes,
             out_block_stride: out_h * out_w * LANES,
             relu: self.relu,
+            rotations: conv.rotations,
         };
         // A grouped convolution: each block group reads its own input blocks.
         let (group_in_blocks, _) = conv.block_group_shape();

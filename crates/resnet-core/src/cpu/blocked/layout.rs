@@ -49,6 +49,28 @@ pub(crate) fn packed_order(
     })
 }
 
+/// Where each packed weight of a grouped layer with groups of `group` channels (fewer
+/// than a block's, in and out) comes from in its `(c_out, group, k, k)` weight: per
+/// output block `[tap][rotation d][lane j]`, the weight of output channel `j` for its
+/// group's input channel `(j % group + d) % group` (see `conv_tile_rotated`).
+pub(crate) fn rotated_order(
+    c_out: usize,
+    group: usize,
+    kernel: usize,
+) -> impl Iterator<Item = usize> {
+    let taps = kernel * kernel;
+    (0..c_out / LANES).flat_map(move |block| {
+        (0..taps).flat_map(move |tap| {
+            (0..group).flat_map(move |d| {
+                (0..LANES).map(move |j| {
+                    let oc = block * LANES + j;
+                    (oc * group + (j % group + d) % group) * taps + tap
+                })
+            })
+        })
+    })
+}
+
 /// Pseudo-random values in [-1, 1) from an integer hash: the blocked kernels' tests'
 /// inputs, no RNG dependency.
 #[cfg(test)]

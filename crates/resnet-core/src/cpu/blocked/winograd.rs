@@ -291,6 +291,7 @@ impl Image<'_> {
             in_row_stride: 0,
             out_block_stride: m.slots * LANES,
             relu: false,
+            rotations: 0,
         };
         // SAFETY: `v` was written for these tiles by phase 1 (the caller's promise).
         let transformed = unsafe { std::slice::from_raw_parts(v.base, v.len()) };

@@ -57,6 +57,18 @@ impl F32x16 for Avx2 {
             _mm256_max_ps(self.1, other.1),
         )
     }
+
+    #[inline(always)]
+    unsafe fn permute(self, indices: &[u32; 16]) -> Self {
+        // Each half permutes within itself (the trait's promise); the instruction reads
+        // the low three bits of each index.
+        let low = _mm256_loadu_si256(indices.as_ptr().cast());
+        let high = _mm256_loadu_si256(indices.as_ptr().add(8).cast());
+        Self(
+            _mm256_permutevar8x32_ps(self.0, low),
+            _mm256_permutevar8x32_ps(self.1, high),
+        )
+    }
 }
 
 isa_entry_points!(Avx2, "avx2,fma");

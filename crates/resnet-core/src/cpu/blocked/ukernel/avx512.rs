@@ -43,6 +43,12 @@ impl F32x16 for Avx512 {
     unsafe fn max(self, other: Self) -> Self {
         Self(_mm512_max_ps(self.0, other.0))
     }
+
+    #[inline(always)]
+    unsafe fn permute(self, indices: &[u32; 16]) -> Self {
+        let indices = _mm512_loadu_si512(indices.as_ptr().cast());
+        Self(_mm512_permutexvar_ps(indices, self.0))
+    }
 }
 
 isa_entry_points!(Avx512, "avx512f");

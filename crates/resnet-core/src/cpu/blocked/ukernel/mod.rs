@@ -6,8 +6,9 @@
 //! detection makes one, so a kernel runs only where its instructions exist.
 //!
 //! Kernels: [`conv_tile`] (a row of output pixels x one or two output blocks, the
-//! direct convolution and Winograd's 16 products), and Winograd's input and output
-//! transforms ([`winograd_input_tile`], [`winograd_output_tile`]).
+//! direct convolution and Winograd's 16 products), [`conv_tile_rotated`] (grouped layers
+//! whose groups are narrower than a block), and Winograd's input and output transforms
+//! ([`winograd_input_tile`], [`winograd_output_tile`]).
 #![allow(unsafe_code)] // SIMD intrinsics over raw pointers into checked buffers
 
 use crate::cpu::{CpuIsa, Isa};
@@ -43,6 +44,16 @@ pub(super) trait F32x16: Copy {
     unsafe fn mul_add(self, b: Self, acc: Self) -> Self;
     /// Lane-wise maximum.
     unsafe fn max(self, other: Self) -> Self;
+    /// Lane `i` of the result is lane `indices[i]` of `self`; every index lies in the
+    /// same half of eight lanes as `i` (what AVX2's in-register permute can do). By
+    /// default through memory; instruction sets with a permute override it.
+    #[inline(always)]
+    unsafe fn permute(self, indices: &[u32; 16]) -> Self {
+        let mut lanes = [0f32; 16];
+        self.store(lanes.as_mut_ptr());
+        let permuted: [f32; 16] = std::array::from_fn(|i| lanes[indices[i] as usize & 15]);
+        Self::load(permuted.as_ptr())
+    }
 }
 
 /// How an instruction set tiles the output: at most `max_group` output blocks by
@@ -99,6 +110,9 @@ pub(crate) struct KernelArgs {
     /// Elements between output channel blocks.
     pub out_block_stride: usize,
     pub relu: bool,
+    /// 0: dense weights (`conv_tile`). Else the channels per group of a grouped layer
+    /// whose groups are narrower than a block (`conv_tile_rotated`).
+    pub rotations: usize,
 }
 
 /// One kernel call: `pixels` output pixels of one row x `group` output blocks.
@@ -134,8 +148,20 @@ impl KernelCall<'_> {
             + (last_pixel + k) * args.in_lanes;
         let out_span = (self.call_blocks - 1) * args.out_block_stride + self.pixels * LANES;
         assert!(self.input.len() >= input_end, "blocked kernel input bounds");
+        let weights = if args.rotations > 0 {
+            assert!(
+                args.in_blocks == 1
+                    && self.call_blocks == 1
+                    && args.in_lanes == LANES
+                    && LANES.is_multiple_of(args.rotations),
+                "rotated kernel tile"
+            );
+            k * k * args.rotations * LANES
+        } else {
+            args.in_blocks * k * k * args.in_lanes * LANES * self.call_blocks
+        };
         assert!(
-            self.weight.len() == args.in_blocks * k * k * args.in_lanes * LANES * self.call_blocks
+            self.weight.len() == weights
                 && self.bias.len() == self.call_blocks * LANES
                 && self.residual.is_none_or(|r| r.len() >= out_span),
             "blocked kernel bounds"
@@ -148,6 +174,30 @@ impl KernelCall<'_> {
             residual,
             out,
         );
+        // Narrow groups: one block, every pixel count the instruction set tiles with.
+        macro_rules! rotated {
+            ($isa:ident: $($n:literal)*) => {
+                match self.pixels {
+                    // SAFETY: as `dispatch` below.
+                    $($n => unsafe { $isa::conv_tile_rotated::<$n>(args, pointers) },)*
+                    _ => unreachable!("pixels checked above"),
+                }
+            };
+        }
+        if args.rotations > 0 {
+            match isa.isa() {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => rotated!(avx512: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => rotated!(avx2: 1 2 3 4 5 6),
+                #[cfg(target_arch = "aarch64")]
+                Isa::Neon => rotated!(neon: 1 2 3 4 5 6),
+                Isa::Scalar => rotated!(scalar: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+                #[allow(unreachable_patterns)] // which arms exist depends on the target
+                isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+            }
+            return;
+        }
         // One arm per (group, pixels) the instruction set tiles with.
         macro_rules! dispatch {
             ($isa:ident, $call_blocks:literal: $($n:literal)*) => {
@@ -234,6 +284,59 @@ pub(super) unsafe fn conv_tile<V: F32x16, const GROUP: usize, const PIXELS: usiz
             let value = if args.relu { value.max(zero) } else { value };
             value.store(out.add(o * args.out_block_stride + p * LANES));
         }
+    }
+}
+
+/// A grouped layer whose groups of `g = args.rotations` channels are narrower than a
+/// block (ResNeXt 32x4d's 4 and 8), one output block x `PIXELS` pixels, only the
+/// products the layer has: output lane `j` (of group `j - j % g`) reads input lane
+/// `j - j % g + (j % g + d) % g` for rotation `d < g`, so for each tap and pixel the
+/// input vector is loaded once and rotated within its groups `g - 1` times, each
+/// rotation a lane-wise multiply-add with that rotation's weights (laid out
+/// `[tap][d][16]`).
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set; every pointer valid for the
+/// reads and writes [`KernelCall::run`] checks.
+#[inline(always)]
+pub(super) unsafe fn conv_tile_rotated<V: F32x16, const PIXELS: usize>(
+    args: &KernelArgs,
+    (input, weight, bias, residual, out): TilePointers,
+) {
+    let g = args.rotations;
+    let step = args.stride * LANES;
+    // Rotation by one within each group of g lanes.
+    let next: [u32; 16] = std::array::from_fn(|j| (j - j % g + (j % g + 1) % g) as u32);
+    let b = V::load(bias);
+    let mut acc = [b; PIXELS];
+    if !residual.is_null() {
+        for (p, value) in acc.iter_mut().enumerate() {
+            *value = b.add(V::load(residual.add(p * LANES)));
+        }
+    }
+    let mut w = weight;
+    for ky in 0..args.kernel {
+        let row = input.add(ky * args.in_row_stride);
+        for kx in 0..args.kernel {
+            let tap = row.add(kx * LANES);
+            // Indexing keeps the unrolled loop in registers.
+            #[allow(clippy::needless_range_loop)]
+            for p in 0..PIXELS {
+                let mut x = V::load(tap.add(p * step));
+                for d in 0..g {
+                    acc[p] = V::load(w.add(d * LANES)).mul_add(x, acc[p]);
+                    if d + 1 < g {
+                        x = x.permute(&next);
+                    }
+                }
+            }
+            w = w.add(g * LANES);
+        }
+    }
+    let zero = V::splat(0.0);
+    for (p, &value) in acc.iter().enumerate() {
+        let value = if args.relu { value.max(zero) } else { value };
+        value.store(out.add(p * LANES));
     }
 }
 
@@ -411,6 +514,18 @@ macro_rules! isa_entry_points {
             pointers: super::TilePointers,
         ) {
             super::conv_tile::<$vector, GROUP, PIXELS>(args, pointers)
+        }
+
+        /// [`super::conv_tile_rotated`] on this instruction set.
+        ///
+        /// # Safety
+        /// This CPU has the instruction set; the pointers as [`super::KernelCall::run`] checks.
+        $(#[target_feature(enable = $feature)])?
+        pub(super) unsafe fn conv_tile_rotated<const PIXELS: usize>(
+            args: &super::KernelArgs,
+            pointers: super::TilePointers,
+        ) {
+            super::conv_tile_rotated::<$vector, PIXELS>(args, pointers)
         }
 
         /// [`super::winograd_input_tile`] on this instruction set.
