@@ -196,7 +196,7 @@ impl BlockedConv {
         let call_blocks = if rotations > 0 {
             1
         } else {
-            Blocking::of(isa).call_blocks(bg_out)
+            Blocking::of(isa).call_blocks(bg_out, kernel)
         };
         if bias.len() != c_out {
             bail!(

@@ -129,7 +129,8 @@ impl WinogradShape {
 
     /// Chunks of tiles, each at most one kernel call's pixels.
     fn chunks(&self) -> usize {
-        self.tiles().div_ceil(Blocking::of(self.isa).max_pixels)
+        self.tiles()
+            .div_ceil(Blocking::of(self.isa).pixels_for(self.call_blocks))
     }
 }
 
