@@ -151,7 +151,12 @@ impl CustomOp1 for BlockedOp<'_> {
         let calls = out_blocks / call_blocks;
         let call_weights = conv.weight.len() / calls;
         // Output pixels of a row in near-equal tiles of at most the ISA's pixels.
-        let tiles = out_w.div_ceil(Blocking::of(conv.isa).pixels_for(call_blocks));
+        // (Narrow groups: the whole row in one call.)
+        let tiles = if conv.rotations > 0 {
+            1
+        } else {
+            out_w.div_ceil(Blocking::of(conv.isa).pixels_for(call_blocks))
+        };
 
         // Written in full by the tasks below before it is read.
         let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);

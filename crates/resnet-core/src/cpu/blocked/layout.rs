@@ -51,8 +51,9 @@ pub(crate) fn packed_order(
 
 /// Where each packed weight of a grouped layer with groups of `group` channels (fewer
 /// than a block's, in and out) comes from in its `(c_out, group, k, k)` weight: per
-/// output block `[tap][rotation d][lane j]`, the weight of output channel `j` for its
-/// group's input channel `(j % group + d) % group` (see `conv_tile_rotated`).
+/// output block `[tap][rotation d][lane i]`, the weight by which input channel `i`
+/// reaches the output channel of its group that reads it at rotation `d`,
+/// `i - i % group + (i % group - d) mod group` (see `conv_tile_rotated`).
 pub(crate) fn rotated_order(
     c_out: usize,
     group: usize,
@@ -62,9 +63,9 @@ pub(crate) fn rotated_order(
     (0..c_out / LANES).flat_map(move |block| {
         (0..taps).flat_map(move |tap| {
             (0..group).flat_map(move |d| {
-                (0..LANES).map(move |j| {
-                    let oc = block * LANES + j;
-                    (oc * group + (j % group + d) % group) * taps + tap
+                (0..LANES).map(move |i| {
+                    let oc = block * LANES + i - i % group + (i % group + group - d) % group;
+                    (oc * group + i % group) * taps + tap
                 })
             })
         })

@@ -100,7 +100,8 @@ impl Blocking {
         }
     }
 
-    /// Most pixels per kernel call at `call_blocks` output blocks.
+    /// Most pixels per kernel call at `call_blocks` output blocks (narrow groups take a
+    /// whole row a call: `conv_row_rotated`).
     pub fn pixels_for(&self, call_blocks: usize) -> usize {
         if call_blocks == 4 {
             6
@@ -149,8 +150,13 @@ impl KernelCall<'_> {
     pub unsafe fn run(&self, isa: CpuIsa, args: &KernelArgs, out: *mut f32) {
         let k = args.kernel;
         let blocking = Blocking::of(isa);
+        let most_pixels = if args.rotations > 0 {
+            usize::MAX
+        } else {
+            blocking.pixels_for(self.call_blocks)
+        };
         assert!(
-            (1..=blocking.pixels_for(self.call_blocks)).contains(&self.pixels)
+            (1..=most_pixels).contains(&self.pixels)
                 && ((1..=blocking.max_group).contains(&self.call_blocks)
                     || (self.call_blocks == 4 && blocking.max_group == 2)),
             "blocked kernel tile {}x{} for {isa:?}",
@@ -168,7 +174,7 @@ impl KernelCall<'_> {
                 args.in_blocks == 1
                     && self.call_blocks == 1
                     && args.in_lanes == LANES
-                    && LANES.is_multiple_of(args.rotations),
+                    && matches!(args.rotations, 1 | 2 | 4 | 8),
                 "rotated kernel tile"
             );
             k * k * args.rotations * LANES
@@ -189,27 +195,46 @@ impl KernelCall<'_> {
             residual,
             out,
         );
-        // Narrow groups: one block, every pixel count the instruction set tiles with.
+        // Narrow groups: a whole row of one block, in tiles of as many pixels as the
+        // instruction set holds for that group width.
         macro_rules! rotated {
-            ($isa:ident: $($n:literal)*) => {
-                match self.pixels {
-                    // SAFETY: as `dispatch` below.
-                    $($n => unsafe { $isa::conv_tile_rotated::<$n>(args, pointers) },)*
-                    _ => unreachable!("pixels checked above"),
-                }
+            ($isa:ident, $g:literal, $pixels:literal) => {
+                // SAFETY: as `dispatch` below.
+                unsafe { $isa::conv_row_rotated::<$g, $pixels>(args, pointers, self.pixels) }
             };
         }
         if args.rotations > 0 {
-            match isa.isa() {
+            match (isa.isa(), args.rotations) {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => rotated!(avx512: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+                (Isa::Avx512, 1) => rotated!(avx512, 1, 14),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => rotated!(avx2: 1 2 3 4 5 6),
+                (Isa::Avx512, 2) => rotated!(avx512, 2, 12),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx512, 4) => rotated!(avx512, 4, 6),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx512, _) => rotated!(avx512, 8, 2),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, 1) => rotated!(avx2, 1, 6),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, 2) => rotated!(avx2, 2, 3),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, 4) => rotated!(avx2, 4, 1),
+                #[cfg(target_arch = "x86_64")]
+                (Isa::Avx2, _) => rotated!(avx2, 8, 1),
                 #[cfg(target_arch = "aarch64")]
-                Isa::Neon => rotated!(neon: 1 2 3 4 5 6),
-                Isa::Scalar => rotated!(scalar: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
+                (Isa::Neon, 1) => rotated!(neon, 1, 6),
+                #[cfg(target_arch = "aarch64")]
+                (Isa::Neon, 2) => rotated!(neon, 2, 3),
+                #[cfg(target_arch = "aarch64")]
+                (Isa::Neon, 4) => rotated!(neon, 4, 1),
+                #[cfg(target_arch = "aarch64")]
+                (Isa::Neon, _) => rotated!(neon, 8, 1),
+                (Isa::Scalar, 1) => rotated!(scalar, 1, 14),
+                (Isa::Scalar, 2) => rotated!(scalar, 2, 12),
+                (Isa::Scalar, 4) => rotated!(scalar, 4, 6),
+                (Isa::Scalar, _) => rotated!(scalar, 8, 2),
                 #[allow(unreachable_patterns)] // which arms exist depends on the target
-                isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+                (isa, _) => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
             }
             return;
         }
@@ -305,56 +330,102 @@ pub(super) unsafe fn conv_tile<V: F32x16, const GROUP: usize, const PIXELS: usiz
     }
 }
 
-/// A grouped layer whose groups of `g = args.rotations` channels are narrower than a
-/// block (ResNeXt 32x4d's 4 and 8), one output block x `PIXELS` pixels, only the
-/// products the layer has: output lane `j` (of group `j - j % g`) reads input lane
-/// `j - j % g + (j % g + d) % g` for rotation `d < g`, so for each tap and pixel the
-/// input vector is loaded once and rotated within its groups `g - 1` times, each
-/// rotation a lane-wise multiply-add with that rotation's weights (laid out
-/// `[tap][d][16]`).
+/// A grouped layer whose groups of `G` channels are narrower than a block (ResNeXt
+/// 32x4d's 4 and 8; 1 is depthwise), one output block x `PIXELS` pixels, only the
+/// products the layer has. Output lane `j` (of the group starting at `j - j % G`) sums
+/// over `d < G` the products with input lane `j - j % G + (j % G + d) % G`: for each `d`
+/// an accumulator set takes `w_d ⊙ x` lane-wise (input lane `i` times the weight of the
+/// output that reads it at that `d`), and at the end each set is rotated by `d` within
+/// its groups onto the outputs it belongs to: per tap and pixel one load and `G`
+/// multiply-adds, `G - 1` permutes per pixel in all. Weights are laid out `[tap][d][16]`.
 ///
 /// # Safety
 /// Inside a function compiled for `V`'s instruction set; every pointer valid for the
 /// reads and writes [`KernelCall::run`] checks.
 #[inline(always)]
-pub(super) unsafe fn conv_tile_rotated<V: F32x16, const PIXELS: usize>(
+pub(super) unsafe fn conv_tile_rotated<V: F32x16, const G: usize, const PIXELS: usize>(
     args: &KernelArgs,
     (input, weight, bias, residual, out): TilePointers,
 ) {
-    let g = args.rotations;
     let step = args.stride * LANES;
-    // Rotation by one within each group of g lanes.
-    let next: [u32; 16] = std::array::from_fn(|j| (j - j % g + (j % g + 1) % g) as u32);
-    let b = V::load(bias);
-    let mut acc = [b; PIXELS];
-    if !residual.is_null() {
-        for (p, value) in acc.iter_mut().enumerate() {
-            *value = b.add(V::load(residual.add(p * LANES)));
-        }
-    }
+    let mut acc = [[V::splat(0.0); PIXELS]; G];
     let mut w = weight;
     for ky in 0..args.kernel {
         let row = input.add(ky * args.in_row_stride);
         for kx in 0..args.kernel {
             let tap = row.add(kx * LANES);
-            // Indexing keeps the unrolled loop in registers.
+            let mut wv = [V::splat(0.0); G];
+            for (d, v) in wv.iter_mut().enumerate() {
+                *v = V::load(w.add(d * LANES));
+            }
+            w = w.add(G * LANES);
+            // Indexing keeps the unrolled loops in registers.
             #[allow(clippy::needless_range_loop)]
             for p in 0..PIXELS {
-                let mut x = V::load(tap.add(p * step));
-                for d in 0..g {
-                    acc[p] = V::load(w.add(d * LANES)).mul_add(x, acc[p]);
-                    if d + 1 < g {
-                        x = x.permute(&next);
-                    }
+                let x = V::load(tap.add(p * step));
+                for d in 0..G {
+                    acc[d][p] = wv[d].mul_add(x, acc[d][p]);
                 }
             }
-            w = w.add(g * LANES);
         }
     }
+    // Set d's lane i belongs to output lane i - i % G + (i % G - d) mod G: output lane j
+    // takes lane j - j % G + (j % G + d) % G of it.
+    let onto: [[u32; 16]; G] =
+        std::array::from_fn(|d| std::array::from_fn(|j| (j - j % G + (j % G + d) % G) as u32));
+    let b = V::load(bias);
     let zero = V::splat(0.0);
-    for (p, &value) in acc.iter().enumerate() {
+    // Indexing: every set's pixel p.
+    #[allow(clippy::needless_range_loop)]
+    for p in 0..PIXELS {
+        let mut value = if residual.is_null() {
+            b
+        } else {
+            b.add(V::load(residual.add(p * LANES)))
+        };
+        value = value.add(acc[0][p]);
+        for d in 1..G {
+            value = value.add(acc[d][p].permute(&onto[d]));
+        }
         let value = if args.relu { value.max(zero) } else { value };
         value.store(out.add(p * LANES));
+    }
+}
+
+/// [`conv_tile_rotated`] along a row of `pixels` output pixels: tiles of `PIXELS`, the
+/// rest one pixel at a time (one call per row: a narrow group's tile is little work).
+///
+/// # Safety
+/// As [`conv_tile_rotated`] for the whole row.
+#[inline(always)]
+pub(super) unsafe fn conv_row_rotated<V: F32x16, const G: usize, const PIXELS: usize>(
+    args: &KernelArgs,
+    (input, weight, bias, residual, out): TilePointers,
+    pixels: usize,
+) {
+    let step = args.stride * LANES;
+    let at = |done: usize| {
+        let residual = if residual.is_null() {
+            residual
+        } else {
+            residual.add(done * LANES)
+        };
+        (
+            input.add(done * step),
+            weight,
+            bias,
+            residual,
+            out.add(done * LANES),
+        )
+    };
+    let mut done = 0;
+    while pixels - done >= PIXELS {
+        conv_tile_rotated::<V, G, PIXELS>(args, at(done));
+        done += PIXELS;
+    }
+    while done < pixels {
+        conv_tile_rotated::<V, G, 1>(args, at(done));
+        done += 1;
     }
 }
 
@@ -534,16 +605,17 @@ macro_rules! isa_entry_points {
             super::conv_tile::<$vector, GROUP, PIXELS>(args, pointers)
         }
 
-        /// [`super::conv_tile_rotated`] on this instruction set.
+        /// [`super::conv_row_rotated`] on this instruction set.
         ///
         /// # Safety
         /// This CPU has the instruction set; the pointers as [`super::KernelCall::run`] checks.
         $(#[target_feature(enable = $feature)])?
-        pub(super) unsafe fn conv_tile_rotated<const PIXELS: usize>(
+        pub(super) unsafe fn conv_row_rotated<const G: usize, const PIXELS: usize>(
             args: &super::KernelArgs,
             pointers: super::TilePointers,
+            pixels: usize,
         ) {
-            super::conv_tile_rotated::<$vector, PIXELS>(args, pointers)
+            super::conv_row_rotated::<$vector, G, PIXELS>(args, pointers, pixels)
         }
 
         /// [`super::winograd_input_tile`] on this instruction set.
