@@ -249,7 +249,8 @@ fn resnet_d_checkpoints_are_inferred() -> Result<()> {
 }
 
 /// A timm resnetv2 checkpoint under timm's names (`stem.conv`, `stages.S.blocks.B`,
-/// `norm`, the classifier `head.fc` as a 1x1 convolution) loads with `--arch auto`:
+/// `norm`, the classifier `head.fc` as a 1x1 convolution) loads with `--arch auto`, and
+/// as a timm model directory:
 /// naming scheme, pre-activation, deep stem and average-pool shortcuts inferred, and the
 /// output equals timm's (the parity fixture of the same seeded weights).
 #[test]
@@ -285,6 +286,23 @@ fn timm_v2_checkpoints_load_by_inference() -> Result<()> {
             &expected["expected"],
             resnet_tests::F32_RELATIVE_TOLERANCE,
             name,
+        )?;
+        // As a timm model directory: config.json names the architecture.
+        let model_dir = dir.path().join(format!("{name}-dir"));
+        std::fs::create_dir(&model_dir)?;
+        std::fs::copy(&path, model_dir.join("model.safetensors"))?;
+        std::fs::write(
+            model_dir.join("config.json"),
+            format!(r#"{{"architecture": "{name}.a1h_in1k", "num_classes": 1000}}"#),
+        )?;
+        let source = resnet_io::read_model_dir(&model_dir)?;
+        let from_dir = source.load(None, &Device::Cpu, DType::F32)?;
+        assert_eq!(from_dir.config, config);
+        resnet_tests::assert_close(
+            &from_dir.model.forward(&input)?,
+            &expected["expected"],
+            resnet_tests::F32_RELATIVE_TOLERANCE,
+            &format!("{name} model directory"),
         )?;
         // And back: saved under timm's names, the classifier 4-D again.
         let again = dir.path().join(format!("{name}-saved.safetensors"));
