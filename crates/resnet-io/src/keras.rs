@@ -9,8 +9,8 @@
 //! Untrusted input like safetensors: the file is read whole but bounded, an archive's
 //! weights are inflated within a bound (a zip bomb is an error), every count and shape is
 //! checked before memory is sized by it, and the datasets together may hold no more data
-//! than the file does (Keras neither compresses nor shares them), so memory stays within
-//! twice the file's size.
+//! than the file does (Keras neither compresses nor shares them), so memory stays a small
+//! multiple of the file's size (its bytes, the weights read, the checkpoint made of them).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
