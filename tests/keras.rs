@@ -91,6 +91,41 @@ fn keras_v2_weights_load_from_h5_and_keras_archives() -> Result<()> {
     Ok(())
 }
 
+/// The full-size keras.applications ResNet50, ResNet50V2 and ResNet101V2, written by
+/// Keras as `.h5` and `.keras` (`generate_keras.py --full-size-files DIR`, about 100-180
+/// MB each: not committed), loaded with the architecture inferred: the preset it is, and
+/// Keras' output. Runs where `RESNET_KERAS_FULL` names that directory; skips otherwise.
+#[test]
+fn full_size_keras_files() -> Result<()> {
+    let Some(dir) = std::env::var_os("RESNET_KERAS_FULL").map(PathBuf::from) else {
+        eprintln!("skipped: RESNET_KERAS_FULL does not name a directory of full-size Keras files");
+        return Ok(());
+    };
+    let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
+    for (name, preset) in [
+        ("keras_resnet50", "keras_resnet50"),
+        ("keras_resnet50v2", "resnet50v2"),
+        ("keras_resnet101v2", "resnet101v2"),
+    ] {
+        let expected = expected(name)?;
+        for extension in ["h5", "keras"] {
+            let path = dir.join(format!("{name}.{extension}"));
+            let loaded = load_file(&path, None, &Device::Cpu, DType::F32)
+                .with_context(|| format!("loading {}", path.display()))?;
+            assert_eq!(loaded.config.describe(), preset, "{}", path.display());
+            let folded = loaded.model.fold_batch_norm()?;
+            let what = path.display().to_string();
+            assert_close(
+                &folded.forward(&input)?,
+                &expected,
+                F32_RELATIVE_TOLERANCE,
+                &what,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// `convert` writes a Keras file to safetensors in our names; it loads back exactly.
 #[test]
 fn keras_files_convert_to_safetensors() -> Result<()> {
