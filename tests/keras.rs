@@ -27,20 +27,25 @@ fn expected(name: &str) -> Result<Tensor> {
 /// Loads `file` with the architecture inferred, checks it against `fixture` unfolded and
 /// folded for both CPU paths; returns the model.
 fn check_file(file: &str, fixture: &str) -> Result<ResNet> {
-    let path = keras_fixture(file);
+    check_path(&keras_fixture(file), fixture)
+}
+
+/// [`check_file`] for a file anywhere.
+fn check_path(path: &std::path::Path, fixture: &str) -> Result<ResNet> {
     let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
     let expected = expected(fixture)?;
-    let loaded = load_file(&path, None, &Device::Cpu, DType::F32)
+    let loaded = load_file(path, None, &Device::Cpu, DType::F32)
         .with_context(|| format!("loading {}", path.display()))?;
+    let what = path.display().to_string();
     assert_close(
         &loaded.model.forward(&input)?,
         &expected,
         F32_RELATIVE_TOLERANCE,
-        file,
+        &what,
     )?;
     for kernels in [CpuKernels::Auto, CpuKernels::Gemm] {
         let folded = loaded.model.clone().fold_batch_norm_with(kernels)?;
-        let what = format!("{file} folded for {kernels:?}");
+        let what = format!("{what} folded for {kernels:?}");
         assert_close(
             &folded.forward(&input)?,
             &expected,
@@ -101,26 +106,15 @@ fn full_size_keras_files() -> Result<()> {
         eprintln!("skipped: RESNET_KERAS_FULL does not name a directory of full-size Keras files");
         return Ok(());
     };
-    let input = hashed_tensor("input", &[2, 3, 64, 64], &Device::Cpu)?;
     for (name, preset) in [
         ("keras_resnet50", "keras_resnet50"),
         ("keras_resnet50v2", "resnet50v2"),
         ("keras_resnet101v2", "resnet101v2"),
     ] {
-        let expected = expected(name)?;
         for extension in ["h5", "keras"] {
             let path = dir.join(format!("{name}.{extension}"));
-            let loaded = load_file(&path, None, &Device::Cpu, DType::F32)
-                .with_context(|| format!("loading {}", path.display()))?;
-            assert_eq!(loaded.config.describe(), preset, "{}", path.display());
-            let folded = loaded.model.fold_batch_norm()?;
-            let what = path.display().to_string();
-            assert_close(
-                &folded.forward(&input)?,
-                &expected,
-                F32_RELATIVE_TOLERANCE,
-                &what,
-            )?;
+            let model = check_path(&path, name)?;
+            assert_eq!(model.config().describe(), preset, "{}", path.display());
         }
     }
     Ok(())

@@ -298,25 +298,13 @@ impl ResNetConfig {
     /// of width 16, 32, 64, option A shortcuts, 10 classes.
     pub fn cifar(n: usize) -> Self {
         Self {
-            block: BlockKind::Basic,
             blocks_per_stage: vec![n; 3],
             stage_widths: vec![16, 32, 64],
             stem: StemKind::Cifar,
             stem_width: 16,
             shortcut: ShortcutKind::ZeroPad,
-            groups: 1,
-            width_per_group: 64,
-            in_channels: 3,
             num_classes: 10,
-            bn_eps: 1e-5,
-            bottleneck_stride: BottleneckStride::Conv3x3,
-            squeeze_excite: false,
-            preactivation: false,
-            stride_in_last_block: false,
-            downsample_first_stage: false,
-            conv_bias: false,
-            zero_padded_pool: false,
-            input_normalization: InputNormalization::MeanStd,
+            ..Self::imagenet(BlockKind::Basic, [n; 4])
         }
     }
 
