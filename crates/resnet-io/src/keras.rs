@@ -516,10 +516,12 @@ fn to_checkpoint(path: &Path, weights: Vec<KerasWeight>) -> Result<Checkpoint> {
         .iter()
         .any(|w| w.layer == "post_bn" || w.layer.ends_with("_preact_bn"));
     let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::with_capacity(weights.len());
+    // A set, not a scan: a crafted file may hold millions of (empty) datasets.
+    let mut seen = std::collections::HashSet::with_capacity(weights.len());
     for weight in weights {
         let name = our_name(&weight.layer, &weight.param, v2)
             .unwrap_or_else(|| format!("keras.{}.{}", weight.layer, weight.param));
-        if tensors.iter().any(|(n, _, _)| *n == name) {
+        if !seen.insert(name.clone()) {
             return Err(invalid(
                 path,
                 format!("two weights are {name} ({}/{})", weight.layer, weight.param),
