@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use resnet_train::Optimizer as _;
 use serde_json::json;
 
 use crate::common::{

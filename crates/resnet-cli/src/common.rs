@@ -296,20 +296,9 @@ fn after_loading() {
     resnet_core::retain_freed_memory();
 }
 
-/// Softmax probabilities and indices of the `k` most likely classes of each row.
-pub fn top_k(logits: &candle_core::Tensor, k: usize) -> Result<Vec<Vec<(usize, f32)>>> {
-    let probabilities = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
-    let rows: Vec<Vec<f32>> = probabilities.to_device(&Device::Cpu)?.to_vec2()?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let mut indexed: Vec<(usize, f32)> = row.into_iter().enumerate().collect();
-            indexed.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-            indexed.truncate(k);
-            indexed
-        })
-        .collect())
-}
+/// The k most probable classes of each row of logits (the library's, shared with
+/// training's validation).
+pub use resnet_train::top_k;
 
 /// Refuses, before anything is allocated, a forward pass over `shape` (N, C, H, W) whose
 /// activations cannot fit in this machine's memory (or whose size overflows).

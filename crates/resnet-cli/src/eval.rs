@@ -97,7 +97,7 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     });
 
     let mut predictions: Vec<Option<usize>> = vec![None; images.len()];
-    let mut top5_hits = 0usize;
+    let mut accuracy = resnet_train::Accuracy::new(classes.len());
     let mut unreadable: Vec<(PathBuf, String)> = skipped;
     let mut resize_notes = 0usize;
     for batch in receiver {
@@ -133,10 +133,9 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         let input = resnet_io::batch(&tensors, &model.device, model.dtype)?;
         let logits = model.model.forward(&input)?;
         for (index, top) in indices.into_iter().zip(top_k(&logits, 5)?) {
-            predictions[index] = top.first().map(|&(class, _)| class);
-            if top.iter().any(|&(class, _)| class == images[index].1) {
-                top5_hits += 1;
-            }
+            let ranked: Vec<usize> = top.iter().map(|&(class, _)| class).collect();
+            predictions[index] = ranked.first().copied();
+            accuracy.record(&ranked, images[index].1);
         }
     }
     decoder
@@ -145,28 +144,10 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     progress.finish_and_clear();
 
-    let mut per_class = vec![(0usize, 0usize); classes.len()];
-    let mut evaluated = 0usize;
-    let mut top1_hits = 0usize;
-    for ((_, label), predicted) in images.iter().zip(&predictions) {
-        if let Some(predicted) = predicted {
-            evaluated += 1;
-            per_class[*label].1 += 1;
-            if predicted == label {
-                top1_hits += 1;
-                per_class[*label].0 += 1;
-            }
-        }
-    }
-    let ratio = |hits: usize, total: usize| {
-        if total == 0 {
-            0.0
-        } else {
-            hits as f64 / total as f64
-        }
-    };
-    let top1 = ratio(top1_hits, evaluated);
-    let top5 = ratio(top5_hits, evaluated);
+    let evaluated = accuracy.total();
+    let (top1, top5) = (accuracy.top1(), accuracy.top5());
+    let per_class = accuracy.per_class();
+    let per_class_top1 = accuracy.per_class_top1();
     let images_per_sec = evaluated as f64 / elapsed.max(1e-9);
 
     if resize_notes > 1 {
@@ -202,8 +183,8 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
 
     let per_class_json: BTreeMap<&str, f64> = classes
         .iter()
-        .zip(&per_class)
-        .map(|(name, &(hits, total))| (name.as_str(), ratio(hits, total)))
+        .zip(&per_class_top1)
+        .map(|(name, &top1)| (name.as_str(), top1))
         .collect();
     if args.json {
         let summary = json!({
@@ -234,11 +215,8 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         println!("top-5:      {:.2}%", top5 * 100.0);
         println!("speed:      {images_per_sec:.1} images/s ({elapsed:.1} s)");
         println!("per class:");
-        for (name, &(hits, total)) in classes.iter().zip(&per_class) {
-            println!(
-                "  {name:<20} {:>6.2}%  ({hits}/{total})",
-                ratio(hits, total) * 100.0
-            );
+        for ((name, &(hits, total)), share) in classes.iter().zip(per_class).zip(&per_class_top1) {
+            println!("  {name:<20} {:>6.2}%  ({hits}/{total})", share * 100.0);
         }
     }
     Ok(())

@@ -108,7 +108,7 @@ enum Command {
   resnet train --arch resnet20 --data cifar10-train --val cifar10-test --epochs 3 --output r20
   resnet train --model weights/resnet20.safetensors --data flowers --epochs 5 --freeze-backbone --lr 0.01
   resnet train --model timm/resnet50.a1_in1k --data pets --epochs 10 --optimizer adamw --lr 1e-4 --weight-decay 0.05")]
-    Train(train::Args),
+    Train(Box<train::Args>),
     /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
     #[command(after_help = "Examples:
   resnet completions bash > ~/.local/share/bash-completion/completions/resnet
@@ -179,7 +179,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&cli.global, args),
         Command::Convert(args) => inspect::convert(&cli.global, args),
         Command::Bench(args) => bench::run(&cli.global, args),
-        Command::Train(args) => train::run(&cli.global, args),
+        Command::Train(args) => train::run(&cli.global, *args),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "resnet", &mut std::io::stdout());
             Ok(())

@@ -1,20 +1,22 @@
-//! `resnet train`: train or fine-tune on an ImageFolder tree.
+//! `resnet train`: train or fine-tune on an ImageFolder tree. The loop is
+//! `resnet_train::Trainer`'s; this command parses flags, builds the pieces and prints.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, ModuleT, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use indicatif::{ProgressBar, ProgressStyle};
-use resnet_core::{ResNet, ResNetConfig};
+use resnet_core::ResNet;
 use resnet_io::{ImageFolder, NamingScheme, PreprocessConfig};
 use resnet_train::{
-    AdamW, AdamWConfig, Augmentation, Schedule, ScheduleKind, Sgd, SgdConfig, TrainingSet,
+    Augmentation, Checkpointer, EpochRecord, Event, MixupConfig, Observer, OptimizerKind,
+    OptimizerSettings, Outcome, Trainer, TrainerConfig, TrainingSet, TrainingState,
 };
 use serde_json::json;
 
-use crate::common::{load_model_named, parse_arch, top_k, GlobalOptions};
+use crate::common::{load_model_named, parse_arch, GlobalOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -61,7 +63,8 @@ pub struct Args {
     /// No weight decay on BatchNorm weights and biases.
     #[arg(long)]
     no_decay_on_norm_and_bias: bool,
-    /// cosine (to zero over the run), step (at --milestones) or constant.
+    /// cosine (to zero over the run), step (at --milestones), step:E1,E2[@GAMMA] or
+    /// constant.
     #[arg(long, default_value = "cosine")]
     schedule: String,
     /// Epochs at which the step schedule multiplies the rate by --gamma, e.g. 100,150.
@@ -73,9 +76,39 @@ pub struct Args {
     /// Epochs of linear warm-up before the schedule.
     #[arg(long, default_value_t = 0)]
     warmup_epochs: u64,
-    /// Label smoothing of the cross-entropy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Label smoothing of the cross-entropy (of the mixed targets with --mixup/--cutmix).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     label_smoothing: f64,
+    /// Sum the gradients of N batches per optimizer step, each loss divided by N (the
+    /// effective batch is N x --batch-size).
+    #[arg(long, default_value_t = 1)]
+    grad_accum_steps: usize,
+    /// Clip the gradients' global L2 norm to this before each step.
+    #[arg(long, allow_hyphen_values = true)]
+    clip_grad_norm: Option<f64>,
+    /// Keep an exponential moving average of the weights (timm's ModelEmaV3), e.g.
+    /// 0.999: validated beside the trained network, and the model saved.
+    #[arg(long, allow_hyphen_values = true)]
+    ema_decay: Option<f64>,
+    /// Mixup's Beta(alpha, alpha) (timm's --mixup; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    mixup: f64,
+    /// CutMix's Beta(alpha, alpha) (timm's --cutmix; 0: off).
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    cutmix: f64,
+    /// Probability that a batch is mixed at all.
+    #[arg(long, default_value_t = 1.0)]
+    mixup_prob: f64,
+    /// With both --mixup and --cutmix, the probability of cutmix for a mixed batch.
+    #[arg(long, default_value_t = 0.5)]
+    mixup_switch_prob: f64,
+    /// Validate every N epochs (and after the last).
+    #[arg(long, default_value_t = 1)]
+    val_every: u64,
+    /// Keep the model with the best validation top-1 beside the output
+    /// (NAME.best.safetensors or DIR/best/).
+    #[arg(long, requires_all = ["val", "output"])]
+    keep_best: bool,
     /// Classes (default: the class folders of --data); a checkpoint with another count
     /// gets a new classifier.
     #[arg(long)]
@@ -102,52 +135,15 @@ pub struct Args {
     json: bool,
 }
 
-enum Optimizer {
-    Sgd(Sgd),
-    AdamW(AdamW),
-}
-
-impl Optimizer {
-    fn state(&self) -> Result<std::collections::HashMap<String, Tensor>> {
-        Ok(match self {
-            Self::Sgd(o) => o.state(),
-            Self::AdamW(o) => o.state()?,
-        })
-    }
-
-    fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>) -> Result<()> {
-        match self {
-            Self::Sgd(o) => o.load_state(state)?,
-            Self::AdamW(o) => o.load_state(state)?,
-        }
-        Ok(())
-    }
-
-    fn set_lr(&mut self, lr: f64) {
-        match self {
-            Self::Sgd(o) => o.set_lr(lr),
-            Self::AdamW(o) => o.set_lr(lr),
-        }
-    }
-
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
-        match self {
-            Self::Sgd(o) => o.step(grads)?,
-            Self::AdamW(o) => o.step(grads)?,
-        }
-        Ok(())
-    }
-}
-
 /// The network to train and what it was loaded from.
 struct Start {
     model: ResNet,
     scheme: NamingScheme,
     preprocess: PreprocessConfig,
-    device: Device,
 }
 
-/// `--arch` (fresh weights) or `--model` (a checkpoint, unfolded).
+/// `--arch` (fresh weights), `--model` (a checkpoint, unfolded) or `--resume` (the
+/// run's output).
 fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Start> {
     let model = args
         .model
@@ -159,7 +155,6 @@ fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Star
             model: loaded.model,
             scheme: loaded.scheme,
             preprocess: loaded.preprocess,
-            device: loaded.device,
         });
     }
     let arch = args.arch.as_deref().unwrap_or_default();
@@ -183,44 +178,56 @@ fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Star
         model,
         scheme: NamingScheme::Torchvision,
         preprocess,
-        device,
     })
 }
 
-/// A copy of `model` whose tensors are variables, with a fresh classifier when the class
-/// count differs.
-fn with_classes(model: &ResNet, num_classes: usize) -> Result<(ResNet, VarMap)> {
-    let (trainable, varmap) = resnet_train::trainable(model)?;
-    if model.config().num_classes == num_classes {
-        return Ok((trainable, varmap));
+impl Args {
+    fn trainer_config(&self) -> TrainerConfig {
+        let schedule = if self.schedule == "step" {
+            let milestones: Vec<String> = self.milestones.iter().map(u64::to_string).collect();
+            format!("step:{}@{}", milestones.join(","), self.gamma)
+        } else {
+            self.schedule.clone()
+        };
+        TrainerConfig {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            schedule,
+            warmup_epochs: self.warmup_epochs,
+            label_smoothing: self.label_smoothing,
+            grad_accum_steps: self.grad_accum_steps,
+            clip_grad_norm: self.clip_grad_norm,
+            ema_decay: self.ema_decay,
+            mixup: MixupConfig {
+                mixup_alpha: self.mixup,
+                cutmix_alpha: self.cutmix,
+                prob: self.mixup_prob,
+                switch_prob: self.mixup_switch_prob,
+                label_smoothing: self.label_smoothing,
+            },
+            freeze_backbone: self.freeze_backbone,
+            val_every: self.val_every,
+            keep_best: self.keep_best,
+            stop_after_epochs: self.stop_after_epochs,
+        }
     }
-    {
-        let mut data = varmap
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?;
-        data.retain(|name, _| !name.starts_with("fc."));
-    }
-    let config: ResNetConfig = model.config().clone().with_num_classes(num_classes);
-    let dtype = model
-        .named_tensors()?
-        .first()
-        .map_or(candle_core::DType::F32, |(_, t)| t.dtype());
-    let fresh = ResNet::new(
-        &config,
-        VarBuilder::from_varmap(&varmap, dtype, model.device()),
-    )?;
-    Ok((fresh, varmap))
 }
 
 pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
-    if args.epochs == 0 || args.batch_size == 0 {
-        bail!("--epochs and --batch-size must be at least 1");
+    // Every setting is checked before anything is read or written.
+    let config = args.trainer_config();
+    if args.schedule == "step" && args.milestones.is_empty() {
+        bail!("--schedule step needs --milestones E1,E2,...");
+    }
+    config.check()?;
+    let kind: OptimizerKind = args.optimizer.parse()?;
+    if args.mixup > 0.0 || args.cutmix > 0.0 {
+        resnet_train::Mixup::new(config.mixup, 2)?;
     }
     let output = args.output.clone().or_else(|| args.resume.clone());
-    // Checked before any work: the output folder must be writable.
+    // Checked before any work: the output must be writable.
     if let Some(output) = &output {
-        check_output(output)?;
+        Checkpointer::check_destination(output)?;
     }
     let folder = ImageFolder::open(&args.data)?;
     let classes = folder.classes.clone();
@@ -247,344 +254,225 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
             args.data.display()
         );
     }
+    // The saved state is read and checked before anything is written.
+    let resumed = match &args.resume {
+        Some(resume) => {
+            let path = Checkpointer::state_path(resume);
+            Some(
+                TrainingState::read(&path, &global.device()?)
+                    .with_context(|| format!("--resume {}: no training state", resume.display()))?,
+            )
+        }
+        None => None,
+    };
     let Start {
         model,
         scheme,
         preprocess,
-        device,
     } = start(global, &args, num_classes)?;
-    let (model, varmap) = with_classes(&model, num_classes)?;
+    let checkpointer = output
+        .as_ref()
+        .map(|o| Checkpointer::new(o, scheme, classes.clone(), preprocess.clone()))
+        .transpose()?;
+    let (model, varmap) = resnet_train::with_new_head(&model, num_classes)?;
     let mut parameters = resnet_train::parameters(&varmap, args.no_decay_on_norm_and_bias);
     if args.freeze_backbone {
-        parameters.retain(|p| p.name.starts_with("fc."));
+        parameters = resnet_train::head_parameters(parameters);
     }
-    let mut optimizer = match args.optimizer.as_str() {
-        "sgd" => Optimizer::Sgd(Sgd::new(
-            parameters,
-            SgdConfig {
-                lr: args.lr,
-                momentum: args.momentum,
-                dampening: 0.0,
-                nesterov: args.nesterov,
-                weight_decay: args.weight_decay,
-            },
-        )?),
-        "adamw" => Optimizer::AdamW(AdamW::new(
-            parameters,
-            AdamWConfig {
-                lr: args.lr,
-                weight_decay: args.weight_decay,
-                ..AdamWConfig::default()
-            },
-        )?),
-        other => bail!("unknown optimizer '{other}', expected sgd or adamw"),
+    let settings = OptimizerSettings {
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        momentum: args.momentum,
+        nesterov: args.nesterov,
+        ..OptimizerSettings::default()
     };
+    let optimizer = resnet_train::optimizer(kind, parameters, &settings)?;
     let augmentation = if args.no_augment {
         Augmentation::None
     } else {
         Augmentation::for_input(preprocess.size)
     };
-    let data = std::sync::Arc::new(TrainingSet::open(
+    let data = Arc::new(TrainingSet::open(
         &args.data,
-        preprocess.clone(),
+        preprocess,
         augmentation,
         args.seed,
         !args.no_shuffle,
     )?);
-    let steps_per_epoch = data.batch_count(args.batch_size) as u64;
-    let kind = match args.schedule.as_str() {
-        "cosine" => ScheduleKind::Cosine,
-        "constant" => ScheduleKind::Constant,
-        "step" => ScheduleKind::Step {
-            milestones: args
-                .milestones
-                .iter()
-                .map(|e| e * steps_per_epoch)
-                .collect(),
-            gamma: args.gamma,
-        },
-        other => bail!("unknown schedule '{other}', expected cosine, step or constant"),
-    };
-    let schedule = Schedule::new(
-        args.lr,
-        args.epochs * steps_per_epoch,
-        args.warmup_epochs * steps_per_epoch,
-        kind,
-    )?;
-    let validation = args
-        .val
-        .as_ref()
-        .map(|dir| ImageFolder::open(dir))
-        .transpose()?;
-    // (train loss, validation top-1) of every finished epoch, for the curves.
-    let mut history: Vec<(f64, Option<f64>)> = Vec::new();
-    let first_iteration = match &args.resume {
-        Some(resume) => {
-            let saved = read_state(resume, &device, args.seed, steps_per_epoch)?;
-            optimizer.load_state(&saved.optimizer)?;
-            history = saved.history;
-            saved.iteration
-        }
-        None => 0,
-    };
-    let stop_after = args
-        .stop_after_epochs
-        .unwrap_or(args.epochs)
-        .min(args.epochs);
-    crate::common::DEFER_INTERRUPT.store(true, std::sync::atomic::Ordering::SeqCst);
-    let checkpoint =
-        |iteration: u64, optimizer: &Optimizer, history: &[(f64, Option<f64>)]| match &output {
-            Some(output) => {
-                save(&model, output, scheme, &classes, &preprocess)?;
-                write_state(
-                    output,
-                    optimizer,
-                    iteration,
-                    args.seed,
-                    steps_per_epoch,
-                    history,
-                )?;
-                write_curves(output, history)
-            }
-            None => Ok(()),
-        };
+    let mut trainer = Trainer::new(model, varmap, optimizer, data, config)?;
+    if let Some(dir) = &args.val {
+        trainer = trainer.validate_on(ImageFolder::open(dir)?);
+    }
+    if let Some(checkpointer) = checkpointer {
+        trainer = trainer.checkpoint_to(checkpointer);
+    }
+    if let Some(state) = resumed {
+        trainer.resume(state)?;
+    }
 
-    // Decoded and augmented on a worker thread, two batches ahead of the step.
-    let mut batches = data.batches_ahead(
-        first_iteration..stop_after * steps_per_epoch,
-        args.batch_size,
-        &device,
-        2,
-    );
-    for epoch in first_iteration / steps_per_epoch..stop_after {
-        let started = Instant::now();
-        let progress = if args.json {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::new(steps_per_epoch)
-        };
-        progress.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} {bar:30} {pos}/{len} steps, {msg}, eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        progress.set_prefix(format!("{}/{}", epoch + 1, args.epochs));
-        let (mut loss_sum, mut seen, mut unreadable) = (0.0f64, 0usize, 0usize);
-        let first_step = if epoch == first_iteration / steps_per_epoch {
-            first_iteration % steps_per_epoch
-        } else {
-            0
-        };
-        for step in first_step..steps_per_epoch {
-            let iteration = epoch * steps_per_epoch + step;
-            let lr = schedule.lr(iteration);
-            optimizer.set_lr(lr);
-            let batch = batches
-                .next()
-                .ok_or_else(|| anyhow::anyhow!("the data loading thread stopped early"))??;
-            for (path, reason) in &batch.unreadable {
-                progress.suspend(|| {
-                    eprintln!(
-                        "warning: skipping unreadable image {}: {reason}",
-                        path.display()
+    crate::common::DEFER_INTERRUPT.store(true, Ordering::SeqCst);
+    let mut printer = Printer {
+        json: args.json,
+        epochs: args.epochs,
+        progress: ProgressBar::hidden(),
+        unreadable: 0,
+    };
+    let outcome = trainer.run(&crate::common::INTERRUPT_REQUESTED, &mut printer)?;
+    printer.progress.finish_and_clear();
+    match outcome {
+        Outcome::Stopped { iteration, total } => {
+            let place = output
+                .as_ref()
+                .map_or("no --output: nothing saved".to_string(), |o| {
+                    format!(
+                        "checkpoint written to {0}; continue with --resume {0}",
+                        o.display()
                     )
                 });
-            }
-            unreadable += batch.unreadable.len();
-            let logits = if args.freeze_backbone {
-                // The backbone as it is (BatchNorm in eval mode), no gradient through it.
-                let features = model.forward_features(&batch.images)?.detach();
-                model.forward_head(&features, false)?
-            } else {
-                model.forward_t(&batch.images, true)?
-            };
-            let loss = resnet_train::cross_entropy(&logits, &batch.labels, args.label_smoothing)?;
-            let value = f64::from(loss.to_scalar::<f32>()?);
-            if !value.is_finite() {
-                bail!(
-                    "the loss is {value} at step {} (epoch {}, lr {lr}): training diverged; \
-                     try a smaller --lr or a --warmup-epochs (nothing was saved after this step)",
-                    iteration + 1,
-                    epoch + 1
-                );
-            }
-            optimizer.step(&loss.backward()?)?;
-            let count = batch.images.dim(0)?;
-            loss_sum += value * count as f64;
-            seen += count;
-            progress.inc(1);
-            let rate = seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            progress.set_message(format!(
-                "loss {:.4}, lr {lr:.4}, {rate:.1} images/s",
-                loss_sum / seen as f64
-            ));
-            if crate::common::INTERRUPT_REQUESTED.load(std::sync::atomic::Ordering::SeqCst) {
-                progress.finish_and_clear();
-                checkpoint(iteration + 1, &optimizer, &history)?;
-                let place = output
-                    .as_ref()
-                    .map_or("no --output: nothing saved".to_string(), |o| {
-                        format!(
-                            "checkpoint written to {0}; continue with --resume {0}",
-                            o.display()
-                        )
-                    });
-                bail!(
-                    "interrupted after step {} of {}: {place}",
-                    iteration + 1,
-                    args.epochs * steps_per_epoch
-                );
-            }
+            bail!("interrupted after step {iteration} of {total}: {place}");
         }
-        progress.finish_and_clear();
-        let train_loss = loss_sum / seen.max(1) as f64;
-        let (top1, top5) = match &validation {
-            Some(folder) => {
-                let (top1, top5) = evaluate(&model, folder, &preprocess, &device, args.batch_size)?;
-                (Some(top1), Some(top5))
-            }
-            None => (None, None),
-        };
-        let seconds = started.elapsed().as_secs_f64();
-        let lr = schedule.lr((epoch + 1) * steps_per_epoch - 1);
-        if args.json {
-            println!(
-                "{}",
-                json!({"epoch": epoch + 1, "train_loss": train_loss, "val_top1": top1, "val_top5": top5,
-                       "lr": lr, "seconds": seconds, "images": seen, "unreadable": unreadable})
-            );
-        } else {
-            let val = match (top1, top5) {
-                (Some(t1), Some(t5)) => {
-                    format!(", val top-1 {:.2}% top-5 {:.2}%", t1 * 100.0, t5 * 100.0)
-                }
-                _ => String::new(),
-            };
-            println!(
-                "epoch {}/{}: train loss {train_loss:.4}{val}, lr {lr:.5}, {seconds:.1} s{}",
-                epoch + 1,
-                args.epochs,
-                if unreadable > 0 {
-                    format!(" ({unreadable} unreadable images skipped)")
-                } else {
-                    String::new()
-                }
-            );
-        }
-        history.push((train_loss, top1));
-        checkpoint((epoch + 1) * steps_per_epoch, &optimizer, &history)?;
-    }
-    if let Some(output) = &output {
-        if !args.json {
-            println!("wrote {}", output.display());
-            if stop_after < args.epochs {
+        Outcome::Paused { epochs } => {
+            if let (Some(output), false) = (&output, args.json) {
+                println!("wrote {}", output.display());
                 println!(
-                    "stopped after epoch {stop_after}: continue with --resume {}",
+                    "stopped after epoch {epochs}: continue with --resume {}",
                     output.display()
                 );
             }
         }
+        Outcome::Finished => {
+            if let (Some(output), false) = (&output, args.json) {
+                println!("wrote {}", output.display());
+            }
+        }
     }
     Ok(())
 }
 
-/// Where the training state of a run's output is kept.
-fn state_path(output: &Path) -> PathBuf {
-    if is_file_output(output) {
-        output.with_extension("training-state.safetensors")
-    } else {
-        output.join("training-state.safetensors")
-    }
+/// The command's observer: a progress bar per epoch, a line (or a JSON line) per epoch,
+/// the training curves beside every checkpoint.
+struct Printer {
+    json: bool,
+    epochs: u64,
+    progress: ProgressBar,
+    unreadable: usize,
 }
 
-/// The optimizer's tensors and where the run stands, beside the model.
-fn write_state(
-    output: &Path,
-    optimizer: &Optimizer,
-    iteration: u64,
-    seed: u64,
-    steps_per_epoch: u64,
-    history: &[(f64, Option<f64>)],
-) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = optimizer.state()?.into_iter().collect();
-    let metadata = std::collections::HashMap::from([
-        ("iteration".to_string(), iteration.to_string()),
-        ("seed".to_string(), seed.to_string()),
-        ("steps_per_epoch".to_string(), steps_per_epoch.to_string()),
-        ("history".to_string(), serde_json::to_string(history)?),
-    ]);
-    resnet_io::write_tensors(state_path(output), &tensors, Some(metadata))?;
-    Ok(())
-}
-
-/// The step to continue from and the optimizer's tensors, checked against this run.
-fn read_state(
-    resume: &Path,
-    device: &Device,
-    seed: u64,
-    steps_per_epoch: u64,
-) -> Result<SavedState> {
-    let path = state_path(resume);
-    let state = resnet_io::Checkpoint::open(&path)
-        .with_context(|| format!("--resume {}: no training state", resume.display()))?;
-    let number = |key: &str| -> Result<u64> {
-        state
-            .metadata()
-            .get(key)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("{}: no valid '{key}' in its metadata", path.display()))
-    };
-    if number("seed")? != seed {
-        bail!(
-            "--resume: the run used --seed {}, this one --seed {seed}",
-            number("seed")?
+impl Printer {
+    fn epoch_line(&self, record: &EpochRecord) {
+        if self.json {
+            println!(
+                "{}",
+                json!({"epoch": record.epoch, "train_loss": record.train_loss,
+                       "val_top1": record.val_top1, "val_top5": record.val_top5,
+                       "raw_val_top1": record.raw_val_top1,
+                       "lr": record.lr, "seconds": record.seconds, "images": record.images,
+                       "unreadable": record.unreadable})
+            );
+            return;
+        }
+        let val = match (record.val_top1, record.val_top5) {
+            (Some(t1), Some(t5)) => {
+                let raw = record.raw_val_top1.map_or(String::new(), |r| {
+                    format!(" (EMA; trained network {:.2}%)", r * 100.0)
+                });
+                format!(
+                    ", val top-1 {:.2}% top-5 {:.2}%{raw}",
+                    t1 * 100.0,
+                    t5 * 100.0
+                )
+            }
+            _ => String::new(),
+        };
+        let skipped = if record.unreadable > 0 {
+            format!(" ({} unreadable images skipped)", record.unreadable)
+        } else {
+            String::new()
+        };
+        println!(
+            "epoch {}/{}: train loss {:.4}{val}, lr {:.5}, {:.1} s{skipped}",
+            record.epoch, self.epochs, record.train_loss, record.lr, record.seconds
         );
     }
-    if number("steps_per_epoch")? != steps_per_epoch {
-        bail!(
-            "--resume: the run had {} steps per epoch, this one {steps_per_epoch}: the data or --batch-size changed",
-            number("steps_per_epoch")?
-        );
-    }
-    let tensors = state
-        .tensors()
-        .iter()
-        .map(|info| {
-            Ok((
-                info.name.clone(),
-                state.load(&info.name, device, candle_core::DType::F32)?,
-            ))
-        })
-        .collect::<Result<_>>()?;
-    let history = state
-        .metadata()
-        .get("history")
-        .and_then(|h| serde_json::from_str(h).ok())
-        .unwrap_or_default();
-    Ok(SavedState {
-        iteration: number("iteration")?,
-        optimizer: tensors,
-        history,
-    })
 }
 
-/// What `--resume` reads back: the next step, the optimizer's tensors, the epochs so far.
-struct SavedState {
-    iteration: u64,
-    optimizer: std::collections::HashMap<String, Tensor>,
-    history: Vec<(f64, Option<f64>)>,
+impl Observer for Printer {
+    fn observe(&mut self, event: &Event<'_>) -> candle_core::Result<()> {
+        match event {
+            Event::EpochStarted {
+                epoch,
+                first_step,
+                steps_per_epoch,
+            } => {
+                self.progress = if self.json {
+                    ProgressBar::hidden()
+                } else {
+                    ProgressBar::new(*steps_per_epoch)
+                };
+                self.progress.set_style(
+                    ProgressStyle::with_template(
+                        "epoch {prefix} {bar:30} {pos}/{len} steps, {msg}, eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                self.progress
+                    .set_prefix(format!("{}/{}", epoch + 1, self.epochs));
+                self.progress.set_position(*first_step);
+                self.unreadable = 0;
+            }
+            Event::StepDone {
+                running_loss,
+                lr,
+                images_per_sec,
+                unreadable,
+                ..
+            } => {
+                for (path, reason) in unreadable.iter() {
+                    self.progress.suspend(|| {
+                        eprintln!(
+                            "warning: skipping unreadable image {}: {reason}",
+                            path.display()
+                        )
+                    });
+                }
+                self.progress.inc(1);
+                self.progress.set_message(format!(
+                    "loss {running_loss:.4}, lr {lr:.4}, {images_per_sec:.1} images/s"
+                ));
+            }
+            Event::EpochDone(record) => {
+                self.progress.finish_and_clear();
+                self.epoch_line(record);
+            }
+            Event::CheckpointWritten {
+                path,
+                best,
+                history,
+            } => {
+                if *best {
+                    if !self.json {
+                        println!("best so far: wrote {}", path.display());
+                    }
+                } else {
+                    write_curves(path, history).map_err(candle_core::Error::wrap)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The training curves (train loss, validation top-1 per epoch) as an SVG beside the
 /// output: people would rather look than read.
-fn write_curves(output: &Path, history: &[(f64, Option<f64>)]) -> Result<()> {
-    let path = if is_file_output(output) {
+fn write_curves(output: &Path, history: &[EpochRecord]) -> Result<()> {
+    let path = if resnet_train::is_file_output(output) {
         output.with_extension("training-curves.svg")
     } else {
         output.join("training-curves.svg")
     };
-    resnet_io::write_output(&path, curves_svg(history).as_bytes())?;
+    let points: Vec<(f64, Option<f64>)> =
+        history.iter().map(|r| (r.train_loss, r.val_top1)).collect();
+    resnet_io::write_output(&path, curves_svg(&points).as_bytes())?;
     Ok(())
 }
 
@@ -640,69 +528,4 @@ fn curves_svg(history: &[(f64, Option<f64>)]) -> String {
         panel("train loss", &losses, 0.0, "#c0392b"),
         panel("validation top-1", &top1, width, "#2471a3"),
     )
-}
-
-/// Top-1 and top-5 on an ImageFolder tree with the evaluation transform, BatchNorm in
-/// eval mode.
-fn evaluate(
-    model: &ResNet,
-    folder: &ImageFolder,
-    preprocess: &PreprocessConfig,
-    device: &Device,
-    batch_size: usize,
-) -> Result<(f64, f64)> {
-    use rayon::prelude::*;
-    let (mut top1, mut top5, mut total) = (0usize, 0usize, 0usize);
-    for chunk in folder.images.chunks(batch_size) {
-        let loaded: Vec<_> = chunk
-            .par_iter()
-            .filter_map(|(path, label)| preprocess.load_image(path).ok().map(|t| (t, *label)))
-            .collect();
-        if loaded.is_empty() {
-            continue;
-        }
-        let images: Vec<Tensor> = loaded.iter().map(|(t, _)| t.clone()).collect();
-        let input = resnet_io::batch(&images, device, candle_core::DType::F32)?;
-        let logits = model.forward_t(&input, false)?;
-        for ((_, label), top) in loaded.iter().zip(top_k(&logits, 5)?) {
-            total += 1;
-            top1 += usize::from(top.first().is_some_and(|&(c, _)| c == *label));
-            top5 += usize::from(top.iter().any(|&(c, _)| c == *label));
-        }
-    }
-    let ratio = |hits: usize| hits as f64 / total.max(1) as f64;
-    Ok((ratio(top1), ratio(top5)))
-}
-
-/// The output path: a `.safetensors` file, else a model directory.
-fn is_file_output(output: &Path) -> bool {
-    output.extension().is_some_and(|e| e == "safetensors")
-}
-
-fn check_output(output: &Path) -> Result<()> {
-    if is_file_output(output) {
-        drop(resnet_io::OutputFile::create(output)?);
-    } else {
-        std::fs::create_dir_all(output)
-            .with_context(|| format!("creating the output directory {}", output.display()))?;
-        drop(resnet_io::OutputFile::create(
-            output.join("model.safetensors"),
-        )?);
-    }
-    Ok(())
-}
-
-fn save(
-    model: &ResNet,
-    output: &Path,
-    scheme: NamingScheme,
-    classes: &[String],
-    preprocess: &PreprocessConfig,
-) -> Result<()> {
-    if is_file_output(output) {
-        resnet_io::save(model, output, scheme, candle_core::DType::F32)?;
-    } else {
-        resnet_io::write_model_dir(output, model, scheme, Some(classes), preprocess)?;
-    }
-    Ok(())
 }

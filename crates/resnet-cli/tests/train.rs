@@ -144,8 +144,13 @@ fn parity_command(model: &Path, data: &Path, lr: &str, out: &Path) -> Result<Out
 /// The parity command on a timm-style model directory (config.json + model.safetensors):
 /// timm's resnet18 with 10 classes, seeded weights (`hashed_tensor`, which the fixture
 /// script's `hash_init` reproduces), a 32x32 `pretrained_cfg` with crop_pct 1 and
-/// ImageNet's mean and std; lr 0.01 in float32 against PyTorch float32 at the project's
-/// 1e-4. The fixture keeps every running statistic and a strided sample of each other
+/// ImageNet's mean and std; lr 0.01 against PyTorch in float64. This network is
+/// ill-conditioned in float32 (hashed weights, BatchNorm over 1x1 maps): PyTorch's own
+/// float32 run ends up to 17% of a tensor's largest value from its float64 run (the
+/// fixture's `float32_deviation`) and differs about as much between an AVX2 and an
+/// AVX-512 CPU, so the tensors and the mean loss are held to that deviation (rounded up to
+/// 0.2): a check of the model directory's plumbing (timm's names kept, its
+/// `pretrained_cfg` applied), which the ResNet-20 tests hold to 1e-4. The fixture keeps every running statistic and a strided sample of each other
 /// tensor (resnet18 is 45 MB): every `step`-th value, step = ceil(n / 2048) above 4096
 /// values (`fixtures/generate_train_step.py`).
 #[test]
@@ -183,8 +188,18 @@ fn train_command_as_pytorch_sgd_on_a_timm_model_directory() -> Result<()> {
     let output = parity_command(&model_dir, &data, "0.01", &out)?;
     let ours = candle_core::safetensors::load(&out, &Device::Cpu)?;
     let fixture =
-        resnet_tests::fixtures_dir().join("train/resnet18_timm_sgd_3_steps_lr0.01_f32.safetensors");
+        resnet_tests::fixtures_dir().join("train/resnet18_timm_sgd_3_steps_lr0.01_f64.safetensors");
     let expected = candle_core::safetensors::load(&fixture, &Device::Cpu)?;
+    let deviation: f64 = resnet_io::Checkpoint::open(&fixture)?
+        .metadata()
+        .get("float32_deviation")
+        .context("float32_deviation")?
+        .parse()?;
+    const ILL_CONDITIONED_TOLERANCE: f64 = 0.2;
+    ensure!(
+        deviation <= ILL_CONDITIONED_TOLERANCE,
+        "the fixture's deviation {deviation}"
+    );
     let mut compared = 0;
     for (name, reference) in &expected {
         if name == "losses" {
@@ -206,7 +221,7 @@ fn train_command_as_pytorch_sgd_on_a_timm_model_directory() -> Result<()> {
         assert_close(
             &sampled,
             reference,
-            F32_RELATIVE_TOLERANCE,
+            ILL_CONDITIONED_TOLERANCE,
             &format!("resnet18: {name}"),
         )?;
         compared += 1;
@@ -217,7 +232,7 @@ fn train_command_as_pytorch_sgd_on_a_timm_model_directory() -> Result<()> {
         "every saved tensor compared, timm names kept"
     );
     assert_eq!(compared, 102);
-    check_mean_loss(&output, &expected, F32_RELATIVE_TOLERANCE, "resnet18")
+    check_mean_loss(&output, &expected, ILL_CONDITIONED_TOLERANCE, "resnet18")
 }
 
 /// The training issue's step-parity command, as given (lr 0.1): this short run diverges
@@ -421,6 +436,43 @@ fn bad_training_inputs_are_one_line_errors() -> Result<()> {
             "training diverged",
         ),
     ];
+    let mut cases = cases;
+    for (flag, value, expected) in [
+        (
+            "--grad-accum-steps",
+            "0",
+            "--grad-accum-steps: expected at least 1",
+        ),
+        (
+            "--clip-grad-norm",
+            "-1",
+            "--clip-grad-norm: expected a finite number above 0",
+        ),
+        (
+            "--clip-grad-norm",
+            "NaN",
+            "--clip-grad-norm: expected a finite number above 0",
+        ),
+        (
+            "--ema-decay",
+            "1",
+            "--ema-decay: expected a number in [0, 1)",
+        ),
+        (
+            "--ema-decay",
+            "-0.5",
+            "--ema-decay: expected a number in [0, 1)",
+        ),
+        ("--mixup", "-0.2", "--mixup: expected an alpha >= 0"),
+        ("--cutmix", "-1", "--cutmix: expected an alpha >= 0"),
+        ("--val-every", "0", "--val-every: expected at least 1"),
+        ("--schedule", "linear", "unknown schedule 'linear'"),
+    ] {
+        let args = vec![
+            "--arch", "resnet20", "--data", samples, "--epochs", "1", flag, value,
+        ];
+        cases.push((args, expected));
+    }
     for (args, expected) in cases {
         let mut full = vec!["train"];
         full.extend(args.iter().copied());
@@ -573,6 +625,169 @@ fn ctrl_c_checkpoints_mid_epoch_and_the_run_resumes_exactly() -> Result<()> {
         assert_eq!(
             diff, 0.0,
             "{name} differs after the interrupted run resumed"
+        );
+    }
+    Ok(())
+}
+
+/// A run driven from a program with the library (`Trainer`, EMA, accumulation, clipping)
+/// and stopped after its first epoch continues with `resnet train --resume`, and ends
+/// with the same bits as the command straight through; resuming with another
+/// architecture's state or other flags is refused without touching what is saved.
+#[test]
+fn a_run_started_from_a_program_resumes_with_the_command() -> Result<()> {
+    use resnet_train::{
+        optimizer, parameters, with_new_head, Augmentation, Checkpointer, OptimizerKind,
+        OptimizerSettings, Trainer, TrainerConfig, TrainingSet,
+    };
+    let samples = repo_path("weights/samples");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&samples, &data, 3)?;
+    let model_path = repo_path("weights/resnet20.safetensors");
+    let flags = [
+        "--data",
+        path(&data),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--lr",
+        "0.05",
+        "--grad-accum-steps",
+        "2",
+        "--clip-grad-norm",
+        "1.0",
+        "--ema-decay",
+        "0.5",
+        "--seed",
+        "5",
+    ];
+
+    // The program: epoch 1 of 2.
+    let from_program = dir.path().join("program");
+    {
+        let loaded =
+            resnet_io::load_file(&model_path, None, &Device::Cpu, candle_core::DType::F32)?;
+        let preprocess = resnet_io::PreprocessConfig::cifar();
+        let set = std::sync::Arc::new(TrainingSet::open(
+            &data,
+            preprocess.clone(),
+            Augmentation::for_input(preprocess.size),
+            5,
+            true,
+        )?);
+        let (model, varmap) = with_new_head(&loaded.model, set.classes().len())?;
+        let settings = OptimizerSettings {
+            lr: 0.05,
+            ..OptimizerSettings::default()
+        };
+        let sgd = optimizer(OptimizerKind::Sgd, parameters(&varmap, false), &settings)?;
+        let config = TrainerConfig {
+            epochs: 2,
+            batch_size: 6,
+            grad_accum_steps: 2,
+            clip_grad_norm: Some(1.0),
+            ema_decay: Some(0.5),
+            stop_after_epochs: Some(1),
+            ..TrainerConfig::default()
+        };
+        let checkpoints = Checkpointer::new(
+            &from_program,
+            loaded.scheme,
+            set.classes().to_vec(),
+            preprocess,
+        )?;
+        let mut trainer = Trainer::new(model, varmap, sgd, set, config)?.checkpoint_to(checkpoints);
+        let outcome = trainer.run(&std::sync::atomic::AtomicBool::new(false), &mut ())?;
+        assert_eq!(outcome, resnet_train::Outcome::Paused { epochs: 1 });
+    }
+    let mut args = vec!["train", "--resume", path(&from_program)];
+    args.extend_from_slice(&flags);
+    let output = resnet(&args)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+
+    // The command straight through.
+    let straight = dir.path().join("straight");
+    let mut args = vec![
+        "train",
+        "--model",
+        path(&model_path),
+        "--output",
+        path(&straight),
+    ];
+    args.extend_from_slice(&flags);
+    let output = resnet(&args)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    for file in ["model.safetensors", "training-state.safetensors"] {
+        let a = candle_core::safetensors::load(straight.join(file), &Device::Cpu)?;
+        let b = candle_core::safetensors::load(from_program.join(file), &Device::Cpu)?;
+        assert_eq!(a.len(), b.len(), "{file}");
+        for (name, tensor) in &a {
+            let diff = (tensor - &b[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{file}: {name} differs");
+        }
+    }
+
+    // Refusals leave the saved run as it was: a state of another architecture, then the
+    // run's own state with other flags.
+    let files = ["model.safetensors", "training-state.safetensors"];
+    let saved: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| std::fs::read(straight.join(f)))
+        .collect::<std::io::Result<_>>()?;
+    let other = dir.path().join("other");
+    let output = resnet(&[
+        "train",
+        "--arch",
+        "resnet32",
+        "--data",
+        path(&data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--seed",
+        "5",
+        "--output",
+        path(&other),
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let refused = |run_flags: Vec<&str>, expected: &str| -> Result<()> {
+        let mut full = vec!["train", "--resume", path(&straight)];
+        full.extend(run_flags);
+        let output = resnet(&full)?;
+        let text = stderr(&output);
+        ensure!(
+            !output.status.success() && text.contains(expected),
+            "{full:?}: {text}"
+        );
+        ensure!(text.trim_end().lines().count() == 1, "{text}");
+        Ok(())
+    };
+    let without_ema: Vec<&str> = flags
+        .iter()
+        .copied()
+        .filter(|a| !matches!(*a, "--ema-decay" | "0.5"))
+        .collect();
+    let adamw: Vec<&str> = flags
+        .iter()
+        .copied()
+        .chain(["--optimizer", "adamw"])
+        .collect();
+    std::fs::copy(
+        other.join("training-state.safetensors"),
+        straight.join("training-state.safetensors"),
+    )?;
+    refused(flags.to_vec(), "the run trained")?;
+    std::fs::write(straight.join("training-state.safetensors"), &saved[1])?;
+    refused(without_ema, "the run kept an EMA")?;
+    refused(adamw, "the run used --optimizer sgd")?;
+    for (file, bytes) in files.iter().zip(&saved) {
+        assert_eq!(
+            &std::fs::read(straight.join(file))?,
+            bytes,
+            "{file} was touched"
         );
     }
     Ok(())

@@ -1,73 +1,76 @@
 //! Fine-tune a pretrained ResNet on an ImageFolder tree of your own classes, as a program
-//! rather than the `resnet train` command. Copy it into your crate (dependencies:
-//! resnet-core, resnet-io, resnet-train, anyhow).
+//! rather than the `resnet train` command: the classifier is replaced where the class
+//! count differs, the loop is the library's `Trainer`, and the output is a model
+//! directory with a training state that `resnet train --resume` continues. Copy it into
+//! your crate (dependencies: resnet-core, resnet-io, resnet-train, anyhow).
 //!
 //!     cargo run --release -p resnet-train --example fine_tune -- \
-//!         weights/resnet20.safetensors weights/samples 2 fine-tuned.safetensors
+//!         weights/resnet20.safetensors weights/samples 2 fine-tuned
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use resnet_core::prelude::*;
 use resnet_train::{
-    cross_entropy, parameters, trainable, Augmentation, Schedule, ScheduleKind, Sgd, SgdConfig,
-    TrainingSet,
+    optimizer, parameters, with_new_head, Augmentation, Checkpointer, Event, Observer,
+    OptimizerKind, OptimizerSettings, Trainer, TrainerConfig, TrainingSet,
 };
+
+/// Prints one line per epoch.
+struct EpochLines;
+
+impl Observer for EpochLines {
+    fn observe(&mut self, event: &Event<'_>) -> candle_core::Result<()> {
+        if let Event::EpochDone(record) = event {
+            println!(
+                "epoch {}: mean loss {:.4}, {:.1} s",
+                record.epoch, record.train_loss, record.seconds
+            );
+        }
+        Ok(())
+    }
+}
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [checkpoint, data, epochs, output] = args.as_slice() else {
-        bail!("usage: fine_tune CHECKPOINT DATA_DIR EPOCHS OUTPUT.safetensors");
+        bail!("usage: fine_tune CHECKPOINT DATA_DIR EPOCHS OUTPUT_DIR");
     };
     let epochs: u64 = epochs.parse().context("EPOCHS must be a number")?;
-    let device = Device::Cpu;
 
-    // Any checkpoint the loader reads; its tensors become variables of a VarMap.
-    let loaded = resnet_io::load_file(checkpoint, None, &device, DType::F32)?;
-    let (model, varmap) = trainable(&loaded.model)?;
+    // Any checkpoint the loader reads; the data's preprocessing follows the model.
+    let loaded = resnet_io::load_file(checkpoint, None, &Device::Cpu, DType::F32)?;
     let preprocess = match loaded.config.stem {
         StemKind::Cifar => resnet_io::PreprocessConfig::cifar(),
         _ => resnet_io::PreprocessConfig::imagenet(),
     };
-
-    // The data: seeded order and augmentation (CIFAR's pad-crop-flip for 32x32 inputs).
     let augmentation = Augmentation::for_input(preprocess.size);
-    let data = TrainingSet::open(data.as_ref(), preprocess, augmentation, 0, true)?;
-    if data.classes().len() != loaded.config.num_classes {
-        bail!(
-            "{} classes in the data, {} in the model (`resnet train` replaces the head for you)",
-            data.classes().len(),
-            loaded.config.num_classes
-        );
-    }
-    let batch_size = 32;
-    let steps = data.batch_count(batch_size) as u64;
+    let data = Arc::new(TrainingSet::open(
+        data.as_ref(),
+        preprocess.clone(),
+        augmentation,
+        0,
+        true,
+    )?);
 
-    // SGD with momentum, a cosine schedule with one epoch of warm-up.
-    let mut sgd = Sgd::new(
-        parameters(&varmap, true),
-        SgdConfig {
-            lr: 0.01,
-            ..SgdConfig::default()
-        },
-    )?;
-    let schedule = Schedule::new(
-        0.01,
-        epochs * steps,
-        steps.min(epochs * steps),
-        ScheduleKind::Cosine,
-    )?;
-    for epoch in 0..epochs {
-        let mut total = 0.0;
-        for step in 0..steps {
-            sgd.set_lr(schedule.lr(epoch * steps + step));
-            let batch = data.batch(epoch, step as usize, batch_size, &device)?;
-            let loss = cross_entropy(&model.forward_t(&batch.images, true)?, &batch.labels, 0.0)?;
-            sgd.step(&loss.backward()?)?;
-            total += loss.to_scalar::<f32>()?;
-        }
-        println!("epoch {}: mean loss {:.4}", epoch + 1, total / steps as f32);
-    }
-    // Saved in the checkpoint's own naming, atomically.
-    resnet_io::save(&model, output, loaded.scheme, DType::F32)?;
+    // A new classifier for the data's classes (kept where the count is the same).
+    let (model, varmap) = with_new_head(&loaded.model, data.classes().len())?;
+    let settings = OptimizerSettings {
+        lr: 0.01,
+        ..OptimizerSettings::default()
+    };
+    let sgd = optimizer(OptimizerKind::Sgd, parameters(&varmap, true), &settings)?;
+    let config = TrainerConfig {
+        epochs,
+        batch_size: 32.min(data.len()),
+        warmup_epochs: 1.min(epochs),
+        ..TrainerConfig::default()
+    };
+    let checkpoints =
+        Checkpointer::new(output, loaded.scheme, data.classes().to_vec(), preprocess)?;
+    let mut trainer = Trainer::new(model, varmap, sgd, data, config)?.checkpoint_to(checkpoints);
+    trainer.run(&AtomicBool::new(false), &mut EpochLines)?;
     println!("wrote {output}");
     Ok(())
 }

@@ -146,6 +146,16 @@ impl TrainingSet {
         &self.folder.classes
     }
 
+    /// The seed of the order and the augmentation.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The preprocessing (input size, normalisation) the images get.
+    pub fn preprocess(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
     /// How many images.
     pub fn len(&self) -> usize {
         self.folder.images.len()

@@ -7,7 +7,7 @@
 //! ```
 //! use candle_core::{DType, Device, ModuleT, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use resnet_train::{parameters, Sgd, SgdConfig};
+//! use resnet_train::{parameters, Optimizer, Sgd, SgdConfig};
 //!
 //! # fn main() -> candle_core::Result<()> {
 //! let varmap = VarMap::new();
@@ -23,14 +23,28 @@
 
 mod data;
 mod loss;
+mod metrics;
 mod optim;
+mod recipe;
 mod schedule;
+mod state;
 mod trainable;
+mod trainer;
 
 pub use data::{
     pad_crop, random_resized_crop, Augmentation, Batch, BatchesAhead, Random, TrainingSet,
 };
 pub use loss::cross_entropy;
-pub use optim::{parameters, AdamW, AdamWConfig, Parameter, Sgd, SgdConfig};
+pub use metrics::{evaluate, top_k, Accuracy, RunningLoss};
+pub use optim::{
+    optimizer, parameters, AdamW, AdamWConfig, Optimizer, OptimizerKind, OptimizerSettings,
+    Parameter, Sgd, SgdConfig,
+};
+pub use recipe::{
+    clip_grad_norm, cutmix_params, soft_cross_entropy, Ema, GradAccumulator, MixParams, Mixup,
+    MixupConfig,
+};
 pub use schedule::{Schedule, ScheduleKind};
-pub use trainable::trainable;
+pub use state::{is_file_output, Checkpointer, EpochRecord, TrainingState};
+pub use trainable::{forward_train, head_parameters, trainable, with_new_head};
+pub use trainer::{Event, Observer, Outcome, Trainer, TrainerConfig};

@@ -1,4 +1,5 @@
-//! SGD and AdamW as PyTorch defines them, written once over a list of named parameters.
+//! SGD and AdamW as PyTorch defines them, written once over a list of named parameters,
+//! behind one [`Optimizer`] trait and one constructor from a name and settings.
 
 use std::collections::HashMap;
 
@@ -34,6 +35,114 @@ pub fn parameters(varmap: &VarMap, no_decay_on_norm_and_bias: bool) -> Vec<Param
         .collect();
     parameters.sort_by(|a, b| a.name.cmp(&b.name));
     parameters
+}
+
+/// What a training loop needs of an optimizer: a step on the gradients of a backward
+/// pass, the learning rate, and its state as named tensors (for a checkpoint).
+///
+/// Implemented by [`Sgd`] and [`AdamW`]; [`optimizer`] builds either from a name.
+pub trait Optimizer: Send {
+    /// Its name, as [`OptimizerKind`] parses it (`sgd`, `adamw`): recorded in the
+    /// training state so that a resume with another optimizer is refused.
+    fn name(&self) -> &'static str;
+    /// The learning rate of the next step.
+    fn lr(&self) -> f64;
+    /// Sets the learning rate (a schedule calls this before each step).
+    fn set_lr(&mut self, lr: f64);
+    /// The parameters it updates.
+    fn parameters(&self) -> &[Parameter];
+    /// One update from the gradients of a backward pass (parameters the loss does not
+    /// reach are left as they are).
+    fn step(&mut self, grads: &GradStore) -> Result<()>;
+    /// Its state (momentum buffers, moments) as named tensors.
+    fn state(&self) -> Result<HashMap<String, Tensor>>;
+    /// Restores [`Optimizer::state`], checked against the parameters.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+}
+
+/// The optimizers there are, by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// [`Sgd`].
+    Sgd,
+    /// [`AdamW`].
+    AdamW,
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = candle_core::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "sgd" => Ok(Self::Sgd),
+            "adamw" => Ok(Self::AdamW),
+            _ => bail!("unknown optimizer '{name}', expected sgd or adamw"),
+        }
+    }
+}
+
+/// The settings of either optimizer; each takes what applies to it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerSettings {
+    /// Base learning rate.
+    pub lr: f64,
+    /// Weight decay: L2 for SGD, decoupled for AdamW.
+    pub weight_decay: f64,
+    /// SGD's momentum.
+    pub momentum: f64,
+    /// SGD's Nesterov momentum.
+    pub nesterov: bool,
+    /// AdamW's betas.
+    pub betas: (f64, f64),
+    /// AdamW's epsilon.
+    pub eps: f64,
+}
+
+impl Default for OptimizerSettings {
+    /// The paper's SGD recipe (lr 0.1, momentum 0.9, weight decay 1e-4), PyTorch's
+    /// AdamW betas and epsilon.
+    fn default() -> Self {
+        let adamw = AdamWConfig::default();
+        let sgd = SgdConfig::default();
+        Self {
+            lr: sgd.lr,
+            weight_decay: sgd.weight_decay,
+            momentum: sgd.momentum,
+            nesterov: sgd.nesterov,
+            betas: (adamw.beta1, adamw.beta2),
+            eps: adamw.eps,
+        }
+    }
+}
+
+/// An optimizer of `kind` over `parameters`, its settings checked.
+pub fn optimizer(
+    kind: OptimizerKind,
+    parameters: Vec<Parameter>,
+    settings: &OptimizerSettings,
+) -> Result<Box<dyn Optimizer>> {
+    Ok(match kind {
+        OptimizerKind::Sgd => Box::new(Sgd::new(
+            parameters,
+            SgdConfig {
+                lr: settings.lr,
+                momentum: settings.momentum,
+                dampening: 0.0,
+                nesterov: settings.nesterov,
+                weight_decay: settings.weight_decay,
+            },
+        )?),
+        OptimizerKind::AdamW => Box::new(AdamW::new(
+            parameters,
+            AdamWConfig {
+                lr: settings.lr,
+                beta1: settings.betas.0,
+                beta2: settings.betas.1,
+                eps: settings.eps,
+                weight_decay: settings.weight_decay,
+            },
+        )?),
+    })
 }
 
 /// `torch.optim.SGD`'s settings.
@@ -113,23 +222,30 @@ impl Sgd {
         })
     }
 
-    /// The learning rate of the next step.
-    pub fn lr(&self) -> f64 {
+    /// Its settings.
+    pub fn config(&self) -> &SgdConfig {
+        &self.config
+    }
+}
+
+impl Optimizer for Sgd {
+    fn name(&self) -> &'static str {
+        "sgd"
+    }
+
+    fn lr(&self) -> f64 {
         self.config.lr
     }
 
-    /// Sets the learning rate (a schedule calls this before each step).
-    pub fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
     }
 
-    /// The parameters it updates.
-    pub fn parameters(&self) -> &[Parameter] {
+    fn parameters(&self) -> &[Parameter] {
         &self.parameters
     }
 
-    /// One update from the gradients of the last backward pass.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
         let SgdConfig {
             lr,
             momentum,
@@ -162,17 +278,17 @@ impl Sgd {
         Ok(())
     }
 
-    /// The momentum buffers, as `momentum_buffer.NAME`, for a checkpoint.
-    pub fn state(&self) -> HashMap<String, Tensor> {
-        self.momentum_buffers
+    /// The momentum buffers, as `momentum_buffer.NAME`.
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
+        Ok(self
+            .momentum_buffers
             .iter()
             .map(|(name, buffer)| (format!("momentum_buffer.{name}"), buffer.clone()))
-            .collect()
+            .collect())
     }
 
-    /// Restores [`Sgd::state`]; a buffer for an unknown parameter or of another shape is
-    /// an error.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    /// A buffer for an unknown parameter or of another shape is an error.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let mut buffers = HashMap::new();
         for (key, buffer) in state {
             let Some(name) = key.strip_prefix("momentum_buffer.") else {
@@ -254,18 +370,30 @@ impl AdamW {
         })
     }
 
-    /// The learning rate of the next step.
-    pub fn lr(&self) -> f64 {
+    /// Its settings.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.config
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn lr(&self) -> f64 {
         self.config.lr
     }
 
-    /// Sets the learning rate (a schedule calls this before each step).
-    pub fn set_lr(&mut self, lr: f64) {
+    fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
     }
 
-    /// One update from the gradients of the last backward pass.
-    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+    fn parameters(&self) -> &[Parameter] {
+        &self.parameters
+    }
+
+    fn step(&mut self, grads: &GradStore) -> Result<()> {
         let AdamWConfig {
             lr,
             beta1,
@@ -300,7 +428,7 @@ impl AdamW {
     }
 
     /// The moments and step counts, as `exp_avg.NAME`, `exp_avg_sq.NAME`, `step.NAME`.
-    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
+    fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut state = HashMap::new();
         for (name, (step, m, v)) in &self.moments {
             state.insert(format!("exp_avg.{name}"), m.clone());
@@ -311,9 +439,9 @@ impl AdamW {
         Ok(state)
     }
 
-    /// Restores [`AdamW::state`]; moments for an unknown parameter, of another shape, or
-    /// without their step count are an error.
-    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+    /// Moments for an unknown parameter, of another shape, or without their step count
+    /// are an error.
+    fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
         let mut moments = HashMap::new();
         for parameter in &self.parameters {
             let name = &parameter.name;

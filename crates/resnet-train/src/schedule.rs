@@ -21,6 +21,49 @@ pub enum ScheduleKind {
     Cosine,
 }
 
+impl ScheduleKind {
+    /// Parses `constant`, `cosine`, or `step:M1,M2,...` with an optional `@GAMMA`
+    /// (default 0.1), e.g. `step:100,150@0.2`; the milestones are counted in units of
+    /// `unit` iterations (1 for iterations, the steps per epoch for epochs).
+    pub fn parse(spec: &str, unit: u64) -> Result<Self> {
+        let spec = spec.trim();
+        match spec {
+            "constant" => return Ok(Self::Constant),
+            "cosine" => return Ok(Self::Cosine),
+            _ => {}
+        }
+        let Some(rest) = spec.strip_prefix("step:") else {
+            bail!("unknown schedule '{spec}', expected constant, cosine or step:M1,M2[@GAMMA]");
+        };
+        let (milestones, gamma) = match rest.split_once('@') {
+            Some((milestones, gamma)) => {
+                let gamma: f64 = gamma.trim().parse().map_err(|_| {
+                    candle_core::Error::Msg(format!(
+                        "schedule '{spec}': gamma '{gamma}' is not a number"
+                    ))
+                })?;
+                (milestones, gamma)
+            }
+            None => (rest, 0.1),
+        };
+        let milestones = milestones
+            .split(',')
+            .map(|m| {
+                m.trim()
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|m| m.checked_mul(unit))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!(
+                            "schedule '{spec}': milestone '{m}' is not a count"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(Self::Step { milestones, gamma })
+    }
+}
+
 /// A learning rate for every iteration of a run: a linear warm-up, then `kind`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
@@ -118,6 +161,30 @@ mod tests {
         );
         assert!(cosine.lr(11) > 0.0 && cosine.lr(11) < 0.003);
         assert_eq!(cosine.lr(1000), cosine.lr(11));
+        Ok(())
+    }
+
+    #[test]
+    fn kinds_parse_from_strings() -> Result<()> {
+        assert_eq!(ScheduleKind::parse("cosine", 10)?, ScheduleKind::Cosine);
+        assert_eq!(ScheduleKind::parse("constant", 10)?, ScheduleKind::Constant);
+        assert_eq!(
+            ScheduleKind::parse("step:3,6", 10)?,
+            ScheduleKind::Step {
+                milestones: vec![30, 60],
+                gamma: 0.1
+            }
+        );
+        assert_eq!(
+            ScheduleKind::parse("step:5@0.5", 1)?,
+            ScheduleKind::Step {
+                milestones: vec![5],
+                gamma: 0.5
+            }
+        );
+        for bad in ["linear", "step:", "step:a", "step:3@x", "step:-1"] {
+            assert!(ScheduleKind::parse(bad, 1).is_err(), "{bad}");
+        }
         Ok(())
     }
 
