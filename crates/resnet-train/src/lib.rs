@@ -23,6 +23,7 @@
 
 mod data;
 mod loss;
+mod memory;
 mod metrics;
 mod optim;
 mod recipe;
@@ -35,6 +36,7 @@ pub use data::{
     pad_crop, random_resized_crop, Augmentation, Batch, BatchesAhead, Random, TrainingSet,
 };
 pub use loss::cross_entropy;
+pub use memory::reuse_freed_memory;
 pub use metrics::{evaluate, top_k, Accuracy, RunningLoss};
 pub use optim::{
     optimizer, parameters, AdamW, AdamWConfig, Optimizer, OptimizerKind, OptimizerSettings,

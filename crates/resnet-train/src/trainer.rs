@@ -222,7 +222,8 @@ const MIXUP_STREAM: u64 = 0x006D_6978_7570;
 
 impl Trainer {
     /// A trainer of `model`, whose variables are `varmap`'s (see [`crate::trainable`]),
-    /// with `optimizer` over them; the schedule starts from the optimizer's rate.
+    /// with `optimizer` over them; the schedule starts from the optimizer's rate. Sets
+    /// the allocator to keep freed memory ([`crate::reuse_freed_memory`]).
     pub fn new(
         model: ResNet,
         varmap: VarMap,
@@ -231,6 +232,7 @@ impl Trainer {
         config: TrainerConfig,
     ) -> Result<Self> {
         config.check()?;
+        crate::reuse_freed_memory();
         if config.batch_size > data.len() {
             bail!(
                 "--batch-size {} is larger than the {} training images",
