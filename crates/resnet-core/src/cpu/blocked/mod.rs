@@ -30,6 +30,7 @@ mod affine;
 mod direct;
 mod excite;
 mod layout;
+mod plain;
 mod pool;
 mod shortcut;
 mod ukernel;
@@ -41,6 +42,7 @@ pub(crate) use layout::from_blocked;
 #[cfg(test)]
 pub(crate) use layout::to_blocked;
 use layout::{packed_order, rotated_order};
+pub(crate) use plain::convolve_plain;
 pub(crate) use pool::{avg_pool_2x2_ceil, max_pool};
 pub(crate) use shortcut::subsample_and_pad_channels;
 

@@ -1,0 +1,104 @@
+//! The blocked kernels on plain `(N, C, H, W)` values: training's convolutions keep
+//! candle's layout between ops, so each call blocks its input and unblocks its output
+//! (two parallel passes, much less than the im2col the GEMM path copies).
+
+use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
+use rayon::prelude::*;
+
+use super::{direct, BlockedConv, LANES};
+use crate::cpu::CpuIsa;
+
+/// `conv(x, weight)` (no bias) on plain `(N, C, H, W)` values through the blocked
+/// kernels, for training: the input is blocked, convolved (Winograd where it pays) and
+/// the output unblocked, each a parallel pass. `None` where the blocked kernels do not
+/// take the layer (channels not divisible by 16, groups), for the GEMM path.
+pub(crate) fn convolve_plain(
+    input: &[f32],
+    (batch, c_in, height, width): (usize, usize, usize, usize),
+    weight: &[f32],
+    (c_out, group_in, kernel, kw): (usize, usize, usize, usize),
+    (stride, padding, groups): (usize, usize, usize),
+) -> Option<Result<Vec<f32>>> {
+    if groups != 1
+        || group_in != c_in
+        || !c_in.is_multiple_of(LANES)
+        || !c_out.is_multiple_of(LANES)
+        || kernel != kw
+        || height + 2 * padding < kernel
+        || width + 2 * padding < kernel
+    {
+        return None;
+    }
+    Some(convolve_plain_checked(
+        input,
+        (batch, c_in, height, width),
+        weight,
+        (c_out, kernel),
+        (stride, padding),
+    ))
+}
+
+fn convolve_plain_checked(
+    input: &[f32],
+    (batch, c_in, height, width): (usize, usize, usize, usize),
+    weight: &[f32],
+    (c_out, kernel): (usize, usize),
+    (stride, padding): (usize, usize),
+) -> Result<Vec<f32>> {
+    let isa = CpuIsa::from_env()?;
+    let winograd =
+        kernel == 3 && stride == 1 && padding == 1 && BlockedConv::winograd_pays(c_in, c_out);
+    let conv = BlockedConv::from_folded(
+        weight,
+        &vec![1.0; c_out],
+        (c_out, c_in, kernel, kernel),
+        vec![0.0; c_out],
+        (stride, padding, 1),
+        (false, winograd, isa),
+    )?;
+    let plane = height * width;
+    if input.len() != batch * c_in * plane {
+        bail!(
+            "blocked convolution: {} values for {:?}",
+            input.len(),
+            (batch, c_in, height, width)
+        );
+    }
+    // (N, C, H, W) -> (N, C/16, H, W, 16), a block of 16 channels at a time.
+    let mut blocked = vec![0f32; input.len()];
+    blocked
+        .par_chunks_mut(LANES * plane)
+        .zip(input.par_chunks(LANES * plane))
+        .for_each(|(dst, src)| {
+            for (lane, channel) in src.chunks(plane).enumerate() {
+                for (pixel, &v) in channel.iter().enumerate() {
+                    dst[pixel * LANES + lane] = v;
+                }
+            }
+        });
+    let in_shape = Shape::from((batch, c_in / LANES, height, width, LANES));
+    let op = direct::BlockedOp {
+        conv: &conv,
+        residual: None,
+        relu: false,
+    };
+    let (output, out_shape) =
+        op.cpu_fwd(&CpuStorage::F32(blocked), &Layout::contiguous(in_shape))?;
+    let CpuStorage::F32(output) = output else {
+        bail!("blocked convolution: not f32 output");
+    };
+    let (_, out_blocks, out_h, out_w, _) = out_shape.dims5()?;
+    let out_plane = out_h * out_w;
+    let mut plain = vec![0f32; batch * out_blocks * LANES * out_plane];
+    plain
+        .par_chunks_mut(LANES * out_plane)
+        .zip(output.par_chunks(LANES * out_plane))
+        .for_each(|(dst, src)| {
+            for (lane, channel) in dst.chunks_mut(out_plane).enumerate() {
+                for (pixel, v) in channel.iter_mut().enumerate() {
+                    *v = src[pixel * LANES + lane];
+                }
+            }
+        });
+    Ok(plain)
+}
