@@ -5,9 +5,8 @@
 //! Fixtures: `fixtures/optimizer/*.safetensors`, by `fixtures/generate_optimizer_steps.py`.
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use resnet_core::{ResNet, ResNetConfig};
+use candle_core::{Device, ModuleT, Tensor};
+use candle_nn::VarMap;
 use resnet_tests::{assert_close, fixtures_dir, hashed_tensor, F32_RELATIVE_TOLERANCE};
 use resnet_train::{parameters, AdamW, AdamWConfig, Optimizer, Sgd, SgdConfig};
 
@@ -19,21 +18,7 @@ fn check_steps(
     let expected = candle_core::safetensors::load(&path, &Device::Cpu)
         .with_context(|| format!("reading {}", path.display()))?;
     let device = Device::Cpu;
-    let varmap = VarMap::new();
-    let model = ResNet::new(
-        &ResNetConfig::cifar(1),
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-    )?;
-    // The seeded values (Idelbayev's head is hashed under its name, `linear`).
-    for (name, var) in varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-    {
-        let hashed_name = name.replacen("fc.", "linear.", 1);
-        var.set(&hashed_tensor(&hashed_name, var.dims(), &device)?)?;
-    }
+    let (model, varmap) = resnet_tests::seeded_resnet8()?;
     let mut optimizer = make(&varmap)?;
     let mut losses = Vec::new();
     for step in 0..3 {

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_nn::{VarBuilder, VarMap};
-use resnet_core::{ResNet, ResNetConfig};
+use candle_nn::VarMap;
+use resnet_core::ResNet;
 use resnet_tests::{assert_close, fixtures_dir, hashed_tensor, F32_RELATIVE_TOLERANCE};
 use resnet_train::{
     clip_grad_norm, cross_entropy, cutmix_params, parameters, soft_cross_entropy, Ema,
@@ -26,21 +26,7 @@ fn fixture(name: &str) -> Result<HashMap<String, Tensor>> {
 
 /// Idelbayev's ResNet-8 with the generator's seeded weights.
 fn seeded_model() -> Result<(ResNet, VarMap)> {
-    let varmap = VarMap::new();
-    let model = ResNet::new(
-        &ResNetConfig::cifar(1),
-        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
-    )?;
-    for (name, var) in varmap
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-    {
-        let hashed_name = name.replacen("fc.", "linear.", 1);
-        var.set(&hashed_tensor(&hashed_name, var.dims(), &Device::Cpu)?)?;
-    }
-    Ok((model, varmap))
+    resnet_tests::seeded_resnet8()
 }
 
 fn batch(k: u32) -> Result<(Tensor, Tensor)> {

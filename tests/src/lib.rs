@@ -254,3 +254,25 @@ pub fn png_with_chunks(png: &[u8], chunks: &[Vec<u8>]) -> Vec<u8> {
     out.extend_from_slice(&png[33..]);
     out
 }
+
+/// Idelbayev's CIFAR ResNet-8 (option A) on the CPU with the seeded weights of the
+/// fixture scripts' `hash_init` (his head hashed under its name, `linear`), as variables
+/// of the returned `VarMap`: the network of the optimizer and recipe fixtures.
+pub fn seeded_resnet8() -> Result<(resnet_core::ResNet, candle_nn::VarMap)> {
+    let device = Device::Cpu;
+    let varmap = candle_nn::VarMap::new();
+    let model = resnet_core::ResNet::new(
+        &resnet_core::ResNetConfig::cifar(1),
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+    )?;
+    for (name, var) in varmap
+        .data()
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .iter()
+    {
+        let hashed_name = name.replacen("fc.", "linear.", 1);
+        var.set(&hashed_tensor(&hashed_name, var.dims(), &device)?)?;
+    }
+    Ok((model, varmap))
+}

@@ -173,21 +173,32 @@ impl Ema {
 
     /// Sets the average's tensors (a resumed run); every tensor must be there.
     pub fn load(&mut self, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
-        for (name, var) in &self.tensors {
-            let Some(value) = tensors.get(name) else {
-                bail!("the saved average has no tensor '{name}'");
-            };
-            if value.dims() != var.dims() {
-                bail!(
-                    "the saved average of '{name}': expected shape {:?}, found {:?}",
-                    var.dims(),
-                    value.dims()
-                );
-            }
-            var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
-        }
-        Ok(())
+        let vars = self.tensors.iter().map(|(name, var)| (name, var));
+        set_all(vars, tensors, "the saved average")
     }
+}
+
+/// Sets each variable to the tensor of its name in `values`, converted to its dtype and
+/// device; a missing tensor or one of another shape is an error naming `source`.
+pub(crate) fn set_all<'a>(
+    vars: impl IntoIterator<Item = (&'a String, &'a Var)>,
+    values: &std::collections::HashMap<String, Tensor>,
+    source: &str,
+) -> Result<()> {
+    for (name, var) in vars {
+        let Some(value) = values.get(name) else {
+            bail!("{source} has no tensor '{name}'");
+        };
+        if value.dims() != var.dims() {
+            bail!(
+                "{source}: '{name}' has shape {:?}, expected {:?}",
+                value.dims(),
+                var.dims()
+            );
+        }
+        var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
 }
 
 /// timm's `Mixup` settings (batch mode: one coefficient and one box per batch).

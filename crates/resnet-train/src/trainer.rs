@@ -16,7 +16,9 @@ use resnet_io::ImageFolder;
 use crate::data::{Random, TrainingSet};
 use crate::metrics::{evaluate, RunningLoss};
 use crate::optim::Optimizer;
-use crate::recipe::{clip_grad_norm, soft_cross_entropy, Ema, GradAccumulator, Mixup, MixupConfig};
+use crate::recipe::{
+    clip_grad_norm, set_all, soft_cross_entropy, Ema, GradAccumulator, Mixup, MixupConfig,
+};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::state::{Checkpointer, EpochRecord, TrainingState};
 use crate::trainable::forward_train;
@@ -335,19 +337,7 @@ impl Trainer {
                     self.model.named_tensors()?.into_iter().collect();
                 ema.load(&saved)?;
                 let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
-                for (name, var) in data.iter() {
-                    let Some(value) = state.trained_tensors.get(name) else {
-                        bail!("--resume: the state has no trained tensor '{name}'");
-                    };
-                    if value.dims() != var.dims() {
-                        bail!(
-                            "--resume: trained tensor '{name}': expected shape {:?}, found {:?}",
-                            var.dims(),
-                            value.dims()
-                        );
-                    }
-                    var.set(&value.to_dtype(var.dtype())?.to_device(var.device())?)?;
-                }
+                set_all(data.iter(), &state.trained_tensors, "--resume: the state")?;
             }
             (None, true) => {}
         }
