@@ -792,3 +792,84 @@ fn a_run_started_from_a_program_resumes_with_the_command() -> Result<()> {
     }
     Ok(())
 }
+
+/// The recipe flags end to end: mixup and cutmix with label smoothing, an EMA, validation
+/// every second epoch with the best model kept; the JSON lines report both networks'
+/// top-1 where validated, and the best model loads in `eval`.
+#[test]
+fn recipe_flags_run_end_to_end() -> Result<()> {
+    let samples = repo_path("weights/samples");
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    subset(&samples, &data, 2)?;
+    let out = dir.path().join("out");
+    let output = resnet(&[
+        "train",
+        "--model",
+        path(&repo_path("weights/resnet20.safetensors")),
+        "--data",
+        path(&data),
+        "--val",
+        path(&data),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.01",
+        "--mixup",
+        "0.8",
+        "--cutmix",
+        "1.0",
+        "--label-smoothing",
+        "0.1",
+        "--ema-decay",
+        "0.9",
+        "--val-every",
+        "2",
+        "--keep-best",
+        "--output",
+        path(&out),
+        "--json",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    ensure!(lines.len() == 3, "{lines:?}");
+    // Validated after epoch 2 (its turn) and 3 (the last), not after 1.
+    ensure!(lines[0]["val_top1"].is_null(), "{}", lines[0]);
+    for line in &lines[1..] {
+        ensure!(
+            line["val_top1"].is_f64() && line["raw_val_top1"].is_f64(),
+            "{line}"
+        );
+        ensure!(
+            line["train_loss"].as_f64().is_some_and(f64::is_finite),
+            "{line}"
+        );
+    }
+    let best = out.join("best");
+    ensure!(best.join("model.safetensors").is_file() && best.join("config.json").is_file());
+    let state =
+        resnet_train::TrainingState::read(&out.join("training-state.safetensors"), &Device::Cpu)?;
+    ensure!(
+        state.history.len() == 3 && state.best_top1.is_some(),
+        "{state:?}"
+    );
+    ensure!(
+        !state.trained_tensors.is_empty(),
+        "the EMA run keeps the trained tensors"
+    );
+    let output = resnet(&[
+        "eval",
+        "--model",
+        path(&best),
+        "--data",
+        path(&data),
+        "--json",
+    ])?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    Ok(())
+}

@@ -322,7 +322,8 @@ impl Mixup {
 
     /// Mixes `images` `(N, C, H, W)` and turns `labels` `(N,)` into soft targets
     /// `(N, classes)`: each image with the batch reversed (`flip(0)`), as timm's
-    /// `_mix_batch` and `mixup_target`.
+    /// `_mix_batch` and `mixup_target`. timm asserts an even batch; here an odd one
+    /// (an epoch's last) mixes its middle image with itself.
     pub fn apply(
         &self,
         images: &Tensor,
