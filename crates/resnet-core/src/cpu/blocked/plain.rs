@@ -69,13 +69,7 @@ fn convolve_plain_checked(
     blocked
         .par_chunks_mut(LANES * plane)
         .zip(input.par_chunks(LANES * plane))
-        .for_each(|(dst, src)| {
-            for (lane, channel) in src.chunks(plane).enumerate() {
-                for (pixel, &v) in channel.iter().enumerate() {
-                    dst[pixel * LANES + lane] = v;
-                }
-            }
-        });
+        .for_each(|(dst, src)| block_channels(src, dst, plane));
     let in_shape = Shape::from((batch, c_in / LANES, height, width, LANES));
     let op = direct::BlockedOp {
         conv: &conv,
@@ -93,12 +87,41 @@ fn convolve_plain_checked(
     plain
         .par_chunks_mut(LANES * out_plane)
         .zip(output.par_chunks(LANES * out_plane))
-        .for_each(|(dst, src)| {
-            for (lane, channel) in dst.chunks_mut(out_plane).enumerate() {
-                for (pixel, v) in channel.iter_mut().enumerate() {
-                    *v = src[pixel * LANES + lane];
-                }
-            }
-        });
+        .for_each(|(dst, src)| unblock_channels(src, dst, out_plane));
     Ok(plain)
+}
+
+/// Pixels per tile of the layout passes: a tile's 16 x 16 values (1 KiB) stay in L1
+/// while the strided side is written or read (whole-plane passes went through L2, 10%
+/// of a ResNet-20 training step).
+const TILE: usize = 16;
+
+/// Sixteen channel planes `(16, plane)` (fewer at a short last block) to `(plane, 16)`.
+fn block_channels(src: &[f32], dst: &mut [f32], plane: usize) {
+    let lanes = src.len() / plane.max(1);
+    for start in (0..plane).step_by(TILE) {
+        let len = TILE.min(plane - start);
+        let out = &mut dst[start * LANES..(start + len) * LANES];
+        for lane in 0..lanes {
+            let row = &src[lane * plane + start..][..len];
+            for (pixel, &v) in out.chunks_exact_mut(LANES).zip(row) {
+                pixel[lane] = v;
+            }
+        }
+    }
+}
+
+/// `(plane, 16)` back to sixteen channel planes `(16, plane)`.
+fn unblock_channels(src: &[f32], dst: &mut [f32], plane: usize) {
+    let lanes = dst.len() / plane.max(1);
+    for start in (0..plane).step_by(TILE) {
+        let len = TILE.min(plane - start);
+        let tile = &src[start * LANES..(start + len) * LANES];
+        for lane in 0..lanes {
+            let row = &mut dst[lane * plane + start..][..len];
+            for (v, pixel) in row.iter_mut().zip(tile.chunks_exact(LANES)) {
+                *v = pixel[lane];
+            }
+        }
+    }
 }
