@@ -45,7 +45,8 @@ pub struct TrainerConfig {
     /// Keep an exponential moving average of the weights with this decay; it is the
     /// network validated (beside the trained one) and saved.
     pub ema_decay: Option<f64>,
-    /// Mixup and cutmix (off unless an alpha is above zero).
+    /// Mixup and cutmix (off unless an alpha is above zero); the mixed targets are
+    /// smoothed by `label_smoothing` (this config's `label_smoothing` is not used).
     pub mixup: MixupConfig,
     /// Train the classifier alone; the backbone's BatchNorm in eval mode.
     pub freeze_backbone: bool,
