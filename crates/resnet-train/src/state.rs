@@ -168,12 +168,13 @@ impl TrainingState {
     }
 
     /// Refuses to continue this state with another run's settings: another seed, batch
-    /// count per epoch, architecture (class count included) or optimizer. Each error
-    /// names what differs.
+    /// count per epoch, accumulation, architecture (class count included) or optimizer.
+    /// Each error names what differs.
     pub fn check_matches(
         &self,
         seed: u64,
         steps_per_epoch: u64,
+        grad_accum_steps: u64,
         config: &ResNetConfig,
         optimizer: &str,
     ) -> Result<()> {
@@ -205,6 +206,12 @@ impl TrainingState {
                 Some(_) => {}
                 None => bail!("--resume: the state's architecture is not a ResNet configuration"),
             }
+        }
+        if self.grad_accum_steps.max(1) != grad_accum_steps.max(1) {
+            bail!(
+                "--resume: the run used --grad-accum-steps {}, this one {grad_accum_steps}",
+                self.grad_accum_steps
+            );
         }
         if !self.optimizer.is_empty() && self.optimizer != optimizer {
             bail!(

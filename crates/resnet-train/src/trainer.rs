@@ -318,14 +318,16 @@ impl Trainer {
         state.check_matches(
             self.state.seed,
             self.steps_per_epoch,
+            self.state.grad_accum_steps,
             self.model.config(),
             self.optimizer.name(),
         )?;
-        if state.grad_accum_steps != self.state.grad_accum_steps {
+        let total = self.config.epochs * self.steps_per_epoch;
+        if state.iteration > total {
             bail!(
-                "--resume: the run used --grad-accum-steps {}, this one {}",
-                state.grad_accum_steps,
-                self.state.grad_accum_steps
+                "--resume: the run is {} batches in, past the {total} of {} epochs",
+                state.iteration,
+                self.config.epochs
             );
         }
         match (&mut self.ema, state.trained_tensors.is_empty()) {
@@ -343,14 +345,6 @@ impl Trainer {
             (None, true) => {}
         }
         self.optimizer.load_state(&state.optimizer_tensors)?;
-        let total = self.config.epochs * self.steps_per_epoch;
-        if state.iteration > total {
-            bail!(
-                "--resume: the run is {} batches in, past the {total} of {} epochs",
-                state.iteration,
-                self.config.epochs
-            );
-        }
         self.state = TrainingState {
             trained_tensors: Default::default(),
             optimizer_tensors: Default::default(),
