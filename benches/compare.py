@@ -7,6 +7,11 @@ in one run; prints the ratios.
     cargo build --release -p resnet-benches --features peers   # candle-transformers column
     python benches/compare.py --threads 2 --iters 10 --rounds 3
     python benches/compare.py --train --threads 2 --iters 5 --rounds 3   # training steps
+    python benches/compare.py --json docs/src/performance/inference-zen3.json   # + results as JSON
+
+--json FILE also writes the results (the CPU's model name and instruction sets, threads,
+each case's medians and every round) for `scripts/perf_charts.py`, which draws the
+performance chapter's charts from them.
 
 With --train, one full training step per measurement instead (train-mode forward,
 cross-entropy, backward, SGD with momentum 0.9 and weight decay 1e-4): `resnet bench
@@ -143,6 +148,35 @@ def onnxruntime(arch, batch, size, args):
     return lambda: median_ms(lambda: session.run(None, feed), args.iters)
 
 
+def cpu_name():
+    """The CPU's model name and microarchitecture family, from /proc/cpuinfo."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        return "unknown CPU"
+    flags = fields.get("flags", "").split()
+    if fields.get("cpu family") == "25":  # AMD family 19h: Zen 4 added AVX-512 to Zen 3
+        family = "Zen 4" if "avx512f" in flags else "Zen 3"
+    else:
+        family = {"26": "Zen 5", "23": "Zen/Zen 2"}.get(fields.get("cpu family", ""))
+    name = fields.get("model name", "unknown CPU")
+    return f"{name} ({family})" if family and "AMD" in name else name
+
+
+def cpu_simd():
+    """The vector instruction sets the CPU reports that our kernels care about."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni") if f in flags]
+
+
 ENGINES = [("ours", ours), ("candle-tf", candle_transformers), ("pytorch", pytorch),
            ("ort", onnxruntime)]
 
@@ -158,6 +192,8 @@ def main():
                         help="force our kernels' instruction set: scalar, avx2, avx512 or neon")
     parser.add_argument("--train", action="store_true",
                         help="time training steps (ours and PyTorch) instead of inference")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the results as JSON (for scripts/perf_charts.py)")
     parser.add_argument("--cases", default="all",
                         help="comma-separated subset, e.g. resnet50b1,resnet20b128 (default: all)")
     args = parser.parse_args()
@@ -170,6 +206,7 @@ def main():
     print(f"median ms per {what}, f32, {args.threads} threads, median of {args.rounds} rounds{isa}")
     print(f"{'case':<16}{'ours':>9}" + "".join(f"{name:>11}" for name in peers)
           + "".join(f"{name + '/ours':>16}" for name in peers))
+    cases = []
     for arch, batch, size in TRAIN_CASES if args.train else CASES:
         if wanted is not None and f"{arch}b{batch}" not in wanted:
             continue
@@ -187,12 +224,23 @@ def main():
                 time.sleep(args.pause)
                 results[name].append(measure())
         row = {name: statistics.median(times) for name, times in results.items()}
+        cases.append({"arch": arch, "batch": batch, "size": size, "median_ms": row,
+                      "rounds_ms": results})
         cell = lambda v: f"{v:.1f}" if v else "-"
         ratio = lambda v: f"{v / row['ours']:.2f}x" if v else "-"
         print(f"{arch + ' b' + str(batch):<16}{cell(row['ours']):>9}"
               + "".join(f"{cell(row.get(name)):>11}" for name in peers)
               + "".join(f"{ratio(row.get(name)):>16}" for name in peers), flush=True)
     print("ratio > 1: this crate is faster (the other takes that many times longer)")
+    if args.json:
+        report = {"mode": "train" if args.train else "inference", "cpu": cpu_name(),
+                  "cpu_flags": cpu_simd(), "ours_isa": args.isa or "auto",
+                  "threads": args.threads, "iters": args.iters, "rounds": args.rounds,
+                  "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),
+                  "cases": cases}
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1)
+            out.write("\n")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,34 @@
 #![cfg_attr(doctest, doc = include_str!("../../../README.md"))]
 #![deny(missing_docs)]
 
+/// The book's chapters (`docs/src`), whose examples run as doctests of this crate as the
+/// README's do: this crate's dev-dependencies reach every workspace crate.
+#[cfg(doctest)]
+mod book {
+    macro_rules! chapters {
+        ($($name:ident = $path:literal),* $(,)?) => {
+            $(#[doc = include_str!(concat!("../../../docs/src/", $path))] struct $name;)*
+        };
+    }
+    chapters! {
+        Introduction = "introduction.md",
+        GettingStarted = "getting-started.md",
+        CommandLine = "cli.md",
+        Library = "library/README.md",
+        Models = "library/models.md",
+        Loading = "library/loading.md",
+        Features = "library/features.md",
+        TrainingFromAProgram = "library/training.md",
+        Training = "training.md",
+        Formats = "formats.md",
+        Exactness = "exactness.md",
+        Performance = "performance.md",
+        UntrustedInput = "untrusted-input.md",
+        Gpu = "gpu.md",
+        Development = "development.md",
+    }
+}
+
 mod checkpoint;
 mod error;
 #[cfg(feature = "hub")]
