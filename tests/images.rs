@@ -13,7 +13,7 @@ fn corpus() -> PathBuf {
     resnet_tests::fixtures_dir().join("images/corpus")
 }
 
-/// Where this crate and Pillow differ on purpose, and why (also in the README).
+/// Where this crate and Pillow differ on purpose, and why (also in the book, docs/src/untrusted-input.md).
 const DELIBERATE_DIFFERENCES: &[(&str, &str)] = &[];
 
 #[test]
