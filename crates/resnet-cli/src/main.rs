@@ -172,7 +172,7 @@ fn main() -> ExitCode {
         .apply_threads()
         .and_then(|()| common::apply_decode_memory_budget())
     {
-        eprintln!("error: {error:#}");
+        eprintln!("error: {}", error_line(&error));
         return ExitCode::from(2);
     }
     let result = match cli.command {
@@ -191,11 +191,27 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let message = format!("{error:#}");
-            eprintln!("error: {}", message.trim_end());
+            eprintln!("error: {}", error_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes in one line, each cause once: errors that already print
+/// their source (an I/O error's "path: cause") are not followed by that source again.
+fn error_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        let text = text.trim_end();
+        if !message.ends_with(text) && !message.contains(&format!("{text}: ")) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(text);
+        }
+    }
+    message
 }
 
 /// clap's message on one line: every line before the usage block, the missing

@@ -11,8 +11,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resnet_core::ResNet;
 use resnet_io::{ImageFolder, NamingScheme, PreprocessConfig};
 use resnet_train::{
-    Augmentation, Checkpointer, EpochRecord, Event, MixupConfig, Observer, OptimizerKind,
-    OptimizerSettings, Outcome, Trainer, TrainerConfig, TrainingSet, TrainingState,
+    Augmentation, Checkpointer, EpochRecord, Event, ExistingOutput, MixupConfig, Observer,
+    OptimizerKind, OptimizerSettings, Outcome, Trainer, TrainerConfig, TrainingSet, TrainingState,
 };
 use serde_json::json;
 
@@ -30,6 +30,10 @@ pub struct Args {
     /// it: optimizer, step, seed), with the same flags; writes there unless --output.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Replace an --output folder or file that holds a model no training run wrote
+    /// (refused without it).
+    #[arg(long)]
+    overwrite: bool,
     /// Stop (checkpointed) after this many epochs of the run, to continue with --resume.
     #[arg(long)]
     stop_after_epochs: Option<u64>,
@@ -163,13 +167,13 @@ fn start(global: &GlobalOptions, args: &Args, num_classes: usize) -> Result<Star
     };
     let config = config.with_num_classes(num_classes);
     let device = global.device()?;
-    // The CPU's generator cannot be seeded; a GPU's can.
-    let _ = device.set_seed(args.seed);
     let varmap = VarMap::new();
     let model = ResNet::new(
         &config,
         VarBuilder::from_varmap(&varmap, global.dtype, &device),
     )?;
+    // Our own seeded generator: the same --seed, the same start on every device.
+    resnet_train::seeded_init(&varmap, &config, args.seed)?;
     let preprocess = match config.stem {
         resnet_core::StemKind::Cifar => PreprocessConfig::cifar(),
         _ => PreprocessConfig::imagenet(),
@@ -225,9 +229,33 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         resnet_train::Mixup::new(config.mixup, 2)?;
     }
     let output = args.output.clone().or_else(|| args.resume.clone());
-    // Checked before any work: the output must be writable.
+    let existing = if args.overwrite {
+        ExistingOutput::Overwrite
+    } else if args.resume.is_some()
+        && args
+            .output
+            .as_ref()
+            .is_none_or(|o| Some(o) == args.resume.as_ref())
+    {
+        ExistingOutput::Resuming
+    } else {
+        ExistingOutput::TrainingRun
+    };
+    if let Some(resume) = &args.resume {
+        let path = Checkpointer::state_path(resume);
+        if !path.exists() {
+            bail!(
+                "--resume {}: no training state there ({} is missing; a run stopped before \
+                 its first checkpoint was complete leaves none): start the run again, with \
+                 --overwrite where the output holds a model",
+                resume.display(),
+                path.display()
+            );
+        }
+    }
+    // Checked before any work: the output must be writable, not another run's.
     if let Some(output) = &output {
-        Checkpointer::check_destination(output)?;
+        Checkpointer::check_destination_for(output, existing)?;
     }
     let folder = ImageFolder::open(&args.data)?;
     let classes = folder.classes.clone();
@@ -272,7 +300,9 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
     } = start(global, &args, num_classes)?;
     let checkpointer = output
         .as_ref()
-        .map(|o| Checkpointer::new(o, scheme, classes.clone(), preprocess.clone()))
+        .map(|o| {
+            Checkpointer::with_existing(o, scheme, classes.clone(), preprocess.clone(), existing)
+        })
         .transpose()?;
     let (model, varmap) = resnet_train::with_new_head(&model, num_classes)?;
     let mut parameters = resnet_train::parameters(&varmap, args.no_decay_on_norm_and_bias);

@@ -96,7 +96,9 @@ pub use model_dir::{
     hub_cache_dir, read_model_dir, resolve_model, resolve_model_in, write_model_dir, ModelSource,
 };
 pub use naming::{is_ignored, NamingScheme};
-pub use output::{remove_partial_outputs, write_output, OutputFile};
+pub use output::{
+    fault_point, remove_partial_outputs, remove_stale_partials, write_output, OutputFile,
+};
 pub use preprocess::{batch, Interpolation, PreprocessConfig, Resize, IMAGENET_MEAN, IMAGENET_STD};
 pub use report::{LoadReport, ShapeMismatch};
 /// Pillow's `Image.resize`, bit for bit (nearest, bilinear and bicubic, antialiased).

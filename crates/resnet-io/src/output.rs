@@ -18,6 +18,67 @@ use std::sync::Mutex;
 use crate::checkpoint::file_kind;
 use crate::error::{Error, Result};
 
+/// A test hook for fault injection: where the environment variable
+/// `RESNET_TEST_ABORT_AT` is `NAME` or `NAME:N`, the process aborts (as a SIGKILL would
+/// end it: no destructors, no cleanup) the first (or N-th) time it reaches the point
+/// `NAME`. The points: `output-written` (a temporary output file written and flushed, not
+/// yet renamed) and `output-renamed` (renamed into place), and the training
+/// checkpoint's own. Tests use it to check that a run killed anywhere resumes exactly.
+#[doc(hidden)]
+pub fn fault_point(name: &str) {
+    static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+    let Ok(wanted) = std::env::var("RESNET_TEST_ABORT_AT") else {
+        return;
+    };
+    let (point, nth) = match wanted.split_once(':') {
+        Some((point, n)) => (point, n.parse::<usize>().unwrap_or(1)),
+        None => (wanted.as_str(), 1),
+    };
+    if point != name {
+        return;
+    }
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let count = match seen.iter_mut().find(|(n, _)| n == name) {
+        Some((_, count)) => {
+            *count += 1;
+            *count
+        }
+        None => {
+            seen.push((name.to_string(), 1));
+            1
+        }
+    };
+    if count == nth {
+        eprintln!("RESNET_TEST_ABORT_AT: aborting at {name}:{nth}");
+        std::process::abort();
+    }
+}
+
+/// Removes the temporary files (`.NAME.XXXXXX.partial`) that an earlier process, killed
+/// while writing `NAME` in `folder`, left there. Returns how many it removed. Call it only
+/// where no other process writes the same outputs (a training run holds its lock).
+pub fn remove_stale_partials(folder: &Path, names: &[&str]) -> usize {
+    let Ok(entries) = std::fs::read_dir(folder) else {
+        return 0;
+    };
+    let own = PARTIAL.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let file_name = file_name.to_string_lossy();
+        let stale = file_name.ends_with(".partial")
+            && names
+                .iter()
+                .any(|name| file_name.starts_with(&format!(".{name}.")))
+            && entry.file_type().is_ok_and(|t| t.is_file())
+            && !own.contains(&entry.path());
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Temporary files not yet renamed into place, for [`remove_partial_outputs`].
 static PARTIAL: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
@@ -151,13 +212,28 @@ impl OutputFile {
             path: self.temporary_path.clone(),
             source,
         })?;
+        fault_point("output-written");
         temporary
             .persist(&self.destination)
             .map(drop)
             .map_err(|e| Error::Io {
                 path: self.destination.clone(),
                 source: e.error,
-            })
+            })?;
+        // The rename itself reaches the disk with the folder's entry.
+        #[cfg(unix)]
+        if let Some(folder) = self.destination.parent() {
+            let folder = if folder.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                folder
+            };
+            if let Ok(folder) = File::open(folder) {
+                let _ = folder.sync_all();
+            }
+        }
+        fault_point("output-renamed");
+        Ok(())
     }
 }
 

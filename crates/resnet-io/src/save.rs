@@ -84,13 +84,13 @@ pub fn write_tensors_to(
         .iter()
         .map(|(name, t)| Ok((name.as_str(), t.to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<Vec<_>>>()?;
-    let bytes =
-        safetensors::serialize(on_cpu.iter().map(|(n, t)| (*n, t)), metadata).map_err(|e| {
-            Error::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+    let io_error = |e: String| Error::Io {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    };
+    let bytes = safetensors::serialize(on_cpu.iter().map(|(n, t)| (*n, t)), metadata)
+        .map_err(|e| io_error(e.to_string()))?;
+    let bytes = with_sorted_header(bytes).map_err(io_error)?;
     let temporary = output.temporary_path().to_path_buf();
     output
         .file()?
@@ -100,6 +100,44 @@ pub fn write_tensors_to(
             source,
         })?;
     output.commit()
+}
+
+/// The same safetensors bytes with the header's keys sorted (the metadata's included), so
+/// that the same tensors and metadata always make the same file: `safetensors` writes the
+/// metadata in a `HashMap`'s order, which changes from run to run. The header keeps its
+/// length (the same JSON, reordered), padded with spaces to a multiple of 8 as before.
+fn with_sorted_header(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    use std::collections::BTreeMap;
+    let length = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or("a safetensors file shorter than its header length")?;
+    let end = usize::try_from(length)
+        .ok()
+        .and_then(|l| l.checked_add(8))
+        .filter(|&end| end <= bytes.len())
+        .ok_or("a header longer than the file")?;
+    let header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..end]).map_err(|e| e.to_string())?;
+    let sorted: BTreeMap<String, serde_json::Value> = header
+        .into_iter()
+        .map(|(key, value)| match value {
+            serde_json::Value::Object(map) => {
+                let map: BTreeMap<String, serde_json::Value> = map.into_iter().collect();
+                serde_json::to_value(map).map(|v| (key, v))
+            }
+            other => Ok((key, other)),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| e.to_string())?;
+    let mut json = serde_json::to_vec(&sorted).map_err(|e| e.to_string())?;
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + json.len() + bytes.len() - end);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 /// Converts a checkpoint of any naming scheme and dtype to `scheme` and `dtype`: loads it

@@ -115,6 +115,7 @@ impl Iterator for BatchesAhead {
 /// An ImageFolder tree read for training.
 #[derive(Debug)]
 pub struct TrainingSet {
+    root: std::path::PathBuf,
     folder: ImageFolder,
     preprocess: PreprocessConfig,
     augmentation: Augmentation,
@@ -133,12 +134,44 @@ impl TrainingSet {
         shuffle: bool,
     ) -> resnet_io::Result<Self> {
         Ok(Self {
+            root: root.to_path_buf(),
             folder: ImageFolder::open(root)?,
             preprocess,
             augmentation,
             seed,
             shuffle,
         })
+    }
+
+    /// What decides the data a run sees, for a resumed run to compare with its state:
+    /// the image count, a fingerprint of every image's path (below the root), class and
+    /// size in bytes (SHA-256, hex), the augmentation, the shuffle and the input size.
+    pub fn description(&self) -> Vec<(String, String)> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for (path, class) in &self.folder.images {
+            let relative = path.strip_prefix(&self.root).unwrap_or(path);
+            hash.update(relative.to_string_lossy().as_bytes());
+            hash.update([0]);
+            hash.update((*class as u64).to_le_bytes());
+            let size = std::fs::metadata(path).map_or(u64::MAX, |m| m.len());
+            hash.update(size.to_le_bytes());
+        }
+        let fingerprint: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let (height, width) = self.preprocess.size;
+        vec![
+            (
+                "data images".to_string(),
+                self.folder.images.len().to_string(),
+            ),
+            ("data fingerprint".to_string(), fingerprint),
+            (
+                "augmentation".to_string(),
+                format!("{:?}", self.augmentation),
+            ),
+            ("shuffle".to_string(), self.shuffle.to_string()),
+            ("input size".to_string(), format!("{height}x{width}")),
+        ]
     }
 
     /// The class names, sorted.
@@ -270,7 +303,11 @@ impl TrainingSet {
             }
         }
         if images.is_empty() {
-            candle_core::bail!("batch {number} of epoch {epoch}: no readable image");
+            candle_core::bail!(
+                "batch {} of epoch {}: no readable image",
+                number + 1,
+                epoch + 1
+            );
         }
         let count = labels.len();
         Ok(Batch {

@@ -47,6 +47,6 @@ pub use recipe::{
     MixupConfig,
 };
 pub use schedule::{Schedule, ScheduleKind};
-pub use state::{is_file_output, Checkpointer, EpochRecord, TrainingState};
-pub use trainable::{forward_train, head_parameters, trainable, with_new_head};
+pub use state::{is_file_output, Checkpointer, EpochRecord, ExistingOutput, TrainingState};
+pub use trainable::{forward_train, head_parameters, seeded_init, trainable, with_new_head};
 pub use trainer::{Event, Observer, Outcome, Trainer, TrainerConfig};

@@ -58,6 +58,21 @@ pub trait Optimizer: Send {
     fn state(&self) -> Result<HashMap<String, Tensor>>;
     /// Restores [`Optimizer::state`], checked against the parameters.
     fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()>;
+    /// The settings that decide its updates, by `resnet train` flag (the rate apart: a
+    /// schedule changes it), recorded in the training state so that a resumed run with
+    /// other settings is refused.
+    fn settings(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// The parameter groups: how many parameters are updated, how many without decay.
+fn group_settings(parameters: &[Parameter]) -> Vec<(String, String)> {
+    let no_decay = parameters.iter().filter(|p| !p.decay).count();
+    vec![
+        ("parameters".to_string(), parameters.len().to_string()),
+        ("parameters without decay".to_string(), no_decay.to_string()),
+    ]
 }
 
 /// The optimizers there are, by name.
@@ -233,6 +248,18 @@ impl Optimizer for Sgd {
         "sgd"
     }
 
+    fn settings(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let mut settings = vec![
+            ("--momentum".to_string(), c.momentum.to_string()),
+            ("dampening".to_string(), c.dampening.to_string()),
+            ("--nesterov".to_string(), c.nesterov.to_string()),
+            ("--weight-decay".to_string(), c.weight_decay.to_string()),
+        ];
+        settings.extend(group_settings(self.parameters()));
+        settings
+    }
+
     fn lr(&self) -> f64 {
         self.config.lr
     }
@@ -379,6 +406,17 @@ impl AdamW {
 impl Optimizer for AdamW {
     fn name(&self) -> &'static str {
         "adamw"
+    }
+
+    fn settings(&self) -> Vec<(String, String)> {
+        let c = &self.config;
+        let mut settings = vec![
+            ("betas".to_string(), format!("{}, {}", c.beta1, c.beta2)),
+            ("eps".to_string(), c.eps.to_string()),
+            ("--weight-decay".to_string(), c.weight_decay.to_string()),
+        ];
+        settings.extend(group_settings(self.parameters()));
+        settings
     }
 
     fn lr(&self) -> f64 {

@@ -3,7 +3,7 @@
 //! optimizer's tensors (and the EMA's). `resnet train --resume` and [`crate::Trainer`]
 //! read and write the same file, so a run started by either continues with the other.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -27,7 +27,9 @@ pub struct EpochRecord {
     pub raw_val_top1: Option<f64>,
     /// The learning rate of the epoch's last step.
     pub lr: f64,
-    /// Wall time of the epoch, validation included.
+    /// Wall time of the epoch, validation included. Not kept in the state file (read
+    /// back as 0), so that identical runs write identical bytes.
+    #[serde(skip, default)]
     pub seconds: f64,
     /// Training images seen.
     pub images: usize,
@@ -60,9 +62,37 @@ pub struct TrainingState {
     pub optimizer_tensors: HashMap<String, Tensor>,
     /// With an EMA, the trained network's own tensors (the saved model is the average).
     pub trained_tensors: HashMap<String, Tensor>,
+    /// The saved model's tensors: the state is the checkpoint's one unit (a resumed run
+    /// continues from these, whatever the model file beside it holds).
+    pub model_tensors: HashMap<String, Tensor>,
+    /// Every setting that decides the run (flag or setting name -> value), which a
+    /// resumed run must repeat: see [`TrainingState::check_settings`].
+    pub settings: BTreeMap<String, String>,
 }
 
 const TRAINED_PREFIX: &str = "trained.";
+const MODEL_PREFIX: &str = "model.";
+
+/// SHA-256 (hex) of named tensors: names, shapes and f32 values, in name order.
+fn tensors_digest(tensors: &[(String, Tensor)]) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for (name, tensor) in tensors {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        for &dim in tensor.dims() {
+            hash.update((dim as u64).to_le_bytes());
+        }
+        let values = tensor
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        for value in values {
+            hash.update(value.to_le_bytes());
+        }
+    }
+    Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
 
 impl TrainingState {
     /// Finished epochs.
@@ -87,8 +117,18 @@ impl TrainingState {
                 .iter()
                 .map(|(n, t)| (format!("{TRAINED_PREFIX}{n}"), t.clone())),
         );
+        tensors.extend(
+            self.model_tensors
+                .iter()
+                .map(|(n, t)| (format!("{MODEL_PREFIX}{n}"), t.clone())),
+        );
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut metadata = HashMap::from([
+            ("tensors_sha256".to_string(), tensors_digest(&tensors)?),
+            (
+                "settings".to_string(),
+                serde_json::to_string(&self.settings).map_err(candle_core::Error::wrap)?,
+            ),
             ("iteration".to_string(), self.iteration.to_string()),
             ("step".to_string(), self.step.to_string()),
             ("epoch".to_string(), self.epoch().to_string()),
@@ -141,18 +181,44 @@ impl TrainingState {
                 candle_core::Error::Msg(format!("{}: 'best_top1' is not a number", path.display()))
             })?),
         };
-        let mut optimizer_tensors = HashMap::new();
-        let mut trained_tensors = HashMap::new();
+        let invalid = |what: String| candle_core::Error::Msg(format!("{}: {what}", path.display()));
+        let mut all = Vec::new();
         for info in file.tensors() {
             let tensor = file
                 .load(&info.name, device, DType::F32)
                 .map_err(candle_core::Error::wrap)?;
-            match info.name.strip_prefix(TRAINED_PREFIX) {
-                Some(name) => trained_tensors.insert(name.to_string(), tensor),
-                None => optimizer_tensors.insert(info.name.clone(), tensor),
-            };
+            all.push((info.name.clone(), tensor));
         }
-        Ok(Self {
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        // States written since the checksum existed must match it: a changed byte in a
+        // tensor is refused, not trained on.
+        if let Some(expected) = metadata.get("tensors_sha256") {
+            let found = tensors_digest(&all)?;
+            if &found != expected {
+                return Err(invalid(format!(
+                    "its tensors do not match their checksum (SHA-256 {found}, recorded \
+                     {expected}): the file is corrupt"
+                )));
+            }
+        }
+        let settings = match metadata.get("settings") {
+            None => BTreeMap::new(),
+            Some(text) => serde_json::from_str(text)
+                .map_err(|e| invalid(format!("its 'settings' are not readable ({e})")))?,
+        };
+        let mut optimizer_tensors = HashMap::new();
+        let mut trained_tensors = HashMap::new();
+        let mut model_tensors = HashMap::new();
+        for (name, tensor) in all {
+            if let Some(name) = name.strip_prefix(TRAINED_PREFIX) {
+                trained_tensors.insert(name.to_string(), tensor);
+            } else if let Some(name) = name.strip_prefix(MODEL_PREFIX) {
+                model_tensors.insert(name.to_string(), tensor);
+            } else {
+                optimizer_tensors.insert(name, tensor);
+            }
+        }
+        let state = Self {
             iteration,
             step: number("step").unwrap_or(iteration),
             seed: number("seed")?,
@@ -164,7 +230,77 @@ impl TrainingState {
             best_top1,
             optimizer_tensors,
             trained_tensors,
-        })
+            model_tensors,
+            settings,
+        };
+        state.validate(metadata.get("epoch")).map_err(invalid)?;
+        Ok(state)
+    }
+
+    /// The fields agree with each other: an epoch's worth of batches, one history record
+    /// per finished epoch, optimizer steps that the batches and accumulation allow.
+    fn validate(&self, recorded_epoch: Option<&String>) -> std::result::Result<(), String> {
+        if self.steps_per_epoch == 0 {
+            return Err("'steps_per_epoch' is 0".to_string());
+        }
+        let accum = self.grad_accum_steps.max(1);
+        if let Some(recorded) = recorded_epoch {
+            if recorded.parse::<u64>().ok() != Some(self.epoch()) {
+                return Err(format!(
+                    "its 'epoch' {recorded} disagrees with iteration {} at {} batches per \
+                     epoch",
+                    self.iteration, self.steps_per_epoch
+                ));
+            }
+        }
+        let history_epochs: Vec<u64> = self.history.iter().map(|r| r.epoch).collect();
+        let expected: Vec<u64> = (1..=self.history.len() as u64).collect();
+        if history_epochs != expected || self.history.len() as u64 > self.epoch() {
+            return Err(format!(
+                "its history has epochs {history_epochs:?}, for {} finished epochs",
+                self.epoch()
+            ));
+        }
+        // An optimizer step per `accum` batches, each epoch's short last group a step.
+        let max_steps = self.iteration;
+        let min_steps = self.iteration / accum;
+        if self.step < min_steps || self.step > max_steps {
+            return Err(format!(
+                "its {} optimizer steps cannot follow {} batches at {accum} per step",
+                self.step, self.iteration
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses to continue this state with other settings than its run's (a state
+    /// written before settings were recorded has none, and is not checked here). Each
+    /// difference is named with both values; `--epochs`, validation, `--keep-best` and
+    /// `--stop-after-epochs` are not settings and may change.
+    pub fn check_settings(&self, current: &BTreeMap<String, String>) -> Result<()> {
+        if self.settings.is_empty() {
+            return Ok(());
+        }
+        let missing = "(not set)".to_string();
+        let differences: Vec<String> = self
+            .settings
+            .keys()
+            .chain(current.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|key| {
+                let saved = self.settings.get(key).unwrap_or(&missing);
+                let now = current.get(key).unwrap_or(&missing);
+                (saved != now).then(|| format!("{key}: the run had {saved}, this one {now}"))
+            })
+            .collect();
+        if !differences.is_empty() {
+            bail!(
+                "--resume: the run cannot continue with other settings ({})",
+                differences.join("; ")
+            );
+        }
+        Ok(())
     }
 
     /// Refuses to continue this state with another run's settings: another seed, batch
@@ -246,12 +382,31 @@ fn parse_history(text: &str) -> Option<Vec<EpochRecord>> {
 /// Where a run's model, training state and best model go: a `.safetensors` file (the
 /// state beside it as `NAME.training-state.safetensors`) or a model directory
 /// (`config.json`, `model.safetensors`, `training-state.safetensors`).
+///
+/// A checkpoint is one unit: the training state holds the saved model's tensors too, and
+/// is written first, so that a run killed at any instant leaves a state that resumes
+/// exactly (the model file beside it is for `eval` and `classify`, and may be one
+/// checkpoint behind). One run writes an output at a time: the checkpointer holds an
+/// advisory lock beside it (`NAME.training.lock`, `DIR/.training.lock`) for its life.
 #[derive(Debug, Clone)]
 pub struct Checkpointer {
     output: PathBuf,
     scheme: NamingScheme,
     classes: Vec<String>,
     preprocess: PreprocessConfig,
+    _lock: std::sync::Arc<std::fs::File>,
+}
+
+/// What an existing output may hold when a run starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExistingOutput {
+    /// Only a training run's files (a fresh run replaces them): the default.
+    #[default]
+    TrainingRun,
+    /// The run being resumed.
+    Resuming,
+    /// Anything: replace it (`--overwrite`).
+    Overwrite,
 }
 
 impl Checkpointer {
@@ -264,19 +419,95 @@ impl Checkpointer {
         classes: Vec<String>,
         preprocess: PreprocessConfig,
     ) -> Result<Self> {
-        let checkpointer = Self {
-            output: output.into(),
+        Self::with_existing(
+            output,
             scheme,
             classes,
             preprocess,
+            ExistingOutput::default(),
+        )
+    }
+
+    /// [`Checkpointer::new`], saying what an existing output may hold: a folder or file
+    /// that no training run wrote is refused unless `existing` is
+    /// [`ExistingOutput::Overwrite`]. Takes the output's lock (refused, naming the
+    /// process, while another run holds it) and removes the temporary files a killed run
+    /// left there.
+    pub fn with_existing(
+        output: impl Into<PathBuf>,
+        scheme: NamingScheme,
+        classes: Vec<String>,
+        preprocess: PreprocessConfig,
+        existing: ExistingOutput,
+    ) -> Result<Self> {
+        let output = output.into();
+        Self::check_destination_for(&output, existing)?;
+        let lock = take_lock(&output)?;
+        let folder = match output.parent() {
+            Some(p) if is_file_output(&output) && !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ if is_file_output(&output) => PathBuf::from("."),
+            _ => output.clone(),
         };
-        Self::check_destination(&checkpointer.output)?;
-        Ok(checkpointer)
+        let names: Vec<String> = [
+            Self::model_file(&output),
+            Self::state_path(&output),
+            beside(&output, "best.safetensors"),
+            beside(&output, "training-curves.svg"),
+            output.join("config.json"),
+        ]
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        resnet_io::remove_stale_partials(&folder, &names);
+        Ok(Self {
+            output,
+            scheme,
+            classes,
+            preprocess,
+            _lock: std::sync::Arc::new(lock),
+        })
+    }
+
+    /// The model file of an output (the file itself, or `DIR/model.safetensors`).
+    fn model_file(output: &Path) -> PathBuf {
+        if is_file_output(output) {
+            output.to_path_buf()
+        } else {
+            output.join("model.safetensors")
+        }
     }
 
     /// Checks that a model can be written at `output` (creating a model directory),
     /// writing nothing else: for a command that wants to fail before any work.
     pub fn check_destination(output: &Path) -> Result<()> {
+        Self::check_destination_for(output, ExistingOutput::default())
+    }
+
+    /// [`Checkpointer::check_destination`], refusing an existing output as
+    /// [`Checkpointer::with_existing`] does, and one that another run is writing.
+    pub fn check_destination_for(output: &Path, existing: ExistingOutput) -> Result<()> {
+        if existing == ExistingOutput::TrainingRun {
+            let model = Self::model_file(output);
+            let config = output.join("config.json");
+            let foreign: Vec<String> = [&model, &config]
+                .into_iter()
+                .filter(|p| !is_file_output(output) || *p == &model)
+                .filter(|p| p.exists())
+                .map(|p| p.display().to_string())
+                .collect();
+            if !foreign.is_empty() && !Self::state_path(output).exists() {
+                bail!(
+                    "{} holds files that no training run wrote ({}): --overwrite replaces them",
+                    output.display(),
+                    foreign.join(", ")
+                );
+            }
+        }
+        if output.exists() {
+            // Taken and let go at once: only a check, the run takes it for good later.
+            drop(take_lock(output)?);
+        }
         let model_path = if is_file_output(output) {
             output.to_path_buf()
         } else {
@@ -337,10 +568,71 @@ impl Checkpointer {
         written.map_err(candle_core::Error::wrap)
     }
 
-    /// Writes the model and then the state (each atomically).
+    /// Writes the state (which holds the model's tensors) and then the model file, each
+    /// atomically: a kill between the two leaves the new state beside the previous model
+    /// file, and the state is what a resumed run continues from (and rewrites the model
+    /// file from). The first checkpoint of a run writes the model first: a kill between
+    /// the two then leaves no state, and `--resume` says to start again.
     pub fn write(&self, model: &ResNet, state: &TrainingState) -> Result<()> {
-        self.write_model(model, &self.output)?;
-        state.write(&Self::state_path(&self.output))
+        let mut state = state.clone();
+        if state.model_tensors.is_empty() {
+            state.model_tensors = model.named_tensors()?.into_iter().collect();
+        }
+        let state_path = Self::state_path(&self.output);
+        if state_path.exists() {
+            state.write(&state_path)?;
+            resnet_io::fault_point("checkpoint-first-file-written");
+            self.write_model(model, &self.output)
+        } else {
+            // The first checkpoint: the model first, so that a state never stands without
+            // a model file beside it (what a resumed run's architecture is read from).
+            self.write_model(model, &self.output)?;
+            resnet_io::fault_point("checkpoint-first-file-written");
+            state.write(&state_path)
+        }
+    }
+
+    /// Bytes a checkpoint of `state` (with its model) needs on disk, about: its f32
+    /// tensors twice (the state's copy and the model file) and a megabyte of headers.
+    pub fn checkpoint_bytes(model: &ResNet, state: &TrainingState) -> Result<u64> {
+        let elements = |t: &Tensor| t.elem_count() as u64;
+        let model: u64 = model
+            .named_tensors()?
+            .iter()
+            .map(|(_, t)| elements(t))
+            .sum();
+        let state: u64 = state
+            .optimizer_tensors
+            .values()
+            .chain(state.trained_tensors.values())
+            .map(elements)
+            .sum();
+        Ok((2 * model + state) * 4 + (1 << 20))
+    }
+
+    /// Refuses to start where the output's file system has less free space than two
+    /// checkpoints of `bytes` (the new one is written beside the old) and 64 MiB.
+    pub fn check_free_space(&self, bytes: u64) -> Result<()> {
+        let folder = if self.is_file() {
+            self.output.parent().filter(|p| !p.as_os_str().is_empty())
+        } else {
+            Some(self.output.as_path())
+        };
+        let Some(free) = free_bytes(folder.unwrap_or(Path::new("."))) else {
+            return Ok(());
+        };
+        let needed = 2 * bytes + (64 << 20);
+        if free < needed {
+            bail!(
+                "{}: {} MiB free, a checkpoint needs {} MiB (twice its {} MiB and 64 MiB): \
+                 free some space or choose another --output",
+                self.output.display(),
+                free >> 20,
+                needed >> 20,
+                bytes >> 20
+            );
+        }
+        Ok(())
     }
 
     /// Writes the best model so far.
@@ -349,6 +641,70 @@ impl Checkpointer {
         self.write_model(model, &path)?;
         Ok(path)
     }
+}
+
+/// The output's lock, held by this process until the file is dropped (or the process
+/// ends, however it ends: the kernel lets go of a dead process's lock).
+fn take_lock(output: &Path) -> Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = if is_file_output(output) {
+        output.with_extension("training.lock")
+    } else {
+        output.join(".training.lock")
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() {
+                "another process".to_string()
+            } else {
+                format!("process {holder}")
+            };
+            bail!(
+                "{}: {holder} is training into it (lock {}); wait for it to finish or \
+                 choose another --output",
+                output.display(),
+                path.display()
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            bail!("{}: cannot lock ({e})", path.display())
+        }
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(file)
+}
+
+/// Free bytes for an unprivileged user on the file system of `folder`, where the
+/// platform says.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)] // statvfs: a C call on a NUL-terminated path and a zeroed struct
+fn free_bytes(folder: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(folder.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statvfs` is a plain C struct, for which all zero bytes are a valid value.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and outlives the call; `stats` is ours to fill.
+    let result = unsafe { libc::statvfs(path.as_ptr(), &mut stats) };
+    (result == 0).then(|| stats.f_bavail as u64 * stats.f_frsize as u64)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn free_bytes(_folder: &Path) -> Option<u64> {
+    None
 }
 
 /// The output path is a `.safetensors` file, else a model directory.

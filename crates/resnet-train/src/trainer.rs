@@ -218,6 +218,8 @@ pub struct Trainer {
     ema: Option<Ema>,
     mixup: Option<Mixup>,
     state: TrainingState,
+    /// Resumed from a state holding the model: write the model file from it first.
+    rewrite_model_file: bool,
 }
 
 /// A key of the mixing's random stream, apart from the data's.
@@ -279,6 +281,7 @@ impl Trainer {
             grad_accum_steps: accum,
             architecture: TrainingState::architecture_of(model.config()),
             optimizer: optimizer.name().to_string(),
+            settings: run_settings(&config, optimizer.as_ref(), &data),
             ..TrainingState::default()
         };
         Ok(Self {
@@ -294,6 +297,7 @@ impl Trainer {
             ema,
             mixup,
             state,
+            rewrite_model_file: false,
         })
     }
 
@@ -330,24 +334,36 @@ impl Trainer {
                 self.config.epochs
             );
         }
+        state.check_settings(&self.state.settings)?;
+        // The saved model: the state's own copy (the checkpoint's one unit), else (a state
+        // of an earlier version) the model file the network was loaded from.
+        let saved: std::collections::HashMap<String, Tensor> = if state.model_tensors.is_empty() {
+            self.model.named_tensors()?.into_iter().collect()
+        } else {
+            state.model_tensors.clone()
+        };
+        let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         match (&mut self.ema, state.trained_tensors.is_empty()) {
             (Some(_), true) => bail!("--resume: the run kept no EMA, this one has --ema-decay"),
             (None, false) => bail!("--resume: the run kept an EMA: give its --ema-decay"),
             (Some(ema), false) => {
-                // The network holds the saved (averaged) weights: they are the EMA's;
-                // the trained ones come from the state.
-                let saved: std::collections::HashMap<String, Tensor> =
-                    self.model.named_tensors()?.into_iter().collect();
+                // The saved (averaged) weights are the EMA's; the trained ones come from
+                // the state.
                 ema.load(&saved)?;
-                let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
                 set_all(data.iter(), &state.trained_tensors, "--resume: the state")?;
             }
-            (None, true) => {}
+            (None, true) => set_all(data.iter(), &saved, "--resume: the state's model")?,
         }
+        drop(data);
+        // A run killed between the state and the model file left the previous model
+        // beside the new state: the first thing the resumed run writes is the state's.
+        self.rewrite_model_file = !state.model_tensors.is_empty();
         self.optimizer.load_state(&state.optimizer_tensors)?;
         self.state = TrainingState {
             trained_tensors: Default::default(),
             optimizer_tensors: Default::default(),
+            model_tensors: Default::default(),
+            settings: std::mem::take(&mut self.state.settings),
             ..state
         };
         Ok(())
@@ -395,12 +411,30 @@ impl Trainer {
         if self.ema.is_some() {
             state.trained_tensors = self.model.named_tensors()?.into_iter().collect();
         }
+        state.model_tensors = self.saved_model().named_tensors()?.into_iter().collect();
         Ok(state)
     }
 
     fn checkpoint(&self, observer: &mut dyn Observer) -> Result<()> {
         if let Some(checkpointer) = &self.checkpointer {
-            checkpointer.write(self.saved_model(), &self.full_state()?)?;
+            checkpointer
+                .write(self.saved_model(), &self.full_state()?)
+                .map_err(|e| {
+                    let output = checkpointer.output();
+                    let previous = if Checkpointer::state_path(output).exists() {
+                        format!(
+                            "the previous checkpoint in {0} is complete: continue from it \
+                             with --resume {0} once the cause is mended",
+                            output.display()
+                        )
+                    } else {
+                        "no checkpoint of this run was complete yet".to_string()
+                    };
+                    candle_core::Error::Msg(format!(
+                        "writing the checkpoint after batch {} failed ({e}); {previous}",
+                        self.state.iteration
+                    ))
+                })?;
             observer.observe(&Event::CheckpointWritten {
                 path: checkpointer.output(),
                 best: false,
@@ -437,6 +471,18 @@ impl Trainer {
         let accum = self.config.grad_accum_steps as u64;
         let stop_after = self.config.stop_after_epochs.unwrap_or(epochs).min(epochs);
         let end = stop_after * spe;
+        if let (Some(checkpointer), true) = (&self.checkpointer, self.rewrite_model_file) {
+            checkpointer.write_model(self.saved_model(), checkpointer.output())?;
+            self.rewrite_model_file = false;
+        }
+        // A full disk is found now, not after an epoch's work.
+        if let Some(checkpointer) = &self.checkpointer {
+            if self.state.iteration < end {
+                let bytes =
+                    Checkpointer::checkpoint_bytes(self.saved_model(), &self.full_state()?)?;
+                checkpointer.check_free_space(bytes)?;
+            }
+        }
         let device = self.model.device().clone();
         let mut batches = self.data.batches_ahead(
             self.state.iteration..end,
@@ -590,4 +636,36 @@ impl Trainer {
         }
         self.checkpoint(observer)
     }
+}
+
+/// Every setting that decides a run, by `resnet train` flag where there is one: what a
+/// resumed run must repeat ([`TrainingState::check_settings`]). `--epochs`, validation,
+/// `--keep-best` and `--stop-after-epochs` are left out: they may change on resume.
+fn run_settings(
+    config: &TrainerConfig,
+    optimizer: &dyn Optimizer,
+    data: &TrainingSet,
+) -> std::collections::BTreeMap<String, String> {
+    let optional = |v: Option<f64>| v.map_or("off".to_string(), |v| v.to_string());
+    let mut settings: std::collections::BTreeMap<String, String> = [
+        ("--batch-size", config.batch_size.to_string()),
+        ("--schedule", config.schedule.clone()),
+        ("--warmup-epochs", config.warmup_epochs.to_string()),
+        ("--label-smoothing", config.label_smoothing.to_string()),
+        ("--clip-grad-norm", optional(config.clip_grad_norm)),
+        ("--ema-decay", optional(config.ema_decay)),
+        ("--mixup", config.mixup.mixup_alpha.to_string()),
+        ("--cutmix", config.mixup.cutmix_alpha.to_string()),
+        ("--mixup-prob", config.mixup.prob.to_string()),
+        ("--mixup-switch-prob", config.mixup.switch_prob.to_string()),
+        ("--freeze-backbone", config.freeze_backbone.to_string()),
+        ("--optimizer", optimizer.name().to_string()),
+        ("--lr", optimizer.lr().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    settings.extend(optimizer.settings());
+    settings.extend(data.description());
+    settings
 }
