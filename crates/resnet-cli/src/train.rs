@@ -113,6 +113,10 @@ pub struct Args {
     /// (NAME.best.safetensors or DIR/best/).
     #[arg(long, requires_all = ["val", "output"])]
     keep_best: bool,
+    /// Keep the checkpoints of the last K epochs (DIR/checkpoints/epoch-NNNN/ or
+    /// NAME.epoch-NNNN.safetensors, each resumable); 0: only the latest.
+    #[arg(long, default_value_t = 0)]
+    keep_checkpoints: usize,
     /// Classes (default: the class folders of --data); a checkpoint with another count
     /// gets a new classifier.
     #[arg(long)]
@@ -213,6 +217,7 @@ impl Args {
             val_every: self.val_every,
             keep_best: self.keep_best,
             stop_after_epochs: self.stop_after_epochs,
+            keep_checkpoints: self.keep_checkpoints,
         }
     }
 }

@@ -166,6 +166,17 @@ fn killed_at_every_checkpoint_write_the_run_resumes_exactly() -> Result<()> {
                 identical(&out, &straight)?,
                 "{point}: resumed to a different model"
             );
+            // Every file, byte for byte (the history's numbers re-written exactly).
+            for file in [
+                "model.safetensors",
+                "training-state.safetensors",
+                "config.json",
+            ] {
+                ensure!(
+                    std::fs::read(out.join(file))? == std::fs::read(straight.join(file))?,
+                    "{point}: {file} differs from the uninterrupted run's"
+                );
+            }
             exact.push(point.clone());
         } else {
             let text = stderr(&resumed);
@@ -469,6 +480,57 @@ fn the_same_run_twice_writes_the_same_bytes() -> Result<()> {
     ensure!(
         !identical(&a, &out)?,
         "seeds 3 and 4 trained the same network"
+    );
+    Ok(())
+}
+
+/// `--keep-checkpoints 2`: the last two epochs' checkpoints stay, each resumable to the
+/// end of the uninterrupted run.
+#[test]
+fn kept_checkpoints_are_the_last_k_and_each_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = small_data(dir.path())?;
+    let out = dir.path().join("out");
+    let epochs = ["--epochs", "3"];
+    let args = [
+        &[
+            "--arch",
+            "resnet20",
+            "--output",
+            path(&out),
+            "--keep-checkpoints",
+            "2",
+        ],
+        &epochs[..],
+    ]
+    .concat();
+    let output = train(&data, &args, None)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let kept = out.join("checkpoints");
+    let mut names: Vec<String> = std::fs::read_dir(&kept)?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    names.sort();
+    ensure!(names == ["epoch-0002", "epoch-0003"], "{names:?}");
+    // The last kept one is the output's own checkpoint.
+    for file in ["model.safetensors", "training-state.safetensors"] {
+        ensure!(
+            std::fs::read(kept.join("epoch-0003").join(file))? == std::fs::read(out.join(file))?
+        );
+    }
+    // Resumed from epoch 2 into another folder, it ends where the run did.
+    let again = dir.path().join("again");
+    let from = kept.join("epoch-0002");
+    let resume = [
+        &["--resume", path(&from), "--output", path(&again)],
+        &epochs[..],
+    ]
+    .concat();
+    let output = train(&data, &resume, None)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    ensure!(
+        identical(&again, &out)?,
+        "resumed from a kept checkpoint to another model"
     );
     Ok(())
 }

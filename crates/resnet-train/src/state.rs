@@ -635,6 +635,91 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// Keeps the checkpoint just written, of the end of `epoch` (1-based), as
+    /// `DIR/checkpoints/epoch-NNNN/` (a model directory with its state, resumable with
+    /// `--resume`) or `NAME.epoch-NNNN.safetensors` with its state beside it, and removes
+    /// all but the `keep` newest kept ones (timm's `CheckpointSaver`). The files are hard
+    /// links of the checkpoint's (copies where the file system has none): the next
+    /// checkpoint replaces the output's files by renaming, so a kept one never changes.
+    pub fn keep_epoch(&self, epoch: u64, keep: usize) -> Result<PathBuf> {
+        let io = |path: &Path, e: std::io::Error| {
+            candle_core::Error::Msg(format!("keeping a checkpoint: {}: {e}", path.display()))
+        };
+        let link = |from: &Path, to: &Path| -> Result<()> {
+            if to.exists() {
+                std::fs::remove_file(to).map_err(|e| io(to, e))?;
+            }
+            std::fs::hard_link(from, to)
+                .or_else(|_| std::fs::copy(from, to).map(drop))
+                .map_err(|e| io(to, e))
+        };
+        let name = format!("epoch-{epoch:04}");
+        let kept = if self.is_file() {
+            self.output.with_extension(format!("{name}.safetensors"))
+        } else {
+            self.output.join("checkpoints").join(&name)
+        };
+        if self.is_file() {
+            link(&self.output, &kept)?;
+        } else {
+            std::fs::create_dir_all(&kept).map_err(|e| io(&kept, e))?;
+            for file in ["model.safetensors", "config.json"] {
+                if self.output.join(file).exists() {
+                    link(&self.output.join(file), &kept.join(file))?;
+                }
+            }
+        }
+        // The state last: a kept checkpoint with a state is complete.
+        link(&Self::state_path(&self.output), &Self::state_path(&kept))?;
+        // The kept epochs, oldest first; all but the newest `keep` go.
+        let mut epochs: Vec<(u64, PathBuf)> = self.kept_checkpoints();
+        epochs.sort();
+        let surplus = epochs.len().saturating_sub(keep.max(1));
+        for (_, old) in epochs.into_iter().take(surplus) {
+            if self.is_file() {
+                let _ = std::fs::remove_file(Self::state_path(&old));
+                let _ = std::fs::remove_file(&old);
+            } else {
+                let _ = std::fs::remove_dir_all(&old);
+            }
+        }
+        Ok(kept)
+    }
+
+    /// The checkpoints [`Checkpointer::keep_epoch`] kept, with their epochs.
+    pub fn kept_checkpoints(&self) -> Vec<(u64, PathBuf)> {
+        let (folder, prefix, suffix) = if self.is_file() {
+            let stem = self
+                .output
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let folder = self
+                .output
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+            (folder, format!("{stem}.epoch-"), ".safetensors")
+        } else {
+            (self.output.join("checkpoints"), "epoch-".to_string(), "")
+        };
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let digits = name.strip_prefix(&prefix)?.strip_suffix(suffix)?;
+                let epoch = digits
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| digits.parse::<u64>().ok())??;
+                Some((epoch, entry.path()))
+            })
+            .collect()
+    }
+
     /// Writes the best model so far.
     pub fn write_best(&self, model: &ResNet) -> Result<PathBuf> {
         let path = self.best_path();

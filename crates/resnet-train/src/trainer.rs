@@ -56,6 +56,9 @@ pub struct TrainerConfig {
     pub keep_best: bool,
     /// Stop (checkpointed) after this many epochs of the run, to resume later.
     pub stop_after_epochs: Option<u64>,
+    /// Keep the checkpoints of the last this many epochs beside the output
+    /// ([`Checkpointer::keep_epoch`]); 0 keeps only the latest, as the output itself.
+    pub keep_checkpoints: usize,
 }
 
 impl Default for TrainerConfig {
@@ -79,6 +82,7 @@ impl Default for TrainerConfig {
             val_every: 1,
             keep_best: false,
             stop_after_epochs: None,
+            keep_checkpoints: 0,
         }
     }
 }
@@ -634,7 +638,11 @@ impl Trainer {
                 })?;
             }
         }
-        self.checkpoint(observer)
+        self.checkpoint(observer)?;
+        if let (Some(checkpointer), true) = (&self.checkpointer, self.config.keep_checkpoints > 0) {
+            checkpointer.keep_epoch(epoch + 1, self.config.keep_checkpoints)?;
+        }
+        Ok(())
     }
 }
 
