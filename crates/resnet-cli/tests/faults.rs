@@ -534,3 +534,87 @@ fn kept_checkpoints_are_the_last_k_and_each_resumes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Unmounts its folder when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk that fills up during a run: the failed checkpoint leaves the previous one
+/// complete, and once there is room again the run resumes to the uninterrupted run's
+/// model. Needs a 100 MiB tmpfs: skipped where mounting one is not permitted.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_leaves_the_previous_checkpoint_resumable() -> Result<()> {
+    use std::io::Write;
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk)?;
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=100m", "tmpfs", path(&disk)])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs privileges)");
+        return Ok(());
+    }
+    let _unmount = Mounted(disk.clone());
+    let data = repo_path("weights/samples");
+    let flags = [
+        "--arch",
+        "resnet20",
+        "--epochs",
+        "8",
+        "--batch-size",
+        "10",
+        "--lr",
+        "0.05",
+    ];
+    let out = disk.join("out");
+    let mut run = Command::new(env!("CARGO_BIN_EXE_resnet"));
+    let child = run
+        .args(["--threads", "2", "train", "--data", path(&data)])
+        .args(flags)
+        .args(["--output", path(&out)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Filled up once the first checkpoint is complete.
+    let started = std::time::Instant::now();
+    while !out.join("training-state.safetensors").exists() {
+        ensure!(started.elapsed().as_secs() < 120, "no first checkpoint");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let mut filler = std::fs::File::create(disk.join("filler"))?;
+    let block = vec![0u8; 1 << 20];
+    while filler.write_all(&block).is_ok() {}
+    drop(filler);
+    let failed = child.wait_with_output()?;
+    let text = stderr(&failed);
+    ensure!(
+        !failed.status.success()
+            && text.contains("No space left")
+            && text.contains(&format!("--resume {}", out.display())),
+        "{text}"
+    );
+    std::fs::remove_file(disk.join("filler"))?;
+    let straight = dir.path().join("straight");
+    let mut args = vec!["--output", path(&straight)];
+    args.extend(flags);
+    let output = train(&data, &args, None)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    let mut args = vec!["--resume", path(&out)];
+    args.extend(&flags[2..]);
+    let output = train(&data, &args, None)?;
+    ensure!(output.status.success(), "{}", stderr(&output));
+    ensure!(
+        identical(&out, &straight)?,
+        "resumed after a full disk to another model"
+    );
+    Ok(())
+}
