@@ -49,9 +49,16 @@ CASES = [("resnet50", 1, 224), ("resnet50", 8, 224), ("resnet20", 128, 32),
 TRAIN_CASES = [("resnet20", 128, 32), ("resnet50", 16, 224)]
 
 
-def run_json(command, env=None):
+# Multiply-adds per image of each (arch, size), as `resnet bench --json` counts them.
+MULTIPLY_ADDS = {}
+
+
+def run_json(command, env=None, key=None):
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout)["median_ms"]
+    result = json.loads(out.stdout)
+    if key is not None and "multiply_adds_per_image" in result:
+        MULTIPLY_ADDS[key] = result["multiply_adds_per_image"]
+    return result["median_ms"]
 
 
 def ours(arch, batch, size, args):
@@ -65,8 +72,8 @@ def ours(arch, batch, size, args):
         # Our blocked kernels on this instruction set (RESNET_CPU_ISA); the peers run
         # whatever they pick (AVX-512 here).
         env["RESNET_CPU_ISA"] = args.isa
-        return lambda: run_json(command, env)
-    return lambda: run_json(command)
+        return lambda: run_json(command, env, key=(arch, size))
+    return lambda: run_json(command, key=(arch, size))
 
 
 def candle_transformers(arch, batch, size, args):
@@ -167,6 +174,16 @@ def cpu_name():
     return f"{name} ({family})" if family and "AMD" in name else name
 
 
+def cpu_ghz():
+    """The nominal clock in GHz from /proc/cpuinfo's "cpu MHz", or None."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            mhz = next((line.split(":", 1)[1] for line in info if line.startswith("cpu MHz")), None)
+        return float(mhz) / 1000 if mhz else None
+    except (OSError, ValueError):
+        return None
+
+
 def cpu_simd():
     """The vector instruction sets the CPU reports that our kernels care about."""
     try:
@@ -207,6 +224,9 @@ def main():
     print(f"{'case':<16}{'ours':>9}" + "".join(f"{name:>11}" for name in peers)
           + "".join(f"{name + '/ours':>16}" for name in peers))
     cases = []
+    # Zen 3 and Zen 4 both do two 8-wide FMAs a cycle per core (Zen 4's AVX-512 in
+    # halves): 32 FLOP/cycle; the clock is /proc/cpuinfo's nominal one (boost runs above).
+    peak = args.threads * 32 * cpu_ghz() if cpu_ghz() else None
     for arch, batch, size in TRAIN_CASES if args.train else CASES:
         if wanted is not None and f"{arch}b{batch}" not in wanted:
             continue
@@ -224,16 +244,32 @@ def main():
                 time.sleep(args.pause)
                 results[name].append(measure())
         row = {name: statistics.median(times) for name, times in results.items()}
+        macs = MULTIPLY_ADDS.get((arch, size))
+        # FLOP rate of each engine on the same work (2 per multiply-add; a training step
+        # counted as 3 forward passes), and its fraction of the cores' FMA peak.
+        passes = 3 if args.train else 1
+        gflops = {name: 2 * passes * macs * batch / (ms / 1e3) / 1e9
+                  for name, ms in row.items()} if macs else {}
         cases.append({"arch": arch, "batch": batch, "size": size, "median_ms": row,
-                      "rounds_ms": results})
+                      "rounds_ms": results, "multiply_adds_per_image": macs,
+                      "gflops_per_sec": gflops,
+                      "fraction_of_peak": {name: g / peak for name, g in gflops.items()}
+                      if peak else {}})
         cell = lambda v: f"{v:.1f}" if v else "-"
         ratio = lambda v: f"{v / row['ours']:.2f}x" if v else "-"
         print(f"{arch + ' b' + str(batch):<16}{cell(row['ours']):>9}"
               + "".join(f"{cell(row.get(name)):>11}" for name in peers)
               + "".join(f"{ratio(row.get(name)):>16}" for name in peers), flush=True)
     print("ratio > 1: this crate is faster (the other takes that many times longer)")
+    if peak:
+        print(f"fraction of the FMA peak ({peak:.0f} GFLOP/s: {args.threads} threads x 32 FLOP/cycle"
+              f" x {cpu_ghz():.2f} GHz nominal):")
+        for case in cases:
+            fractions = "  ".join(f"{name} {f:.0%}" for name, f in case["fraction_of_peak"].items())
+            print(f"  {case['arch']} b{case['batch']}: {fractions}")
     if args.json:
         report = {"mode": "train" if args.train else "inference", "cpu": cpu_name(),
+                  "peak_gflops": peak,
                   "cpu_flags": cpu_simd(), "ours_isa": args.isa or "auto",
                   "threads": args.threads, "iters": args.iters, "rounds": args.rounds,
                   "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv),

@@ -75,7 +75,12 @@ def table(report):
     cases = report["cases"]
     engines = [e for e in ENGINES if any(e[0] in c["median_ms"] for c in cases)]
     peers = [e for e in engines if e[0] != "ours"]
-    header = ["case"] + [label for _, label, _ in engines] + [f"{label} / ours" for _, label, _ in peers]
+    with_peak = any(c.get("fraction_of_peak") for c in cases)
+    short = {"ours": "ours", "pytorch": "PyTorch", "ort": "ORT", "candle-tf": "candle-tf"}
+    header = ["case"] + [f"{short[name]} ms" for name, _, _ in engines] \
+        + [f"{short[name]} / ours" for name, _, _ in peers]
+    if with_peak:
+        header += [f"{short[name]} % peak" for name, _, _ in engines]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for case in cases:
         times = case["median_ms"]
@@ -83,6 +88,9 @@ def table(report):
         cells += [f"{times[name]:.1f}" if times.get(name) else "-" for name, _, _ in engines]
         cells += [f"{times[name] / times['ours']:.2f}x" if times.get(name) and times.get("ours") else "-"
                   for name, _, _ in peers]
+        if with_peak:
+            fractions = case.get("fraction_of_peak") or {}
+            cells += [f"{fractions[name]:.0%}" if fractions.get(name) else "-" for name, _, _ in engines]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -33,6 +33,37 @@ fn parameter_counts_equal_torchvision() -> Result<()> {
     Ok(())
 }
 
+/// Multiply-adds per 224x224 image against the "GFLOPS" torchvision's model docs list
+/// (multiply-adds, in billions, two decimals: within 1%), and the CIFAR ResNet-20's
+/// 40,551,040 counted by hand (3x3 stem 442,368; 18 3x3 layers; the 64x10 classifier);
+/// folding the network for the blocked kernels leaves the count as it is.
+#[test]
+fn multiply_adds_match_torchvisions_counts() -> Result<()> {
+    for (name, giga) in [
+        ("resnet18", 1.81),
+        ("resnet34", 3.66),
+        ("resnet50", 4.09),
+        ("resnext50_32x4d", 4.23),
+        ("wide_resnet50_2", 11.40),
+    ] {
+        let model = zeros_model(&name.parse()?)?;
+        let counted = model.multiply_adds(224, 224) as f64 / 1e9;
+        assert!(
+            (counted - giga).abs() <= 0.01 * giga,
+            "{name}: {counted:.3} G multiply-adds, torchvision says {giga}"
+        );
+    }
+    let resnet20 = zeros_model(&ResNetConfig::resnet20())?;
+    assert_eq!(resnet20.multiply_adds(32, 32), 40_551_040);
+    let resnet50 = zeros_model(&ResNetConfig::resnet50())?;
+    let unfolded = resnet50.multiply_adds(224, 224);
+    assert_eq!(
+        resnet50.fold_batch_norm()?.multiply_adds(224, 224),
+        unfolded
+    );
+    Ok(())
+}
+
 #[test]
 fn cifar_parameter_counts_match_the_paper() -> Result<()> {
     // Paper Table 6 (millions, to the digits it prints): within half its last digit.

@@ -68,6 +68,7 @@ fn summary(
 ) -> serde_json::Value {
     let config = model.config();
     let kernels = model.kernel_summary();
+    let gflops = achieved_gflops(model, args, size, median_ms);
     json!({
         "arch": config.describe(),
         // The blocked kernels' instruction set, null where they do not run.
@@ -82,7 +83,20 @@ fn summary(
         "median_ms": median_ms,
         "min_ms": min_ms,
         "images_per_sec": args.batch as f64 / (median_ms / 1e3),
+        // Multiply-adds of one image's forward pass (convolutions and classifier, the
+        // direct algorithm's count), and the FLOP rate that the median reaches: a
+        // training step counted as three forward passes' work.
+        "multiply_adds_per_image": model.multiply_adds(size, size),
+        "gflops_per_sec": gflops,
     })
+}
+
+/// FLOP/s (in G) of a batch at the median time: 2 FLOPs per multiply-add; a training step
+/// does the forward, the input's gradient and the weights' gradient, about 3 forwards.
+fn achieved_gflops(model: &resnet_core::ResNet, args: &Args, size: usize, median_ms: f64) -> f64 {
+    let passes = if args.train { 3.0 } else { 1.0 };
+    let flops = 2.0 * passes * model.multiply_adds(size, size) as f64 * args.batch as f64;
+    flops / (median_ms / 1e3) / 1e9
 }
 
 /// A batch of `N(0, 1)` images, `(batch, channels, size, size)`.
@@ -190,11 +204,12 @@ pub fn run(global: &GlobalOptions, args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "{} batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median:.2} ms, min {min:.2} ms, {images_per_sec:.1} images/s",
+            "{} batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median:.2} ms, min {min:.2} ms, {images_per_sec:.1} images/s, {:.1} GFLOP/s",
             config.describe(),
             args.batch,
             dtype,
-            resnet_core::device_name(&device)
+            resnet_core::device_name(&device),
+            achieved_gflops(&model, &args, size, median)
         );
         if device.is_cpu() {
             println!("kernels: {}", model.kernel_summary());
@@ -245,11 +260,12 @@ fn run_training(global: &GlobalOptions, args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "{} training step, batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median_ms:.1} ms (forward {forward:.1}, backward {backward:.1}, update {update:.1}), min {min:.1} ms, {images_per_sec:.1} images/s",
+            "{} training step, batch {} at {size}x{size}, {:?} on {} ({threads} threads): median {median_ms:.1} ms (forward {forward:.1}, backward {backward:.1}, update {update:.1}), min {min:.1} ms, {images_per_sec:.1} images/s, {:.1} GFLOP/s",
             config.describe(),
             args.batch,
             dtype,
-            resnet_core::device_name(&device)
+            resnet_core::device_name(&device),
+            achieved_gflops(&model, args, size, median_ms)
         );
     }
     Ok(())

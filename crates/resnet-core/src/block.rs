@@ -74,7 +74,38 @@ pub(crate) struct ConvSpec {
     pub bias: bool,
 }
 
+/// Output size of a `kernel` convolution or pool of `stride` and `padding` over `size`.
+pub(crate) fn output_size(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (size + 2 * padding).saturating_sub(kernel) / stride.max(1) + 1
+}
+
 impl ConvBn {
+    /// Multiply-adds of the unit's convolution on a `(height, width)` input, and the size
+    /// of its output.
+    pub(crate) fn multiply_adds(&self, (height, width): (usize, usize)) -> (u64, (usize, usize)) {
+        let [out, input, kernel, stride, padding, groups] = match &self.weights {
+            ConvWeights::Trainable(conv) | ConvWeights::Folded(conv) => {
+                let dims = conv.weight().dims();
+                let config = conv.config();
+                [
+                    dims[0],
+                    dims[1] * config.groups,
+                    dims[2],
+                    config.stride,
+                    config.padding,
+                    config.groups,
+                ]
+            }
+            ConvWeights::Blocked(blocked) => blocked.geometry(),
+        };
+        let size = (
+            output_size(height, kernel, stride, padding),
+            output_size(width, kernel, stride, padding),
+        );
+        let per_pixel = out * (input / groups.max(1)) * kernel * kernel;
+        ((per_pixel * size.0 * size.1) as u64, size)
+    }
+
     /// Reads the convolution `conv_vb` ("conv1") and the BatchNorm `bn_vb` ("bn1"), if
     /// the unit has one.
     pub(crate) fn new(
@@ -493,6 +524,31 @@ pub struct ResidualBlock {
 }
 
 impl ResidualBlock {
+    /// Multiply-adds of the block's convolutions (and squeeze-excite's two small layers)
+    /// on a `(height, width)` input, and the size of its output.
+    pub(crate) fn multiply_adds(&self, input: (usize, usize)) -> (u64, (usize, usize)) {
+        let mut size = input;
+        let mut total = 0;
+        for unit in &self.chain {
+            let (macs, next) = unit.multiply_adds(size);
+            total += macs;
+            size = next;
+        }
+        total += match &self.shortcut {
+            Shortcut::Projection(unit) => unit.multiply_adds(input).0,
+            Shortcut::AvgDownProjection { stride, unit } => {
+                let pooled = (input.0.div_ceil(*stride), input.1.div_ceil(*stride));
+                unit.multiply_adds(pooled).0
+            }
+            Shortcut::Identity | Shortcut::ZeroPad { .. } => 0,
+        };
+        total += self
+            .squeeze_excite
+            .as_ref()
+            .map_or(0, SqueezeExcite::multiply_adds);
+        (total, size)
+    }
+
     /// Builds block reading `in_channels` channels, of stage width `planes`.
     pub(crate) fn new(
         config: &ResNetConfig,

@@ -671,6 +671,34 @@ impl ResNet {
         Ok(out)
     }
 
+    /// Multiply-adds of one image's forward pass at `(height, width)`: every convolution
+    /// (counted as the direct algorithm does them, whatever Winograd saves) and the
+    /// classifier, as torchvision's and fvcore's counts do (BatchNorm, ReLU, pooling and
+    /// additions are not counted). FLOPs are twice this; a training step is about three
+    /// forward passes' worth (the forward, the input's and the weights' gradients).
+    pub fn multiply_adds(&self, height: usize, width: usize) -> u64 {
+        let mut size = (height, width);
+        let mut total = 0;
+        for unit in &self.stem.units {
+            let (macs, next) = unit.multiply_adds(size);
+            total += macs;
+            size = next;
+        }
+        if self.config.stem.max_pools() {
+            size = (
+                crate::block::output_size(size.0, 3, 2, 1),
+                crate::block::output_size(size.1, 3, 2, 1),
+            );
+        }
+        for block in self.stages.iter().flat_map(|stage| &stage.blocks) {
+            let (macs, next) = block.multiply_adds(size);
+            total += macs;
+            size = next;
+        }
+        let head = self.head.as_ref().map_or(0, |fc| fc.weight().elem_count());
+        total + head as u64
+    }
+
     /// Number of learned parameters (BatchNorm running statistics excluded), as
     /// PyTorch's `sum(p.numel() for p in model.parameters())`.
     pub fn num_parameters(&self) -> usize {

@@ -22,6 +22,11 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
+    /// Multiply-adds of its two layers (on the pooled vector).
+    pub(crate) fn multiply_adds(&self) -> u64 {
+        (self.fc1_weight.elem_count() + self.fc2_weight.elem_count()) as u64
+    }
+
     /// timm's reduced width for `channels`: `make_divisible(channels / 16, 8)`.
     pub fn reduced_channels(channels: usize) -> usize {
         (((channels as f64 / 16.0 + 4.0) as usize) / 8 * 8).max(8)

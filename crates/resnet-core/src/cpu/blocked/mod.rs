@@ -87,6 +87,18 @@ pub(crate) struct BlockedConv {
 }
 
 impl BlockedConv {
+    /// `(out channels, in channels, kernel, stride, padding, groups)`.
+    pub(crate) fn geometry(&self) -> [usize; 6] {
+        [
+            self.c_out,
+            self.c_in,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.groups,
+        ]
+    }
+
     /// Whether a convolution of this shape can give blocked output (its input, if
     /// blocked, has channels divisible by 16 when the output has).
     pub fn supports(c_in: usize, c_out: usize, kernel: usize, groups: usize) -> bool {
