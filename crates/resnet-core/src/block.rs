@@ -252,7 +252,7 @@ impl ConvBn {
             let dims = conv.weight().dims4()?;
             let weight = conv.weight().to_dtype(DType::F32)?.contiguous()?;
             let (storage, layout) = weight.storage_and_layout();
-            let source = crate::cpu::gemm_conv::cpu_data::<f32>(&storage, layout)?;
+            let source = crate::cpu::storage::cpu_data::<f32>(&storage, layout)?;
             let blocked = BlockedConv::from_folded(
                 source,
                 &scale.to_vec1::<f32>()?,

@@ -11,7 +11,7 @@
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_conv::{cpu_data, f32_input};
+use super::storage::{cpu_data, f32_input};
 
 /// `relu?((x - mean) / sqrt(var + eps) * weight + bias (+ residual))` with the batch's
 /// statistics; its inputs `x`, `affine` (`weight` and `bias` stacked, `(2, C)`) and the

@@ -20,7 +20,8 @@
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_conv::{cpu_data, f32_input, ConvShape, Element, ImageConv};
+use super::gemm_conv::{ConvShape, Element, ImageConv};
+use super::storage::{cpu_data, f32_input};
 
 /// `conv2d(xs, weight)` (no bias, dilation 1) whose backward runs the GEMM kernels here.
 pub(crate) struct TrainConv {

@@ -9,10 +9,8 @@
 //! last pass applies ReLU. The GEMM is the `gemm` crate, candle's own.
 #![allow(unsafe_code)] // the `gemm` crate's entry point is an unsafe fn over raw pointers
 
-use candle_core::{
-    bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, StorageRef, Tensor,
-    WithDType,
-};
+use crate::cpu::storage::cpu_data;
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::ops::Range;
 
@@ -71,21 +69,6 @@ impl FusedConv<'_> {
             && groups >= 1
             && weight.dims().len() == 4
             && weight.dims()[0].is_multiple_of(groups)
-    }
-}
-
-/// A contiguous CPU tensor's data, borrowed from its storage guard.
-pub(crate) fn cpu_data<'a, T: WithDType>(
-    storage: &'a StorageRef<'_>,
-    layout: &Layout,
-) -> Result<&'a [T]> {
-    let Storage::Cpu(cpu) = &**storage else {
-        bail!("CPU convolution: tensor is not on the CPU");
-    };
-    let data = cpu.as_slice::<T>()?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => bail!("CPU convolution: tensor is not contiguous"),
     }
 }
 
@@ -268,21 +251,6 @@ impl ImageConv {
         };
         for_each_task(channel_bands * pixel_tiles, threads > 1, 1, task);
     }
-}
-
-/// A contiguous f32 CPU input of a custom op, or an error naming the op (`what`).
-pub(crate) fn f32_input<'a>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        bail!("{what}: only f32");
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("{what}: input is not contiguous");
-    };
-    Ok(&data[start..end])
 }
 
 /// `out += weight @ rhs`, single-threaded: `out` (m, n) with row stride `out_stride`,

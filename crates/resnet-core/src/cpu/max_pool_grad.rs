@@ -7,7 +7,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::gemm_conv::{cpu_data, f32_input};
+use super::storage::{cpu_data, f32_input};
 
 /// `max_pool2d(x, kernel 3, stride 2, padding 1)`.
 pub(crate) struct MaxPool3x3Stride2;

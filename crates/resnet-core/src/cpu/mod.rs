@@ -19,6 +19,7 @@ pub(crate) mod conv_grad;
 pub(crate) mod gemm_conv;
 pub(crate) mod isa;
 pub(crate) mod max_pool_grad;
+pub(crate) mod storage;
 
 pub use isa::{CpuIsa, Isa, ISA_ENV};
 

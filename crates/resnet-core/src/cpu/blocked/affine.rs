@@ -5,7 +5,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::LANES;
-use crate::cpu::gemm_conv::f32_input;
+use crate::cpu::storage::f32_input;
 
 /// `relu(xs · scale + shift)` on blocked `(N, C/16, H, W, 16)` f32, `scale` and `shift`
 /// of `C` values.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::ukernel::{Blocking, KernelArgs, KernelCall};
 use super::{BlockedConv, LANES};
-use crate::cpu::gemm_conv::{cpu_data, f32_input};
+use crate::cpu::storage::{cpu_data, f32_input};
 use crate::cpu::{for_each_task, Shared};
 
 /// `relu(conv(x) + bias + residual)` on blocked input, one layer's call.

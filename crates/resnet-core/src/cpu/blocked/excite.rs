@@ -7,7 +7,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape,
 use rayon::prelude::*;
 
 use super::LANES;
-use crate::cpu::gemm_conv::f32_input;
+use crate::cpu::storage::f32_input;
 
 /// The mean of every channel of a blocked `(N, C/16, H, W, 16)` f32 map: `(N, C)`.
 pub(crate) fn channel_means(xs: &Tensor) -> Result<Tensor> {

@@ -4,7 +4,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::LANES;
-use crate::cpu::gemm_conv::f32_input;
+use crate::cpu::storage::f32_input;
 
 /// Max pooling on blocked `(N, C/16, H, W, 16)` f32: PyTorch's (padding never wins),
 /// or with `zero_padded` Keras' (`ZeroPadding2D` first: padding is a zero).

@@ -4,7 +4,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::LANES;
-use crate::cpu::gemm_conv::f32_input;
+use crate::cpu::storage::f32_input;
 
 /// Option A's shortcut on blocked `(N, C/16, H, W, 16)` f32: `x[:, :, ::stride, ::stride]`
 /// with `before` zero channels in front and `after` behind (any counts whose total
