@@ -26,6 +26,19 @@ pub struct Args {
     json: bool,
 }
 
+/// Multiply-adds of one image's forward pass of `config` at its usual input size (32 for
+/// CIFAR stems, else 224), with that size: counted on a network of zeros (calloc'd, so
+/// its pages are never touched).
+fn multiply_adds(config: &resnet_core::ResNetConfig) -> Result<(u64, usize)> {
+    let size = match config.stem {
+        resnet_core::StemKind::Cifar => 32,
+        _ => 224,
+    };
+    let vb = candle_nn::VarBuilder::zeros(DType::F32, &candle_core::Device::Cpu);
+    let model = resnet_core::ResNet::new(config, vb)?;
+    Ok((model.multiply_adds(size, size), size))
+}
+
 pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
     let Some(model) = args.model.as_deref() else {
         return list_presets(args.json);
@@ -45,8 +58,11 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
         .map(|t| t.elem_count())
         .sum();
     let kernels = cpu_kernels(&inspection.config)?;
+    let (macs, size) = multiply_adds(&inspection.config)?;
     if args.json {
         let summary = json!({
+            "multiply_adds_per_image": macs,
+            "multiply_adds_input_size": size,
             "cpu_isa": kernels.isa.map(|isa| isa.name()),
             "cpu_kernels": kernels.to_string(),
             "files": source.weights.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
@@ -91,6 +107,10 @@ pub fn run(_: &GlobalOptions, args: Args) -> Result<()> {
         config.num_classes
     );
     println!("parameters:   {parameters}");
+    println!(
+        "mult-adds:    {:.3} G per {size}x{size} image (convolutions and classifier)",
+        macs as f64 / 1e9
+    );
     println!("cpu kernels:  {kernels} (f32; RESNET_CPU_ISA to choose)");
     let dtypes: Vec<String> = dtypes.iter().map(|(d, n)| format!("{d} x{n}")).collect();
     println!("dtypes:       {}", dtypes.join(", "));
@@ -155,19 +175,21 @@ fn list_presets(as_json: bool) -> Result<()> {
             .filter(|(n, _)| !n.contains("running_"))
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum();
-        rows.push((name, parameters, config));
+        let (macs, size) = multiply_adds(&config)?;
+        rows.push((name, parameters, config, macs, size));
     }
     if as_json {
         let list: Vec<_> = rows
             .iter()
-            .map(|(name, parameters, config)| {
-                json!({"name": name, "parameters": parameters, "config": config})
+            .map(|(name, parameters, config, macs, size)| {
+                json!({"name": name, "parameters": parameters, "config": config,
+                       "multiply_adds_per_image": macs, "multiply_adds_input_size": size})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());
     }
-    for (name, parameters, config) in rows {
+    for (name, parameters, config, macs, size) in rows {
         let mut notes = String::new();
         if config.groups > 1 {
             notes += &format!(", {}x{}d groups", config.groups, config.width_per_group);
@@ -186,8 +208,9 @@ fn list_presets(as_json: bool) -> Result<()> {
             }
         }
         println!(
-            "{name:<20} {:>6.2}M  {:?} {:?}, {:?} stem, shortcut {:?}{notes}",
+            "{name:<20} {:>6.2}M {:>7.3}G@{size:<3}  {:?} {:?}, {:?} stem, shortcut {:?}{notes}",
             parameters as f64 / 1e6,
+            macs as f64 / 1e9,
             config.block,
             config.blocks_per_stage,
             config.stem,
