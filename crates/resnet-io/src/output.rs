@@ -26,7 +26,8 @@ use crate::error::{Error, Result};
 /// checkpoint's own. Tests use it to check that a run killed anywhere resumes exactly.
 #[doc(hidden)]
 pub fn fault_point(name: &str) {
-    static SEEN: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+    // Only the wanted point is ever counted, so one counter does.
+    static REACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let Ok(wanted) = std::env::var("RESNET_TEST_ABORT_AT") else {
         return;
     };
@@ -34,21 +35,7 @@ pub fn fault_point(name: &str) {
         Some((point, n)) => (point, n.parse::<usize>().unwrap_or(1)),
         None => (wanted.as_str(), 1),
     };
-    if point != name {
-        return;
-    }
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-    let count = match seen.iter_mut().find(|(n, _)| n == name) {
-        Some((_, count)) => {
-            *count += 1;
-            *count
-        }
-        None => {
-            seen.push((name.to_string(), 1));
-            1
-        }
-    };
-    if count == nth {
+    if point == name && REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == nth {
         eprintln!("RESNET_TEST_ABORT_AT: aborting at {name}:{nth}");
         std::process::abort();
     }

@@ -443,11 +443,6 @@ impl Checkpointer {
         let output = output.into();
         Self::check_destination_for(&output, existing)?;
         let lock = take_lock(&output)?;
-        let folder = match output.parent() {
-            Some(p) if is_file_output(&output) && !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ if is_file_output(&output) => PathBuf::from("."),
-            _ => output.clone(),
-        };
         let names: Vec<String> = [
             Self::model_file(&output),
             Self::state_path(&output),
@@ -459,7 +454,7 @@ impl Checkpointer {
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        resnet_io::remove_stale_partials(&folder, &names);
+        resnet_io::remove_stale_partials(&output_folder(&output), &names);
         Ok(Self {
             output,
             scheme,
@@ -488,11 +483,9 @@ impl Checkpointer {
     /// [`Checkpointer::with_existing`] does, and one that another run is writing.
     pub fn check_destination_for(output: &Path, existing: ExistingOutput) -> Result<()> {
         if existing == ExistingOutput::TrainingRun {
-            let model = Self::model_file(output);
-            let config = output.join("config.json");
-            let foreign: Vec<String> = [&model, &config]
-                .into_iter()
-                .filter(|p| !is_file_output(output) || *p == &model)
+            let config = (!is_file_output(output)).then(|| output.join("config.json"));
+            let foreign: Vec<String> = std::iter::once(Self::model_file(output))
+                .chain(config)
                 .filter(|p| p.exists())
                 .map(|p| p.display().to_string())
                 .collect();
@@ -508,18 +501,18 @@ impl Checkpointer {
             // Taken and let go at once: only a check, the run takes it for good later.
             drop(take_lock(output)?);
         }
-        let model_path = if is_file_output(output) {
-            output.to_path_buf()
-        } else {
+        if !is_file_output(output) {
             std::fs::create_dir_all(output).map_err(|e| {
                 candle_core::Error::Msg(format!(
                     "creating the output directory {}: {e}",
                     output.display()
                 ))
             })?;
-            output.join("model.safetensors")
-        };
-        drop(resnet_io::OutputFile::create(model_path).map_err(candle_core::Error::wrap)?);
+        }
+        drop(
+            resnet_io::OutputFile::create(Self::model_file(output))
+                .map_err(candle_core::Error::wrap)?,
+        );
         Ok(())
     }
 
@@ -613,12 +606,7 @@ impl Checkpointer {
     /// Refuses to start where the output's file system has less free space than two
     /// checkpoints of `bytes` (the new one is written beside the old) and 64 MiB.
     pub fn check_free_space(&self, bytes: u64) -> Result<()> {
-        let folder = if self.is_file() {
-            self.output.parent().filter(|p| !p.as_os_str().is_empty())
-        } else {
-            Some(self.output.as_path())
-        };
-        let Some(free) = free_bytes(folder.unwrap_or(Path::new("."))) else {
+        let Some(free) = free_bytes(&output_folder(&self.output)) else {
             return Ok(());
         };
         let needed = 2 * bytes + (64 << 20);
@@ -694,12 +682,11 @@ impl Checkpointer {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let folder = self
-                .output
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-            (folder, format!("{stem}.epoch-"), ".safetensors")
+            (
+                output_folder(&self.output),
+                format!("{stem}.epoch-"),
+                ".safetensors",
+            )
         } else {
             (self.output.join("checkpoints"), "epoch-".to_string(), "")
         };
@@ -790,6 +777,17 @@ fn free_bytes(folder: &Path) -> Option<u64> {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn free_bytes(_folder: &Path) -> Option<u64> {
     None
+}
+
+/// The folder an output's files are in: the file's folder, or the model directory.
+fn output_folder(output: &Path) -> PathBuf {
+    if !is_file_output(output) {
+        return output.to_path_buf();
+    }
+    output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// The output path is a `.safetensors` file, else a model directory.

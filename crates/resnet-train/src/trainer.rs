@@ -341,10 +341,12 @@ impl Trainer {
         state.check_settings(&self.state.settings)?;
         // The saved model: the state's own copy (the checkpoint's one unit), else (a state
         // of an earlier version) the model file the network was loaded from.
-        let saved: std::collections::HashMap<String, Tensor> = if state.model_tensors.is_empty() {
-            self.model.named_tensors()?.into_iter().collect()
+        let from_file: std::collections::HashMap<String, Tensor>;
+        let saved = if state.model_tensors.is_empty() {
+            from_file = self.model.named_tensors()?.into_iter().collect();
+            &from_file
         } else {
-            state.model_tensors.clone()
+            &state.model_tensors
         };
         let data = self.varmap.data().lock().unwrap_or_else(|e| e.into_inner());
         match (&mut self.ema, state.trained_tensors.is_empty()) {
@@ -353,10 +355,10 @@ impl Trainer {
             (Some(ema), false) => {
                 // The saved (averaged) weights are the EMA's; the trained ones come from
                 // the state.
-                ema.load(&saved)?;
+                ema.load(saved)?;
                 set_all(data.iter(), &state.trained_tensors, "--resume: the state")?;
             }
-            (None, true) => set_all(data.iter(), &saved, "--resume: the state's model")?,
+            (None, true) => set_all(data.iter(), saved, "--resume: the state's model")?,
         }
         drop(data);
         // A run killed between the state and the model file left the previous model
@@ -667,7 +669,7 @@ fn run_settings(
         ("--mixup-prob", config.mixup.prob.to_string()),
         ("--mixup-switch-prob", config.mixup.switch_prob.to_string()),
         ("--freeze-backbone", config.freeze_backbone.to_string()),
-        ("--optimizer", optimizer.name().to_string()),
+        // The optimizer's name is compared by `TrainingState::check_matches`.
         ("--lr", optimizer.lr().to_string()),
     ]
     .into_iter()
