@@ -146,7 +146,12 @@ impl BatchNorm2d {
     }
 
     /// Moves the running statistics towards the batch's (`count` values per channel).
-    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
+    pub(crate) fn update_running(
+        &self,
+        mean: &Tensor,
+        biased_var: &Tensor,
+        count: usize,
+    ) -> Result<()> {
         let unbiased_var = (biased_var * (count as f64 / (count - 1) as f64))?;
         let update = |running: &Var, batch_value: &Tensor| -> Result<()> {
             let old = running.as_tensor().to_dtype(DType::F32)?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::batch_norm::{BatchNorm2d, BatchNormRelu};
 use crate::config::{BlockKind, BottleneckStride, ResNetConfig, ShortcutKind};
+use crate::cpu::block_grad::{self, ShortcutShape, UnitShape};
 use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
 use crate::cpu::gemm_conv::FusedConv;
@@ -213,6 +214,35 @@ impl ConvBn {
             },
         };
         crate::batch_norm::add_relu(ys, residual, relu)
+    }
+
+    /// The unit as the fused training block runs it (CPU f32, no bias, one group,
+    /// channels in sixteens, BatchNorm), with its convolution and BatchNorm.
+    fn fused_train_unit(&self, xs: &Tensor) -> Option<(UnitShape, &Conv2d, &BatchNorm2d)> {
+        let (ConvWeights::Trainable(conv), Some(bn)) = (&self.weights, &self.bn) else {
+            return None;
+        };
+        let config = conv.config();
+        let (c_out, c_in, kernel, kw) = conv.weight().dims4().ok()?;
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        let supported = conv.bias().is_none()
+            && config.dilation == 1
+            && config.groups == 1
+            && kernel == kw
+            && c_in.is_multiple_of(blocked::LANES)
+            && c_out.is_multiple_of(blocked::LANES)
+            && [xs, conv.weight(), bn.weight(), bn.bias()]
+                .into_iter()
+                .all(f32_cpu);
+        let unit = UnitShape {
+            c_in,
+            c_out,
+            kernel,
+            stride: config.stride,
+            padding: config.padding,
+            eps: bn.eps(),
+        };
+        supported.then_some((unit, conv, bn))
     }
 
     /// This unit with its BatchNorm folded into the convolution: inference only. The
@@ -716,7 +746,68 @@ impl ResidualBlock {
         Ok(())
     }
 
+    /// Training on the CPU in f32, a post-activation block with an identity or option-A
+    /// shortcut whose units the blocked kernels take runs as one op
+    /// ([`block_grad`]); `None` for any other block.
+    fn fused_train_forward(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+        let shortcut = match self.shortcut {
+            Shortcut::Identity => ShortcutShape::Identity,
+            Shortcut::ZeroPad {
+                stride,
+                pad_before,
+                pad_after,
+            } => ShortcutShape::ZeroPad {
+                stride,
+                before: pad_before,
+                after: pad_after,
+            },
+            _ => return Ok(None),
+        };
+        if self.pre_norm.is_some() || self.squeeze_excite.is_some() || xs.rank() != 4 {
+            return Ok(None);
+        }
+        let Some(units) = self
+            .chain
+            .iter()
+            .map(|unit| unit.fused_train_unit(xs))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let mut params = Vec::with_capacity(3 * units.len());
+        for (_, conv, bn) in &units {
+            params.extend([
+                conv.weight().flatten_all()?,
+                bn.weight().clone(),
+                bn.bias().clone(),
+            ]);
+        }
+        let shapes = units.iter().map(|(shape, ..)| *shape).collect();
+        let params = Tensor::cat(&params, 0)?;
+        // None where BatchNorm would see one value per channel: the unfused path says so.
+        let Some((ys, stats)) = block_grad::residual_train(shapes, shortcut, xs, &params)? else {
+            return Ok(None);
+        };
+        for ((_, _, bn), stats) in units.iter().zip(stats) {
+            let channels = stats.mean.len();
+            let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
+            let biased_var = Tensor::from_vec(stats.biased_var, channels, xs.device())?;
+            bn.update_running(&mean, &biased_var, stats.count)?;
+        }
+        Ok(Some(ys))
+    }
+
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            if let Some(ys) = self.fused_train_forward(xs)? {
+                return Ok(ys);
+            }
+        }
+        self.forward_op_by_op(xs, train)
+    }
+
+    /// The block as candle ops and the kernel tree's per-unit ops.
+    fn forward_op_by_op(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (last, inner) = match self.chain.split_last() {
             Some(split) => split,
             None => candle_core::bail!("residual block without convolutions"),
@@ -747,5 +838,107 @@ impl ResidualBlock {
             ys = unit.forward_with(&ys, None, true, train)?;
         }
         last.forward_with(&ys, Some(&shortcut), false, train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use candle_nn::VarMap;
+
+    /// Every variable of `from` set to random values (positive running variances), and
+    /// an identical copy of it.
+    fn randomised_pair(from: &VarMap) -> Result<VarMap> {
+        let copy = VarMap::new();
+        let from = from.data().lock().map_err(|_| candle_core::Error::Msg("lock".into()))?;
+        let mut to = copy.data().lock().map_err(|_| candle_core::Error::Msg("lock".into()))?;
+        for (name, var) in from.iter() {
+            let random = Tensor::randn(0f32, 0.5, var.shape(), var.device())?;
+            let random = if name.ends_with("running_var") {
+                (random.abs()? + 0.5)?
+            } else if name.ends_with("bn1.weight") || name.ends_with("bn2.weight") {
+                (random + 1.0)?
+            } else {
+                random
+            };
+            var.set(&random)?;
+            to.insert(name.clone(), Var::from_tensor(&random.copy()?)?);
+        }
+        drop(to);
+        Ok(copy)
+    }
+
+    /// The fused training block ([`block_grad`]) against the op-by-op path, from the same
+    /// weights: the output, the running statistics after the step, and the gradients of
+    /// the input and of every parameter, within 1e-4 of the largest value. Basic blocks
+    /// with the identity and option A shortcuts, a bottleneck, odd and even sizes.
+    #[test]
+    fn fused_training_block_matches_the_op_by_op_one() -> Result<()> {
+        let device = Device::Cpu;
+        let bottleneck = ResNetConfig::imagenet(BlockKind::Bottleneck, [1, 1, 1, 1]);
+        let cases = [
+            (ResNetConfig::cifar(1), 16, 16, 1, 8),
+            (ResNetConfig::cifar(1), 16, 32, 2, 8),
+            (ResNetConfig::cifar(1), 32, 64, 2, 7),
+            (ResNetConfig::cifar(1), 32, 32, 1, 5),
+            (bottleneck, 64, 16, 1, 6),
+        ];
+        for (config, in_channels, planes, stride, size) in cases {
+            let what = format!("{in_channels} -> {planes} stride {stride} at {size}x{size}");
+            let fused_vars = VarMap::new();
+            let vb = VarBuilder::from_varmap(&fused_vars, DType::F32, &device);
+            let fused = ResidualBlock::new(&config, in_channels, planes, stride, vb)?;
+            let plain_vars = randomised_pair(&fused_vars)?;
+            let vb = VarBuilder::from_varmap(&plain_vars, DType::F32, &device);
+            let plain = ResidualBlock::new(&config, in_channels, planes, stride, vb)?;
+
+            let input = Tensor::randn(0f32, 1.0, (3, in_channels, size, size), &device)?;
+            let (x_fused, x_plain) = (Var::from_tensor(&input)?, Var::from_tensor(&input)?);
+            let ys_fused = fused
+                .fused_train_forward(x_fused.as_tensor())?
+                .ok_or_else(|| candle_core::Error::Msg(format!("{what}: not fused")))?;
+            let ys_plain = plain.forward_op_by_op(x_plain.as_tensor(), true)?;
+            let r = Tensor::randn(0f32, 1.0, ys_plain.shape(), &device)?;
+            let grads_fused = (&ys_fused * &r)?.sum_all()?.backward()?;
+            let grads_plain = (&ys_plain * &r)?.sum_all()?.backward()?;
+
+            let close = |a: &Tensor, b: &Tensor, name: &str| -> Result<()> {
+                let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+                let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{what}: {name} differs by {diff} (largest {scale})"
+                );
+                Ok(())
+            };
+            close(&ys_fused, &ys_plain, "output")?;
+            let gradient = |grads: &candle_core::backprop::GradStore, t: &Tensor, name: &str| {
+                grads
+                    .get(t)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("{what}: no gradient for {name}")))
+            };
+            close(
+                &gradient(&grads_fused, x_fused.as_tensor(), "input")?,
+                &gradient(&grads_plain, x_plain.as_tensor(), "input")?,
+                "input gradient",
+            )?;
+            let fused_data = fused_vars.data().lock().map_err(|_| candle_core::Error::Msg("lock".into()))?;
+            let plain_data = plain_vars.data().lock().map_err(|_| candle_core::Error::Msg("lock".into()))?;
+            for (name, var) in fused_data.iter() {
+                let other = &plain_data[name];
+                if name.contains("running") {
+                    close(var.as_tensor(), other.as_tensor(), name)?;
+                } else {
+                    close(
+                        &gradient(&grads_fused, var.as_tensor(), name)?,
+                        &gradient(&grads_plain, other.as_tensor(), name)?,
+                        name,
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -65,17 +65,7 @@ impl TrainConv {
             return None;
         }
         let (c_in, c_out) = (shape.c_in, shape.c_out);
-        let taps = k * k;
-        let mut flipped = vec![0f32; weight.len()];
-        for o in 0..c_out {
-            for i in 0..c_in {
-                let src = &weight[(o * c_in + i) * taps..][..taps];
-                let dst = &mut flipped[(i * c_out + o) * taps..][..taps];
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = src[taps - 1 - t];
-                }
-            }
-        }
+        let flipped = flipped_transposed(weight, (c_out, c_in, k));
         let [_, _, out_h, out_w] = shape.output_dims();
         super::blocked::convolve_plain(
             dy,
@@ -174,6 +164,26 @@ impl CustomOp2 for TrainConv {
     }
 }
 
+/// A stride-1 convolution's weight `(c_out, c_in, k, k)` as the weight of its input
+/// gradient's convolution: `(c_in, c_out, k, k)`, each kernel rotated by 180 degrees.
+pub(super) fn flipped_transposed(
+    weight: &[f32],
+    (c_out, c_in, k): (usize, usize, usize),
+) -> Vec<f32> {
+    let taps = k * k;
+    let mut flipped = vec![0f32; weight.len()];
+    for o in 0..c_out {
+        for i in 0..c_in {
+            let src = &weight[(o * c_in + i) * taps..][..taps];
+            let dst = &mut flipped[(i * c_out + o) * taps..][..taps];
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = src[taps - 1 - t];
+            }
+        }
+    }
+    flipped
+}
+
 /// A row-major-or-not matrix operand: element (i, j) at `data[i * row + j * col]`.
 #[derive(Clone, Copy)]
 struct Operand<'a> {
@@ -244,7 +254,7 @@ fn matmul(
 }
 
 /// The gradient of the input: per image and group `Wᵀ · dy`, put back by col2im.
-fn input_gradient(shape: &ConvShape, dy: &[f32], weight: &[f32]) -> Vec<f32> {
+pub(super) fn input_gradient(shape: &ConvShape, dy: &[f32], weight: &[f32]) -> Vec<f32> {
     let geometry = shape.group_geometry();
     let (in_plane, out_plane) = (geometry.in_plane(), geometry.out_plane());
     let (group_in, group_out, depth) = (geometry.c_in, geometry.c_out, geometry.depth());
@@ -332,48 +342,64 @@ fn weight_gradient(shape: &ConvShape, xs: &[f32], dy: &[f32]) -> Vec<f32> {
     let geometry = shape.group_geometry();
     let (in_plane, out_plane) = (geometry.in_plane(), geometry.out_plane());
     let (group_in, group_out, depth) = (geometry.c_in, geometry.c_out, geometry.depth());
-    let parts = candle_core::utils::get_num_threads().clamp(1, shape.batch.max(1));
-    let part_len = shape.batch.div_ceil(parts).max(1);
-    let part_sums: Vec<Vec<f32>> = (0..shape.batch)
+    let total = sum_over_batch(shape.batch, shape.c_out * depth, |images, dw| {
+        f32::with_columns(in_plane * group_in + out_plane * depth, |buffer| {
+            let (nhwc, rows) = buffer.split_at_mut(in_plane * group_in);
+            for image in images {
+                for group in 0..shape.groups {
+                    let x = &xs[(image * shape.c_in + group * group_in) * in_plane..]
+                        [..group_in * in_plane];
+                    let dy = &dy[(image * shape.c_out + group * group_out) * out_plane..]
+                        [..group_out * out_plane];
+                    to_nhwc(x, group_in, nhwc);
+                    im2row(&geometry, nhwc, rows);
+                    let dw = &mut dw[group * group_out * depth..][..group_out * depth];
+                    let (dy, rows) = (Operand::rows(dy, out_plane), Operand::rows(rows, depth));
+                    matmul(group_out, depth, out_plane, dw, true, dy, rows);
+                }
+            }
+        });
+    });
+    channels_before_taps(&total, group_in, geometry.kernel * geometry.kernel)
+}
+
+/// `Σ part(images)` over the batch cut into a fixed number of parts (one per thread),
+/// each part's sum (`len` values, zeroed first) made on one thread and the sums added in
+/// order: the same bits on every run.
+pub(super) fn sum_over_batch(
+    batch: usize,
+    len: usize,
+    part: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let parts = candle_core::utils::get_num_threads().clamp(1, batch.max(1));
+    let part_len = batch.div_ceil(parts).max(1);
+    let part_sums: Vec<Vec<f32>> = (0..batch)
         .step_by(part_len)
         .collect::<Vec<_>>()
         .into_par_iter()
         .map(|first| {
-            // Columns in (ky, kx, channel) order; reordered at the end.
-            let mut dw = vec![0f32; shape.c_out * depth];
-            f32::with_columns(in_plane * group_in + out_plane * depth, |buffer| {
-                let (nhwc, rows) = buffer.split_at_mut(in_plane * group_in);
-                for image in first..(first + part_len).min(shape.batch) {
-                    for group in 0..shape.groups {
-                        let x = &xs[(image * shape.c_in + group * group_in) * in_plane..]
-                            [..group_in * in_plane];
-                        let dy = &dy[(image * shape.c_out + group * group_out) * out_plane..]
-                            [..group_out * out_plane];
-                        to_nhwc(x, group_in, nhwc);
-                        im2row(&geometry, nhwc, rows);
-                        let dw = &mut dw[group * group_out * depth..][..group_out * depth];
-                        let (dy, rows) = (Operand::rows(dy, out_plane), Operand::rows(rows, depth));
-                        matmul(group_out, depth, out_plane, dw, true, dy, rows);
-                    }
-                }
-            });
-            dw
+            let mut sum = vec![0f32; len];
+            part(first..(first + part_len).min(batch), &mut sum);
+            sum
         })
         .collect();
     let mut parts = part_sums.into_iter();
-    let mut total = parts
-        .next()
-        .unwrap_or_else(|| vec![0f32; shape.c_out * depth]);
+    let mut total = parts.next().unwrap_or_else(|| vec![0f32; len]);
     for part in parts {
         for (t, p) in total.iter_mut().zip(part) {
             *t += p;
         }
     }
-    // (c_out, ky, kx, c_in) -> (c_out, c_in, ky, kx)
-    let taps = geometry.kernel * geometry.kernel;
+    total
+}
+
+/// A weight gradient with columns in (ky, kx, channel) order, as im2row builds them, in
+/// the weight's order `(c_out, channel, ky, kx)`.
+fn channels_before_taps(total: &[f32], channels: usize, taps: usize) -> Vec<f32> {
+    let depth = channels * taps;
     let mut reordered = vec![0f32; total.len()];
     for (dst, src) in reordered.chunks_mut(depth).zip(total.chunks(depth)) {
-        for (tap, channels) in src.chunks(group_in).enumerate() {
+        for (tap, channels) in src.chunks(channels).enumerate() {
             for (c, &v) in channels.iter().enumerate() {
                 dst[c * taps + tap] = v;
             }

@@ -9,11 +9,14 @@
 //! - [`conv_grad`], [`batch_norm_grad`] and [`max_pool_grad`]: training's convolution,
 //!   BatchNorm (+ residual + ReLU) and stem pooling, with their backward passes as
 //!   kernels rather than candle's op-by-op compositions.
+//! - [`block_grad`]: a whole residual block (conv-BN-ReLU units and shortcut) as one
+//!   training op, on blocked activations inside, built from the kernels above.
 #![allow(unsafe_code)] // `Shared`: a pointer that parallel tasks write disjoint parts of
 
 use rayon::prelude::*;
 
 pub(crate) mod batch_norm_grad;
+pub(crate) mod block_grad;
 pub(crate) mod blocked;
 pub(crate) mod conv_grad;
 pub(crate) mod gemm_conv;

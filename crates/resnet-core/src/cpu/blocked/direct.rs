@@ -29,8 +29,16 @@ impl CustomOp1 for BlockedOp<'_> {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let conv = self.conv;
         let input = f32_input(storage, layout, "blocked convolution")?;
+        let (output, shape) = self.run(input, layout)?;
+        Ok((CpuStorage::F32(output), shape))
+    }
+}
+
+impl BlockedOp<'_> {
+    /// The op on `input`, contiguous values of `layout`'s shape: the output and its shape.
+    pub(super) fn run(&self, input: &[f32], layout: &Layout) -> Result<(Vec<f32>, Shape)> {
+        let conv = self.conv;
         let in_lanes = conv.in_lanes;
         let (batch, in_blocks, height, width, lanes) = if in_lanes == 1 {
             let (batch, channels, height, width) = layout.shape().dims4()?;
@@ -87,7 +95,7 @@ impl CustomOp1 for BlockedOp<'_> {
                 relu: self.relu,
             };
             let output = super::winograd::convolve(geometry, layer);
-            return Ok((CpuStorage::F32(output), Shape::from(out_shape)));
+            return Ok((output, Shape::from(out_shape)));
         }
 
         // A zero border instead of bounds checks in the kernel.
@@ -211,6 +219,6 @@ impl CustomOp1 for BlockedOp<'_> {
         if p > 0 {
             PADDED_INPUT.set(padded_storage);
         }
-        Ok((CpuStorage::F32(output), Shape::from(out_shape)))
+        Ok((output, Shape::from(out_shape)))
     }
 }

@@ -42,9 +42,10 @@ pub(crate) use layout::from_blocked;
 #[cfg(test)]
 pub(crate) use layout::to_blocked;
 use layout::{packed_order, rotated_order};
-pub(crate) use plain::convolve_plain;
+pub(crate) use plain::{convolve_blocked, convolve_plain, to_blocked_values, to_plain_values};
 pub(crate) use pool::{avg_pool_2x2_ceil, max_pool};
-pub(crate) use shortcut::subsample_and_pad_channels;
+pub(crate) use shortcut::{subsample_and_pad_channels, zero_pad_adjoint_add, zero_pad_values};
+pub(crate) use ukernel::GradTile;
 
 /// Channels per block: one AVX-512 register of f32.
 pub(crate) const LANES: usize = 16;
@@ -591,6 +592,47 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The weight gradient's tile on every instruction set against the sum by
+    /// definition (f64), over rectangles of several widths and strided input.
+    #[test]
+    fn grad_tile_matches_the_definition_on_every_isa() {
+        for isa in every_isa() {
+            for (rows, len, x_step) in [(1, 1, 16), (2, 5, 16), (3, 9, 32), (1, 7, 16)] {
+                let (dz_row, x_row) = (len * LANES + 16, len * x_step + 48);
+                let dz = values(rows * dz_row, 7);
+                let x = values(rows * x_row, 8);
+                let start = values(LANES * LANES, 9);
+                let mut sums: [f32; LANES * LANES] = std::array::from_fn(|i| start[i]);
+                let tile = GradTile {
+                    dz: &dz,
+                    x: &x,
+                    rows,
+                    len,
+                    dz_row,
+                    x_row,
+                    x_step,
+                };
+                tile.accumulate(isa, &mut sums);
+                for c in 0..LANES {
+                    for o in 0..LANES {
+                        let mut expected = start[c * LANES + o] as f64;
+                        for r in 0..rows {
+                            for i in 0..len {
+                                expected += dz[r * dz_row + i * LANES + o] as f64
+                                    * x[r * x_row + i * x_step + c] as f64;
+                            }
+                        }
+                        let got = sums[c * LANES + o] as f64;
+                        assert!(
+                            (got - expected).abs() <= 1e-5 * expected.abs().max(1.0),
+                            "{isa:?} {rows}x{len} step {x_step}: ({c}, {o}) {got} != {expected}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Every vector instruction set against the scalar kernels, the oracle, on every

@@ -2,7 +2,7 @@
 //! candle's layout between ops, so each call blocks its input and unblocks its output
 //! (two parallel passes, much less than the im2col the GEMM path copies).
 
-use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape};
+use candle_core::{bail, Layout, Result, Shape};
 use rayon::prelude::*;
 
 use super::{direct, BlockedConv, LANES};
@@ -45,6 +45,35 @@ fn convolve_plain_checked(
     (c_out, kernel): (usize, usize),
     (stride, padding): (usize, usize),
 ) -> Result<Vec<f32>> {
+    let plane = height * width;
+    if input.len() != batch * c_in * plane {
+        bail!(
+            "blocked convolution: {} values for {:?}",
+            input.len(),
+            (batch, c_in, height, width)
+        );
+    }
+    let blocked = to_blocked_values(input, None, plane);
+    let (output, (out_h, out_w)) = convolve_blocked(
+        &blocked,
+        (batch, c_in, height, width),
+        weight,
+        (c_out, kernel),
+        (stride, padding),
+    )?;
+    Ok(to_plain_values(&output, None, out_h * out_w))
+}
+
+/// `conv(x, weight)` (no bias, one group) on blocked `(N, C/16, H, W, 16)` values, by the
+/// blocked kernels (Winograd where it pays): the blocked output and its height and width.
+/// The caller has checked what [`convolve_plain`] checks.
+pub(crate) fn convolve_blocked(
+    input: &[f32],
+    (batch, c_in, height, width): (usize, usize, usize, usize),
+    weight: &[f32],
+    (c_out, kernel): (usize, usize),
+    (stride, padding): (usize, usize),
+) -> Result<(Vec<f32>, (usize, usize))> {
     let isa = CpuIsa::from_env()?;
     let winograd =
         kernel == 3 && stride == 1 && padding == 1 && BlockedConv::winograd_pays(c_in, c_out);
@@ -56,39 +85,48 @@ fn convolve_plain_checked(
         (stride, padding, 1),
         (false, winograd, isa),
     )?;
-    let plane = height * width;
-    if input.len() != batch * c_in * plane {
-        bail!(
-            "blocked convolution: {} values for {:?}",
-            input.len(),
-            (batch, c_in, height, width)
-        );
-    }
-    // (N, C, H, W) -> (N, C/16, H, W, 16), a block of 16 channels at a time.
-    let mut blocked = vec![0f32; input.len()];
-    blocked
-        .par_chunks_mut(LANES * plane)
-        .zip(input.par_chunks(LANES * plane))
-        .for_each(|(dst, src)| block_channels(src, dst, plane));
     let in_shape = Shape::from((batch, c_in / LANES, height, width, LANES));
     let op = direct::BlockedOp {
         conv: &conv,
         residual: None,
         relu: false,
     };
-    let (output, out_shape) =
-        op.cpu_fwd(&CpuStorage::F32(blocked), &Layout::contiguous(in_shape))?;
-    let CpuStorage::F32(output) = output else {
-        bail!("blocked convolution: not f32 output");
-    };
-    let (_, out_blocks, out_h, out_w, _) = out_shape.dims5()?;
-    let out_plane = out_h * out_w;
-    let mut plain = vec![0f32; batch * out_blocks * LANES * out_plane];
+    let (output, out_shape) = op.run(input, &Layout::contiguous(in_shape))?;
+    let (_, _, out_h, out_w, _) = out_shape.dims5()?;
+    Ok((output, (out_h, out_w)))
+}
+
+/// Plain `(N, C, H, W)` values in planes of `plane` pixels to blocked
+/// `(N, C/16, H, W, 16)`, one parallel pass; with `open`, each value where `open`'s is
+/// positive and zero elsewhere (a gradient through a ReLU with output `open`).
+pub(crate) fn to_blocked_values(src: &[f32], open: Option<&[f32]>, plane: usize) -> Vec<f32> {
+    let mut blocked = vec![0f32; src.len()];
+    let chunk = LANES * plane;
+    blocked
+        .par_chunks_mut(chunk)
+        .zip(src.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(index, (dst, src))| {
+            let open = open.map(|open| &open[index * chunk..][..src.len()]);
+            block_channels(src, open, dst, plane);
+        });
+    blocked
+}
+
+/// Blocked `(N, C/16, H, W, 16)` values in planes of `plane` pixels back to `(N, C, H, W)`,
+/// plus the blocked values `plus` if given, in one parallel pass.
+pub(crate) fn to_plain_values(blocked: &[f32], plus: Option<&[f32]>, plane: usize) -> Vec<f32> {
+    let mut plain = vec![0f32; blocked.len()];
+    let chunk = LANES * plane;
     plain
-        .par_chunks_mut(LANES * out_plane)
-        .zip(output.par_chunks(LANES * out_plane))
-        .for_each(|(dst, src)| unblock_channels(src, dst, out_plane));
-    Ok(plain)
+        .par_chunks_mut(chunk)
+        .zip(blocked.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(index, (dst, src))| {
+            let plus = plus.map(|plus| &plus[index * chunk..][..src.len()]);
+            unblock_channels(src, plus, dst, plane);
+        });
+    plain
 }
 
 /// Pixels per tile of the layout passes: a tile's 16 x 16 values (1 KiB) stay in L1
@@ -96,31 +134,47 @@ fn convolve_plain_checked(
 /// of a ResNet-20 training step).
 const TILE: usize = 16;
 
-/// Sixteen channel planes `(16, plane)` (fewer at a short last block) to `(plane, 16)`.
-fn block_channels(src: &[f32], dst: &mut [f32], plane: usize) {
+/// Sixteen channel planes `(16, plane)` (fewer at a short last block) to `(plane, 16)`,
+/// masked by `open` as in [`to_blocked_values`].
+fn block_channels(src: &[f32], open: Option<&[f32]>, dst: &mut [f32], plane: usize) {
     let lanes = src.len() / plane.max(1);
     for start in (0..plane).step_by(TILE) {
         let len = TILE.min(plane - start);
         let out = &mut dst[start * LANES..(start + len) * LANES];
         for lane in 0..lanes {
             let row = &src[lane * plane + start..][..len];
-            for (pixel, &v) in out.chunks_exact_mut(LANES).zip(row) {
-                pixel[lane] = v;
+            let pixels = out.chunks_exact_mut(LANES).zip(row);
+            match open {
+                None => pixels.for_each(|(pixel, &v)| pixel[lane] = v),
+                Some(open) => {
+                    let open = &open[lane * plane + start..][..len];
+                    for ((pixel, &v), &o) in pixels.zip(open) {
+                        pixel[lane] = if o > 0.0 { v } else { 0.0 };
+                    }
+                }
             }
         }
     }
 }
 
-/// `(plane, 16)` back to sixteen channel planes `(16, plane)`.
-fn unblock_channels(src: &[f32], dst: &mut [f32], plane: usize) {
+/// `(plane, 16)` back to sixteen channel planes `(16, plane)`, plus `plus` (also
+/// `(plane, 16)`) if given.
+fn unblock_channels(src: &[f32], plus: Option<&[f32]>, dst: &mut [f32], plane: usize) {
     let lanes = dst.len() / plane.max(1);
     for start in (0..plane).step_by(TILE) {
         let len = TILE.min(plane - start);
         let tile = &src[start * LANES..(start + len) * LANES];
         for lane in 0..lanes {
             let row = &mut dst[lane * plane + start..][..len];
-            for (v, pixel) in row.iter_mut().zip(tile.chunks_exact(LANES)) {
-                *v = pixel[lane];
+            let pixels = row.iter_mut().zip(tile.chunks_exact(LANES));
+            match plus {
+                None => pixels.for_each(|(v, pixel)| *v = pixel[lane]),
+                Some(plus) => {
+                    let plus = &plus[start * LANES..(start + len) * LANES];
+                    for ((v, pixel), plus) in pixels.zip(plus.chunks_exact(LANES)) {
+                        *v = pixel[lane] + plus[lane];
+                    }
+                }
             }
         }
     }

@@ -36,46 +36,100 @@ impl CustomOp1 for ZeroPadShortcut {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = f32_input(storage, layout, "blocked shortcut")?;
         let (batch, in_blocks, height, width, lanes) = layout.shape().dims5()?;
-        let (s, before) = (self.stride, self.before);
-        let c_in = in_blocks * LANES;
-        let c_out = c_in + before + self.after;
-        if lanes != LANES || s == 0 || !c_out.is_multiple_of(LANES) {
-            bail!(
-                "blocked shortcut: stride {s}, {before} + {} channels on {:?}",
-                self.after,
-                layout.shape().dims()
-            );
+        if lanes != LANES {
+            bail!("blocked shortcut: input {:?}", layout.shape().dims());
         }
-        let (out_h, out_w, out_blocks) = (height.div_ceil(s), width.div_ceil(s), c_out / LANES);
-        let out_plane = out_h * out_w * LANES;
-        let mut output = vec![0.0f32; batch * out_blocks * out_plane];
-        output
-            .par_chunks_mut(out_plane)
-            .enumerate()
-            .for_each(|(index, plane)| {
-                let (b, ob) = (index / out_blocks, index % out_blocks);
-                for lane in 0..LANES {
-                    // Output channel ob·16 + lane is input channel c - before, if any.
-                    let Some(c) = (ob * LANES + lane).checked_sub(before) else {
-                        continue;
-                    };
-                    if c >= c_in {
-                        continue;
-                    }
-                    let src_plane = (b * in_blocks + c / LANES) * height * width * LANES;
-                    for oy in 0..out_h {
-                        for ox in 0..out_w {
-                            let src = src_plane + ((oy * s) * width + ox * s) * LANES + c % LANES;
-                            plane[(oy * out_w + ox) * LANES + lane] = input[src];
-                        }
-                    }
-                }
-            });
+        let output = zero_pad_values(
+            input,
+            (batch, in_blocks, height, width),
+            self.stride,
+            (self.before, self.after),
+        )?;
+        let (out_h, out_w) = (height.div_ceil(self.stride), width.div_ceil(self.stride));
+        let out_blocks = (in_blocks * LANES + self.before + self.after) / LANES;
         Ok((
             CpuStorage::F32(output),
             Shape::from((batch, out_blocks, out_h, out_w, LANES)),
         ))
     }
+}
+
+/// Option A's shortcut on blocked values `(N, C/16, H, W, 16)` (dims without the 16):
+/// `x[:, :, ::stride, ::stride]` with `before` and `after` zero channels around it.
+pub(crate) fn zero_pad_values(
+    input: &[f32],
+    (batch, in_blocks, height, width): (usize, usize, usize, usize),
+    stride: usize,
+    (before, after): (usize, usize),
+) -> Result<Vec<f32>> {
+    let c_in = in_blocks * LANES;
+    let c_out = c_in + before + after;
+    if stride == 0 || !c_out.is_multiple_of(LANES) || input.len() != batch * c_in * height * width {
+        bail!(
+            "blocked shortcut: stride {stride}, {before} + {after} channels on {:?}",
+            (batch, in_blocks, height, width, LANES)
+        );
+    }
+    let s = stride;
+    let (out_h, out_w, out_blocks) = (height.div_ceil(s), width.div_ceil(s), c_out / LANES);
+    let out_plane = out_h * out_w * LANES;
+    let mut output = vec![0.0f32; batch * out_blocks * out_plane];
+    output
+        .par_chunks_mut(out_plane)
+        .enumerate()
+        .for_each(|(index, plane)| {
+            let (b, ob) = (index / out_blocks, index % out_blocks);
+            for lane in 0..LANES {
+                // Output channel ob·16 + lane is input channel c - before, if any.
+                let Some(c) = (ob * LANES + lane).checked_sub(before) else {
+                    continue;
+                };
+                if c >= c_in {
+                    continue;
+                }
+                let src_plane = (b * in_blocks + c / LANES) * height * width * LANES;
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        let src = src_plane + ((oy * s) * width + ox * s) * LANES + c % LANES;
+                        plane[(oy * out_w + ox) * LANES + lane] = input[src];
+                    }
+                }
+            }
+        });
+    Ok(output)
+}
+
+/// The adjoint of [`zero_pad_values`]: adds the output gradient `grad` of each value the
+/// shortcut copied to the input gradient `dx` (blocked, dims of the input).
+pub(crate) fn zero_pad_adjoint_add(
+    grad: &[f32],
+    dx: &mut [f32],
+    (batch, in_blocks, height, width): (usize, usize, usize, usize),
+    stride: usize,
+    before: usize,
+) {
+    let s = stride.max(1);
+    let (out_h, out_w) = (height.div_ceil(s), width.div_ceil(s));
+    let out_blocks = grad.len() / (batch * out_h * out_w * LANES).max(1);
+    let in_plane = height * width * LANES;
+    dx.par_chunks_mut(in_plane)
+        .enumerate()
+        .for_each(|(index, plane)| {
+            let (b, ib) = (index / in_blocks, index % in_blocks);
+            for lane in 0..LANES {
+                let c = ib * LANES + lane + before;
+                if c >= out_blocks * LANES {
+                    continue;
+                }
+                let src_plane = (b * out_blocks + c / LANES) * out_h * out_w * LANES;
+                for oy in 0..out_h {
+                    for ox in 0..out_w {
+                        let src = src_plane + (oy * out_w + ox) * LANES + c % LANES;
+                        plane[((oy * s) * width + ox * s) * LANES + lane] += grad[src];
+                    }
+                }
+            }
+        });
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@
 //!
 //! Kernels: [`conv_tile`] (a row of output pixels x one or two output blocks, the
 //! direct convolution and Winograd's 16 products), [`conv_tile_rotated`] (grouped layers
-//! whose groups are narrower than a block), and Winograd's input and output transforms
-//! ([`winograd_input_tile`], [`winograd_output_tile`]).
+//! whose groups are narrower than a block), Winograd's input and output transforms
+//! ([`winograd_input_tile`], [`winograd_output_tile`]), and training's weight gradient
+//! ([`grad_tile`], through [`GradTile`]).
 #![allow(unsafe_code)] // SIMD intrinsics over raw pointers into checked buffers
 
 use crate::cpu::{CpuIsa, Isa};
@@ -266,6 +267,93 @@ impl KernelCall<'_> {
             #[allow(unreachable_patterns)] // which arms exist depends on the target
             (isa, _) => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
         }
+    }
+}
+
+/// One call of the weight gradient's kernel: all 16 output channels of one block by the
+/// 16 input channels of one block, at one kernel tap, summed over a rectangle of output
+/// pixels (those whose input pixel at that tap lies inside the image: no padding).
+pub(crate) struct GradTile<'a> {
+    /// The output gradient from the rectangle's first pixel: pixel (r, i) at
+    /// `r · dz_row + i · 16`, its 16 channels side by side.
+    pub dz: &'a [f32],
+    /// The input block from the tap's first pixel: pixel (r, i) at `r · x_row + i ·
+    /// x_step`, its 16 channels side by side.
+    pub x: &'a [f32],
+    pub rows: usize,
+    pub len: usize,
+    pub dz_row: usize,
+    pub x_row: usize,
+    pub x_step: usize,
+}
+
+impl GradTile<'_> {
+    /// Adds `Σ dz[pixel][o] · x[pixel][c]` over the rectangle to `sums[c · 16 + o]`, on
+    /// `isa`'s kernel, after checking every read.
+    pub fn accumulate(&self, isa: CpuIsa, sums: &mut [f32; LANES * LANES]) {
+        if self.rows == 0 || self.len == 0 {
+            return;
+        }
+        let dz_end = (self.rows - 1) * self.dz_row + (self.len - 1) * LANES + LANES;
+        let x_end = (self.rows - 1) * self.x_row + (self.len - 1) * self.x_step + LANES;
+        assert!(
+            self.dz.len() >= dz_end && self.x.len() >= x_end,
+            "weight gradient tile bounds"
+        );
+        let sums = sums.as_mut_ptr();
+        // Input channels per kernel call: one accumulator block each, as many as the
+        // registers hold beside the gradient vector and a broadcast.
+        macro_rules! channels {
+            ($isa:ident: $($first:literal $n:literal),*) => {
+                // SAFETY: reads checked above (every tile reads channels below 16 of a
+                // pixel the bounds cover); `sums` holds 16 x 16; the token says this CPU
+                // has the instructions.
+                { $(unsafe { $isa::grad_tile::<$n>(self, $first, sums) };)* }
+            };
+        }
+        match isa.isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => channels!(avx512: 0 16),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => channels!(avx2: 0 6, 6 6, 12 4),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => channels!(neon: 0 6, 6 6, 12 4),
+            Isa::Scalar => channels!(scalar: 0 16),
+            #[allow(unreachable_patterns)] // which arms exist depends on the target
+            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+        }
+    }
+}
+
+/// [`GradTile::accumulate`] for input channels `first..first + CHANNELS`: the 16 output
+/// channels' gradient vector times a broadcast input value per channel, per pixel.
+///
+/// # Safety
+/// Inside a function compiled for `V`'s instruction set; the tile's bounds checked;
+/// `sums` valid for 16 x 16 floats.
+#[inline(always)]
+pub(super) unsafe fn grad_tile<V: F32x16, const CHANNELS: usize>(
+    tile: &GradTile,
+    first: usize,
+    sums: *mut f32,
+) {
+    let mut acc = [V::splat(0.0); CHANNELS];
+    for r in 0..tile.rows {
+        let dz = tile.dz.as_ptr().add(r * tile.dz_row);
+        let x = tile.x.as_ptr().add(r * tile.x_row + first);
+        for i in 0..tile.len {
+            let d = V::load(dz.add(i * LANES));
+            let x = x.add(i * tile.x_step);
+            // Indexing keeps the unrolled loop in registers.
+            #[allow(clippy::needless_range_loop)]
+            for c in 0..CHANNELS {
+                acc[c] = d.mul_add(V::splat(*x.add(c)), acc[c]);
+            }
+        }
+    }
+    for (c, value) in acc.iter().enumerate() {
+        let at = sums.add((first + c) * LANES);
+        V::load(at).add(*value).store(at);
     }
 }
 
@@ -616,6 +704,19 @@ macro_rules! isa_entry_points {
             pixels: usize,
         ) {
             super::conv_row_rotated::<$vector, G, PIXELS>(args, pointers, pixels)
+        }
+
+        /// [`super::grad_tile`] on this instruction set.
+        ///
+        /// # Safety
+        /// This CPU has the instruction set; as [`super::GradTile::accumulate`] checks.
+        $(#[target_feature(enable = $feature)])?
+        pub(super) unsafe fn grad_tile<const CHANNELS: usize>(
+            tile: &super::GradTile,
+            first: usize,
+            sums: *mut f32,
+        ) {
+            super::grad_tile::<$vector, CHANNELS>(tile, first, sums)
         }
 
         /// [`super::winograd_input_tile`] on this instruction set.
