@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::batch_norm::{BatchNorm2d, BatchNormRelu};
 use crate::config::{BlockKind, BottleneckStride, ResNetConfig, ShortcutKind};
-use crate::cpu::block_grad::{self, ShortcutShape, UnitShape};
+use crate::cpu::block_grad::{self, BlockShape, ShortcutShape, UnitShape};
 use crate::cpu::blocked::{self, BlockedConv};
 use crate::cpu::conv_grad::TrainConv;
 use crate::cpu::gemm_conv::FusedConv;
@@ -410,6 +410,52 @@ fn convolve(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
     conv.forward(xs)
 }
 
+/// A unit's convolution and BatchNorm, as the fused training op reads them.
+type FusedUnit<'a> = (&'a Conv2d, &'a BatchNorm2d);
+
+/// Training on the CPU in f32: the longest run of blocks from the start of `blocks`
+/// that the fused op takes ([`block_grad`]: basic post-activation blocks with identity
+/// or option-A shortcuts), run as one op on `xs`. The output and how many blocks it
+/// ran; `None` if the first block is not fused.
+pub(crate) fn forward_fused_run(
+    blocks: &[&ResidualBlock],
+    xs: &Tensor,
+) -> Result<Option<(Tensor, usize)>> {
+    let mut shapes = Vec::new();
+    let mut units = Vec::new();
+    for block in blocks {
+        let Some((shape, parts)) = block.fused_train_parts(xs) else {
+            break;
+        };
+        shapes.push(shape);
+        units.extend(parts);
+    }
+    if shapes.is_empty() {
+        return Ok(None);
+    }
+    let run = shapes.len();
+    let mut params = Vec::with_capacity(3 * units.len());
+    for (conv, bn) in &units {
+        params.extend([
+            conv.weight().flatten_all()?,
+            bn.weight().clone(),
+            bn.bias().clone(),
+        ]);
+    }
+    let params = Tensor::cat(&params, 0)?;
+    // None where BatchNorm would see one value per channel: the unfused path says so.
+    let Some((ys, stats)) = block_grad::residual_train(shapes, xs, &params)? else {
+        return Ok(None);
+    };
+    for ((_, bn), stats) in units.iter().zip(stats) {
+        let channels = stats.mean.len();
+        let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
+        let biased_var = Tensor::from_vec(stats.biased_var, channels, xs.device())?;
+        bn.update_running(&mean, &biased_var, stats.count)?;
+    }
+    Ok(Some((ys, run)))
+}
+
 /// Tensors with their checkpoint names, in network order.
 pub type NamedTensors = Vec<(String, Tensor)>;
 
@@ -751,10 +797,10 @@ impl ResidualBlock {
         Ok(())
     }
 
-    /// Training on the CPU in f32, a post-activation block with an identity or option-A
-    /// shortcut whose units the blocked kernels take runs as one op
-    /// ([`block_grad`]); `None` for any other block.
-    fn fused_train_forward(&self, xs: &Tensor) -> Result<Option<Tensor>> {
+    /// The block as the fused training op runs it, with each unit's convolution and
+    /// BatchNorm: a post-activation block with an identity or option-A shortcut whose
+    /// units the op takes ([`ConvBn::fused_train_unit`]); `None` for any other block.
+    fn fused_train_parts(&self, xs: &Tensor) -> Option<(BlockShape, Vec<FusedUnit<'_>>)> {
         let shortcut = match self.shortcut {
             Shortcut::Identity => ShortcutShape::Identity,
             Shortcut::ZeroPad {
@@ -766,53 +812,29 @@ impl ResidualBlock {
                 before: pad_before,
                 after: pad_after,
             },
-            _ => return Ok(None),
+            _ => return None,
         };
         if self.pre_norm.is_some() || self.squeeze_excite.is_some() || xs.rank() != 4 {
-            return Ok(None);
+            return None;
         }
-        let Some(units) = self
+        let units: Vec<_> = self
             .chain
             .iter()
             .map(|unit| unit.fused_train_unit(xs))
-            .collect::<Option<Vec<_>>>()
-        else {
-            return Ok(None);
+            .collect::<Option<_>>()?;
+        let shape = BlockShape {
+            units: units.iter().map(|(shape, ..)| *shape).collect(),
+            shortcut,
         };
-        let mut params = Vec::with_capacity(3 * units.len());
-        for (_, conv, bn) in &units {
-            params.extend([
-                conv.weight().flatten_all()?,
-                bn.weight().clone(),
-                bn.bias().clone(),
-            ]);
-        }
-        let shapes = units.iter().map(|(shape, ..)| *shape).collect();
-        let params = Tensor::cat(&params, 0)?;
-        // None where BatchNorm would see one value per channel: the unfused path says so.
-        let Some((ys, stats)) = block_grad::residual_train(shapes, shortcut, xs, &params)? else {
-            return Ok(None);
-        };
-        for ((_, _, bn), stats) in units.iter().zip(stats) {
-            let channels = stats.mean.len();
-            let mean = Tensor::from_vec(stats.mean, channels, xs.device())?;
-            let biased_var = Tensor::from_vec(stats.biased_var, channels, xs.device())?;
-            bn.update_running(&mean, &biased_var, stats.count)?;
-        }
-        Ok(Some(ys))
+        Some((
+            shape,
+            units.into_iter().map(|(_, conv, bn)| (conv, bn)).collect(),
+        ))
     }
 
+    /// The block as candle ops and the kernel tree's per-unit ops (training through
+    /// [`forward_fused_run`] first where it can).
     pub(crate) fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if train {
-            if let Some(ys) = self.fused_train_forward(xs)? {
-                return Ok(ys);
-            }
-        }
-        self.forward_op_by_op(xs, train)
-    }
-
-    /// The block as candle ops and the kernel tree's per-unit ops.
-    fn forward_op_by_op(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (last, inner) = match self.chain.split_last() {
             Some(split) => split,
             None => candle_core::bail!("residual block without convolutions"),
@@ -893,35 +915,49 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
         let block = ResidualBlock::new(&bottleneck, 64, 16, 1, vb)?;
         let input = Tensor::randn(0f32, 1.0, (2, 64, 4, 4), &device)?;
-        assert!(block.fused_train_forward(&input)?.is_none());
+        assert!(forward_fused_run(&[&block], &input)?.is_none());
+        let cifar = ResNetConfig::cifar(1);
+        // (config, each block's (in channels, planes, stride), input size)
         let cases = [
-            (ResNetConfig::cifar(1), 16, 16, 1, 8),
-            (ResNetConfig::cifar(1), 16, 32, 2, 8),
-            (ResNetConfig::cifar(1), 32, 64, 2, 7),
-            (ResNetConfig::cifar(1), 32, 32, 1, 5),
+            (cifar.clone(), vec![(16, 16, 1)], 8),
+            (cifar.clone(), vec![(16, 32, 2)], 8),
+            (cifar.clone(), vec![(32, 64, 2)], 7),
+            (cifar.clone(), vec![(32, 32, 1)], 5),
             (
                 ResNetConfig::imagenet(BlockKind::Basic, [1, 1, 1, 1]),
-                64,
-                64,
-                1,
+                vec![(64, 64, 1)],
                 6,
             ),
+            // A run of three blocks as one op: identity, option A, identity.
+            (cifar, vec![(16, 16, 1), (16, 32, 2), (32, 32, 1)], 9),
         ];
-        for (config, in_channels, planes, stride, size) in cases {
-            let what = format!("{in_channels} -> {planes} stride {stride} at {size}x{size}");
+        for (config, specs, size) in cases {
+            let what = format!("{specs:?} at {size}x{size}");
+            let build = |vars: &VarMap| -> Result<Vec<ResidualBlock>> {
+                let vb = VarBuilder::from_varmap(vars, DType::F32, &device);
+                specs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &(c_in, planes, stride))| {
+                        ResidualBlock::new(&config, c_in, planes, stride, vb.pp(i))
+                    })
+                    .collect()
+            };
             let fused_vars = VarMap::new();
-            let vb = VarBuilder::from_varmap(&fused_vars, DType::F32, &device);
-            let fused = ResidualBlock::new(&config, in_channels, planes, stride, vb)?;
+            let fused = build(&fused_vars)?;
             let plain_vars = randomised_pair(&fused_vars)?;
-            let vb = VarBuilder::from_varmap(&plain_vars, DType::F32, &device);
-            let plain = ResidualBlock::new(&config, in_channels, planes, stride, vb)?;
-
+            let plain = build(&plain_vars)?;
+            let in_channels = specs[0].0;
             let input = Tensor::randn(0f32, 1.0, (3, in_channels, size, size), &device)?;
             let (x_fused, x_plain) = (Var::from_tensor(&input)?, Var::from_tensor(&input)?);
-            let ys_fused = fused
-                .fused_train_forward(x_fused.as_tensor())?
+            let fused: Vec<&ResidualBlock> = fused.iter().collect();
+            let (ys_fused, run) = forward_fused_run(&fused, x_fused.as_tensor())?
                 .ok_or_else(|| candle_core::Error::Msg(format!("{what}: not fused")))?;
-            let ys_plain = plain.forward_op_by_op(x_plain.as_tensor(), true)?;
+            assert_eq!(run, fused.len(), "{what}: every block in one op");
+            let mut ys_plain = x_plain.as_tensor().clone();
+            for block in &plain {
+                ys_plain = block.forward_t(&ys_plain, true)?;
+            }
             let r = Tensor::randn(0f32, 1.0, ys_plain.shape(), &device)?;
             let grads_fused = (&ys_fused * &r)?.sum_all()?.backward()?;
             let grads_plain = (&ys_plain * &r)?.sum_all()?.backward()?;

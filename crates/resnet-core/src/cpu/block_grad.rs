@@ -1,13 +1,14 @@
-//! Training's residual block on the CPU (f32) as one autograd node: its convolutions,
-//! BatchNorms, ReLUs and shortcut, forward and backward, on blocked activations.
+//! Training's residual blocks on the CPU (f32) as one autograd node: a run of
+//! consecutive blocks, their convolutions, BatchNorms, ReLUs and shortcuts, forward and
+//! backward, on blocked activations.
 //!
 //! Op by op, candle starts every gradient as a zero tensor and adds the op's gradient
 //! to it, and each convolution blocks its input and unblocks its output: per basic block
 //! four activation-sized zero-and-add pairs and a dozen layout passes. As one node, the
-//! block's input is blocked once and its output unblocked once, each way; the units run
+//! run's input is blocked once and its output unblocked once, each way; the units run
 //! on blocked values in between, with the inference path's kernels (the input gradient
 //! of a stride-1 convolution is a convolution too). candle's ops take at most three
-//! inputs: the block's parameters come as one concatenated tensor.
+//! inputs: the parameters come as one concatenated tensor.
 //!
 //! Sums over the batch (BatchNorm's, the weight gradients) run in a fixed order: the
 //! same bits on every run.
@@ -89,7 +90,7 @@ struct Statistics {
     inv_std: Vec<f32>,
 }
 
-/// What the forward pass keeps for the backward one, all blocked.
+/// What the forward pass keeps of one block for the backward one, all blocked.
 struct Saved {
     /// Each unit's input: the block's input, then each inner unit's ReLU output.
     inputs: Vec<Vec<f32>>,
@@ -98,13 +99,35 @@ struct Saved {
     stats: Vec<Statistics>,
 }
 
-/// The block op: `relu(bn(conv(... relu(bn(conv(x))) ...)) + shortcut(x))`.
+/// One block of a fused run: `relu(bn(conv(... relu(bn(conv(x))) ...)) + shortcut(x))`.
+#[derive(Debug, Clone)]
+pub(crate) struct BlockShape {
+    pub units: Vec<UnitShape>,
+    pub shortcut: ShortcutShape,
+}
+
+/// A block's unit dims and where each unit's parameters start.
+struct BlockPlan {
+    dims: UnitDims,
+    offsets: Vec<usize>,
+}
+
+impl BlockPlan {
+    fn input(&self) -> Dims {
+        self.dims[0].0
+    }
+
+    fn output(&self) -> Dims {
+        self.dims[self.dims.len() - 1].1
+    }
+}
+
+/// The op: a run of consecutive residual blocks, activations blocked between them.
 pub(crate) struct ResidualTrain {
-    units: Vec<UnitShape>,
-    shortcut: ShortcutShape,
-    /// Filled by the forward pass; shared with [`residual_train`], which reads the
-    /// statistics from it.
-    saved: Arc<Mutex<Option<Saved>>>,
+    blocks: Vec<BlockShape>,
+    /// Filled by the forward pass, one entry per block; shared with
+    /// [`residual_train`], which reads the statistics from it.
+    saved: Arc<Mutex<Option<Vec<Saved>>>>,
 }
 
 /// A unit's batch statistics, for its running ones.
@@ -115,24 +138,23 @@ pub(crate) struct BatchStatistics {
     pub count: usize,
 }
 
-/// Runs the block on plain `(N, C, H, W)` f32 `xs`; `params` is every unit's
+/// Runs the blocks on plain `(N, C, H, W)` f32 `xs`; `params` is every unit's
 /// convolution weight (flattened), BatchNorm weight and BatchNorm bias, concatenated in
-/// unit order. Returns the output, recorded for backpropagation, and each unit's batch
-/// statistics; `None` where a unit's output has a single value per channel (BatchNorm
-/// cannot train on it).
+/// block and unit order. Returns the last block's output, recorded for
+/// backpropagation, and each unit's batch statistics in the same order; `None` where a
+/// unit's output has a single value per channel (BatchNorm cannot train on it).
 pub(crate) fn residual_train(
-    units: Vec<UnitShape>,
-    shortcut: ShortcutShape,
+    blocks: Vec<BlockShape>,
     xs: &Tensor,
     params: &Tensor,
 ) -> Result<Option<(Tensor, Vec<BatchStatistics>)>> {
     let op = ResidualTrain {
-        units,
-        shortcut,
+        blocks,
         saved: Arc::default(),
     };
-    let dims = op.unit_dims(xs.dims4()?)?;
-    if dims.iter().any(|&(_, (n, _, h, w))| n * h * w < 2) {
+    let plans = op.plan(xs.dims4()?, params.elem_count())?;
+    let unit_dims = || plans.iter().flat_map(|plan| plan.dims.iter());
+    if unit_dims().any(|&(_, (n, _, h, w))| n * h * w < 2) {
         return Ok(None);
     }
     let saved = op.saved.clone();
@@ -142,9 +164,9 @@ pub(crate) fn residual_train(
         bail!("{WHAT}: the forward pass kept nothing");
     };
     let stats = saved
-        .stats
         .iter()
-        .zip(&dims)
+        .flat_map(|block| &block.stats)
+        .zip(unit_dims())
         .map(|(s, &(_, (n, _, h, w)))| BatchStatistics {
             mean: s.mean.clone(),
             biased_var: s.biased_var.clone(),
@@ -154,50 +176,56 @@ pub(crate) fn residual_train(
     Ok(Some((ys, stats)))
 }
 
-fn lock(saved: &Mutex<Option<Saved>>) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
+fn lock<T>(saved: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
     saved
         .lock()
         .map_err(|_| candle_core::Error::Msg(format!("{WHAT}: poisoned saved state")))
 }
 
 impl ResidualTrain {
-    /// Each unit's input and output dims.
-    fn unit_dims(&self, input: Dims) -> Result<UnitDims> {
+    /// Checks the input and the parameter count against the blocks: each block's plan.
+    fn plan(&self, input: Dims, parameters: usize) -> Result<Vec<BlockPlan>> {
+        let mut plans = Vec::with_capacity(self.blocks.len());
+        let (mut current, mut offset) = (input, 0);
+        for block in &self.blocks {
+            let plan = block.plan(current, offset)?;
+            current = plan.output();
+            offset += block
+                .units
+                .iter()
+                .map(UnitShape::parameter_len)
+                .sum::<usize>();
+            plans.push(plan);
+        }
+        if plans.is_empty() || parameters != offset {
+            bail!(
+                "{WHAT}: {parameters} parameters for {} blocks, expected {offset}",
+                plans.len()
+            );
+        }
+        Ok(plans)
+    }
+}
+
+impl BlockShape {
+    /// Checks the block's shapes from `input` on; its parameters start at `offset`.
+    fn plan(&self, input: Dims, mut offset: usize) -> Result<BlockPlan> {
         let mut dims = Vec::with_capacity(self.units.len());
+        let mut offsets = Vec::with_capacity(self.units.len());
         let mut current = input;
         for unit in &self.units {
             let out = unit.output_dims(current)?;
             dims.push((current, out));
+            offsets.push(offset);
+            offset += unit.parameter_len();
             current = out;
         }
-        Ok(dims)
-    }
-
-    /// Where each unit's parameters start in the concatenated tensor, and the total.
-    fn parameter_offsets(&self) -> (Vec<usize>, usize) {
-        let mut offsets = Vec::with_capacity(self.units.len());
-        let mut total = 0;
-        for unit in &self.units {
-            offsets.push(total);
-            total += unit.parameter_len();
-        }
-        (offsets, total)
-    }
-
-    /// Checks the input against the block and returns the unit dims and parameter
-    /// offsets.
-    fn plan(&self, input: Dims, parameters: usize) -> Result<(UnitDims, Vec<usize>)> {
-        let dims = self.unit_dims(input)?;
-        let (offsets, total) = self.parameter_offsets();
         let Some(&(_, output)) = dims.last() else {
-            bail!("{WHAT}: no units");
+            bail!("{WHAT}: a block without units");
         };
-        if parameters != total {
-            bail!("{WHAT}: {parameters} parameters, expected {total}");
-        }
         if dims
             .iter()
-            .any(|&(_, (n, c, h, w))| n * h * w < 2 || !c.is_multiple_of(LANES))
+            .any(|&(_, (_, c, _, _))| !c.is_multiple_of(LANES))
             || !input.1.is_multiple_of(LANES)
         {
             bail!("{WHAT}: unsupported shapes {dims:?}");
@@ -218,7 +246,7 @@ impl ResidualTrain {
         if residual_dims != output {
             bail!("{WHAT}: shortcut gives {residual_dims:?} for output {output:?}");
         }
-        Ok((dims, offsets))
+        Ok(BlockPlan { dims, offsets })
     }
 
     /// The shortcut's output for the blocked input `x`.
@@ -242,11 +270,122 @@ impl ResidualTrain {
             .into(),
         })
     }
+
+    /// The block on its blocked `input`: what backward needs, and the output (blocked,
+    /// or plain `(N, C, H, W)` if `plain_output`).
+    fn forward(
+        &self,
+        input: Vec<f32>,
+        plan: &BlockPlan,
+        params: &[f32],
+        plain_output: bool,
+    ) -> Result<(Saved, Vec<f32>)> {
+        let mut saved = Saved {
+            inputs: Vec::with_capacity(self.units.len()),
+            convs: Vec::with_capacity(self.units.len()),
+            stats: Vec::with_capacity(self.units.len()),
+        };
+        let mut activation = input;
+        let last = self.units.len() - 1;
+        for (i, (unit, &(in_dims, out_dims))) in self.units.iter().zip(&plan.dims).enumerate() {
+            let (weight, gamma, beta) = unit_parameters(params, plan.offsets[i], unit);
+            let (z, _) = blocked::convolve_blocked(
+                &activation,
+                in_dims,
+                weight,
+                (unit.c_out, unit.kernel),
+                (unit.stride, unit.padding),
+            )?;
+            saved.inputs.push(activation);
+            let stats = statistics(&z, out_dims, unit.eps);
+            let residual = if i == last {
+                Some(self.shortcut_values(&saved.inputs[0], plan.input())?)
+            } else {
+                None
+            };
+            activation = normalise_relu(
+                &z,
+                out_dims,
+                &stats,
+                (gamma, beta),
+                residual.as_deref(),
+                plain_output && i == last,
+            );
+            saved.convs.push(z);
+            saved.stats.push(stats);
+        }
+        Ok((saved, activation))
+    }
+
+    /// The block's backward from `at_sum`, the gradient at its last sum (past its output
+    /// ReLU): adds every unit's parameter gradients into `grad_params` and returns the
+    /// gradient of the block's blocked input, shortcut included (`None` if not `need_dx`).
+    fn backward(
+        &self,
+        saved: &Saved,
+        plan: &BlockPlan,
+        params: &[f32],
+        at_sum: &[f32],
+        grad_params: &mut [f32],
+        need_dx: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        // The gradient at unit i's output (after its ReLU), from unit i + 1.
+        let mut upstream: Option<Vec<f32>> = None;
+        for (i, unit) in self.units.iter().enumerate().rev() {
+            let (in_dims, out_dims) = plan.dims[i];
+            let (weight, gamma, beta) = unit_parameters(params, plan.offsets[i], unit);
+            // The last unit's gradient is past its ReLU already.
+            let (g_out, relu) = match &upstream {
+                Some(g) => (g.as_slice(), true),
+                None => (at_sum, false),
+            };
+            let norm = bn_backward(
+                g_out,
+                relu,
+                &saved.convs[i],
+                out_dims,
+                &saved.stats[i],
+                (gamma, beta),
+            );
+            let grads = &mut grad_params[plan.offsets[i]..][..unit.parameter_len()];
+            let (grad_weight, grad_affine) = grads.split_at_mut(unit.weight_len());
+            grad_weight.copy_from_slice(&weight_gradient(
+                &saved.inputs[i],
+                in_dims,
+                &norm.dz,
+                out_dims,
+                unit,
+            )?);
+            let (grad_gamma, grad_beta) = grad_affine.split_at_mut(unit.c_out);
+            grad_gamma.copy_from_slice(&norm.grad_gamma);
+            grad_beta.copy_from_slice(&norm.grad_beta);
+            upstream = if i > 0 || need_dx {
+                Some(input_gradient(&norm.dz, out_dims, in_dims, weight, unit)?)
+            } else {
+                None
+            };
+        }
+        let Some(mut dx) = upstream.filter(|_| need_dx) else {
+            return Ok(None);
+        };
+        let (batch, c_in, height, width) = plan.input();
+        match self.shortcut {
+            ShortcutShape::Identity => dx
+                .par_chunks_mut(1 << 14)
+                .zip(at_sum.par_chunks(1 << 14))
+                .for_each(|(dx, g)| dx.iter_mut().zip(g).for_each(|(d, g)| *d += g)),
+            ShortcutShape::ZeroPad { stride, before, .. } => {
+                let input = (batch, c_in / LANES, height, width);
+                blocked::zero_pad_adjoint_add(at_sum, &mut dx, input, stride, before);
+            }
+        }
+        Ok(Some(dx))
+    }
 }
 
 impl CustomOp2 for ResidualTrain {
     fn name(&self) -> &'static str {
-        "residual-block-train"
+        "residual-blocks-train"
     }
 
     fn cpu_fwd(
@@ -259,48 +398,21 @@ impl CustomOp2 for ResidualTrain {
         let x = f32_input(xs, xs_layout, WHAT)?;
         let params = f32_input(params, params_layout, WHAT)?;
         let input_dims = xs_layout.shape().dims4()?;
-        let (dims, offsets) = self.plan(input_dims, params.len())?;
+        let plans = self.plan(input_dims, params.len())?;
         let (_, _, height, width) = input_dims;
-        let mut saved = Saved {
-            inputs: Vec::with_capacity(self.units.len()),
-            convs: Vec::with_capacity(self.units.len()),
-            stats: Vec::with_capacity(self.units.len()),
-        };
         let mut activation = blocked::to_blocked_values(x, None, height * width);
-        let last = self.units.len() - 1;
-        for (i, (unit, &(in_dims, out_dims))) in self.units.iter().zip(&dims).enumerate() {
-            let (weight, gamma, beta) = unit_parameters(params, offsets[i], unit);
-            let (z, _) = blocked::convolve_blocked(
-                &activation,
-                in_dims,
-                weight,
-                (unit.c_out, unit.kernel),
-                (unit.stride, unit.padding),
-            )?;
-            saved.inputs.push(activation);
-            let stats = statistics(&z, out_dims, unit.eps);
-            let residual = if i == last {
-                Some(self.shortcut_values(&saved.inputs[0], input_dims)?)
-            } else {
-                None
-            };
-            activation = normalise_relu(
-                &z,
-                out_dims,
-                &stats,
-                (gamma, beta),
-                residual.as_deref(),
-                i == last,
-            );
-            saved.convs.push(z);
-            saved.stats.push(stats);
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        for (b, (block, plan)) in self.blocks.iter().zip(&plans).enumerate() {
+            let last = b + 1 == self.blocks.len();
+            let (kept, output) = block.forward(activation, plan, params, last)?;
+            saved.push(kept);
+            activation = output;
         }
-        let (batch, c_out, out_h, out_w) = dims[last].1;
-        // The last unit's output is plain already.
-        let ys = activation;
+        let (batch, c_out, out_h, out_w) = plans[plans.len() - 1].output();
         *lock(&self.saved)? = Some(saved);
+        // The last block's output is plain already.
         Ok((
-            CpuStorage::F32(ys),
+            CpuStorage::F32(activation),
             Shape::from((batch, c_out, out_h, out_w)),
         ))
     }
@@ -316,8 +428,7 @@ impl CustomOp2 for ResidualTrain {
         let Some(saved) = saved.as_ref() else {
             bail!("{WHAT}: backward before forward");
         };
-        let input_dims = xs.dims4()?;
-        let (dims, offsets) = self.plan(input_dims, params.elem_count())?;
+        let plans = self.plan(xs.dims4()?, params.elem_count())?;
         let grad = grad.contiguous()?;
         let (grad_storage, grad_layout) = grad.storage_and_layout();
         let g = cpu_data::<f32>(&grad_storage, grad_layout)?;
@@ -325,71 +436,49 @@ impl CustomOp2 for ResidualTrain {
         let y = cpu_data::<f32>(&ys_storage, ys_layout)?;
         let (params_storage, params_layout) = params.storage_and_layout();
         let params_data = cpu_data::<f32>(&params_storage, params_layout)?;
-        let last = self.units.len() - 1;
-        let (_, _, out_h, out_w) = dims[last].1;
-        if g.len() != y.len() || saved.inputs.len() != self.units.len() {
+        let (_, _, out_h, out_w) = plans[plans.len() - 1].output();
+        if g.len() != y.len() || saved.len() != self.blocks.len() {
             bail!(
                 "{WHAT}: gradient {:?} for output {:?}",
                 grad.dims(),
                 ys.dims()
             );
         }
-        // The gradient at the last sum: the ReLU passes it where the output is positive.
-        let at_sum = blocked::to_blocked_values(g, Some(y), out_h * out_w);
+        // The gradient at the last block's sum: its ReLU passes it where the output is
+        // positive.
+        let mut at_sum = blocked::to_blocked_values(g, Some(y), out_h * out_w);
         let mut grad_params = vec![0f32; params_data.len()];
-        // The gradient at unit i's output (after its ReLU), from unit i + 1.
-        let mut upstream: Option<Vec<f32>> = None;
-        for (i, unit) in self.units.iter().enumerate().rev() {
-            let (in_dims, out_dims) = dims[i];
-            let (weight, gamma, beta) = unit_parameters(params_data, offsets[i], unit);
-            // The last unit's gradient is past its ReLU already (masked while blocked).
-            let (g_out, relu) = match &upstream {
-                Some(g) => (g.as_slice(), true),
-                None => (at_sum.as_slice(), false),
-            };
-            let norm = bn_backward(
-                g_out,
-                relu,
-                &saved.convs[i],
-                out_dims,
-                &saved.stats[i],
-                (gamma, beta),
-            );
-            let grads = &mut grad_params[offsets[i]..][..unit.parameter_len()];
-            let (grad_weight, grad_affine) = grads.split_at_mut(unit.weight_len());
-            grad_weight.copy_from_slice(&weight_gradient(
-                &saved.inputs[i],
-                in_dims,
-                &norm.dz,
-                out_dims,
-                unit,
-            )?);
-            let (grad_gamma, grad_beta) = grad_affine.split_at_mut(unit.c_out);
-            grad_gamma.copy_from_slice(&norm.grad_gamma);
-            grad_beta.copy_from_slice(&norm.grad_beta);
-            upstream = if i > 0 || xs.track_op() {
-                Some(input_gradient(&norm.dz, out_dims, in_dims, weight, unit)?)
+        let mut grad_xs = None;
+        for (b, block) in self.blocks.iter().enumerate().rev() {
+            let need_dx = b > 0 || xs.track_op();
+            let plan = &plans[b];
+            let dx = block.backward(
+                &saved[b],
+                plan,
+                params_data,
+                &at_sum,
+                &mut grad_params,
+                need_dx,
+            )?;
+            let Some(mut dx) = dx else { break };
+            if b > 0 {
+                // Through the previous block's output ReLU: that output is this block's
+                // saved input.
+                let output = &saved[b].inputs[0];
+                dx.par_chunks_mut(1 << 14)
+                    .zip(output.par_chunks(1 << 14))
+                    .for_each(|(dx, y)| {
+                        for (d, &y) in dx.iter_mut().zip(y) {
+                            *d = if y > 0.0 { *d } else { 0.0 };
+                        }
+                    });
+                at_sum = dx;
             } else {
-                None
-            };
-        }
-        let grad_xs = match upstream {
-            Some(mut dx) if xs.track_op() => {
-                let (batch, c_in, height, width) = input_dims;
-                // The shortcut's gradient: added while unblocking where it is the identity.
-                let plus = match self.shortcut {
-                    ShortcutShape::Identity => Some(at_sum.as_slice()),
-                    ShortcutShape::ZeroPad { stride, before, .. } => {
-                        let input = (batch, c_in / LANES, height, width);
-                        blocked::zero_pad_adjoint_add(&at_sum, &mut dx, input, stride, before);
-                        None
-                    }
-                };
-                let dx = blocked::to_plain_values(&dx, plus, height * width);
-                Some(Tensor::from_vec(dx, xs.shape(), xs.device())?)
+                let (_, _, height, width) = plan.input();
+                let dx = blocked::to_plain_values(&dx, None, height * width);
+                grad_xs = Some(Tensor::from_vec(dx, xs.shape(), xs.device())?);
             }
-            _ => None,
-        };
+        }
         let grad_params = if params.track_op() {
             Some(Tensor::from_vec(
                 grad_params,
