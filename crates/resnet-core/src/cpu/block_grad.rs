@@ -635,6 +635,7 @@ fn normalise_relu(
 ) -> Vec<f32> {
     let (blocks, pixels) = (channels / LANES, height * width);
     let (scale, shift) = affine(stats, gamma, beta);
+    const NO_RESIDUAL: [f32; LANES] = [0.0; LANES];
     let mut out = vec![0f32; z.len()];
     // One (image, block) per task: the same range of values in either layout.
     out.par_chunks_mut(pixels * LANES)
@@ -643,15 +644,24 @@ fn normalise_relu(
             let block = index % blocks;
             let (scale, shift) = (lanes(&scale, block * LANES), lanes(&shift, block * LANES));
             let start = index * pixels * LANES;
+            // 16 pixels' values: written to `out` in place if blocked, through `tile`
+            // (transposed) if plain.
             let mut tile = [0f32; TILE * LANES];
             for first in (0..pixels).step_by(TILE) {
                 let len = TILE.min(pixels - first);
-                for (pixel, values) in tile.chunks_exact_mut(LANES).take(len).enumerate() {
+                let values = if plain {
+                    &mut tile[..len * LANES]
+                } else {
+                    &mut out[first * LANES..][..len * LANES]
+                };
+                for (pixel, values) in values.chunks_exact_mut(LANES).enumerate() {
                     let at = start + (first + pixel) * LANES;
-                    let (z, r) = (lanes(z, at), residual.map(|r| lanes(r, at)));
+                    let z = lanes(z, at);
+                    // A zero residual where there is none: no branch in the lane loop.
+                    let r = residual.map_or(&NO_RESIDUAL, |r| lanes(r, at));
                     for l in 0..LANES {
-                        let sum = normalised(z[l], scale[l], shift[l]) + r.map_or(0.0, |r| r[l]);
-                        values[l] = sum.max(0.0);
+                        let sum = normalised(z[l], scale[l], shift[l]) + r[l];
+                        values[l] = if sum > 0.0 { sum } else { 0.0 };
                     }
                 }
                 if plain {
@@ -661,8 +671,6 @@ fn normalise_relu(
                             *v = values[lane];
                         }
                     }
-                } else {
-                    out[first * LANES..][..len * LANES].copy_from_slice(&tile[..len * LANES]);
                 }
             }
         });
