@@ -319,7 +319,9 @@ impl BlockShape {
 
     /// The block's backward from `at_sum`, the gradient at its last sum (past its output
     /// ReLU): adds every unit's parameter gradients into `grad_params` and returns the
-    /// gradient of the block's blocked input, shortcut included (`None` if not `need_dx`).
+    /// gradient of the block's blocked input, shortcut included (`None` if not
+    /// `need_dx`), passed through the previous block's ReLU where `relu_output` (that
+    /// ReLU's output: this block's input) is given.
     fn backward(
         &self,
         saved: &Saved,
@@ -328,6 +330,7 @@ impl BlockShape {
         at_sum: &[f32],
         grad_params: &mut [f32],
         need_dx: bool,
+        relu_output: Option<&[f32]>,
     ) -> Result<Option<Vec<f32>>> {
         // The gradient at unit i's output (after its ReLU), from unit i + 1.
         let mut upstream: Option<Vec<f32>> = None;
@@ -369,15 +372,39 @@ impl BlockShape {
             return Ok(None);
         };
         let (batch, c_in, height, width) = plan.input();
-        match self.shortcut {
-            ShortcutShape::Identity => dx
-                .par_chunks_mut(1 << 14)
-                .zip(at_sum.par_chunks(1 << 14))
-                .for_each(|(dx, g)| dx.iter_mut().zip(g).for_each(|(d, g)| *d += g)),
+        // The identity's gradient is added in the same pass as the ReLU's mask.
+        let identity = match self.shortcut {
+            ShortcutShape::Identity => Some(at_sum),
             ShortcutShape::ZeroPad { stride, before, .. } => {
                 let input = (batch, c_in / LANES, height, width);
                 blocked::zero_pad_adjoint_add(at_sum, &mut dx, input, stride, before);
+                None
             }
+        };
+        if identity.is_some() || relu_output.is_some() {
+            const CHUNK: usize = 1 << 14;
+            dx.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(index, dx)| {
+                    let range = index * CHUNK..index * CHUNK + dx.len();
+                    let plus = identity.map(|g| &g[range.clone()]);
+                    let open = relu_output.map(|y| &y[range]);
+                    // One loop per case, so that each vectorises.
+                    match (plus, open) {
+                        (Some(g), Some(y)) => {
+                            for ((d, g), y) in dx.iter_mut().zip(g).zip(y) {
+                                *d = if *y > 0.0 { *d + g } else { 0.0 };
+                            }
+                        }
+                        (Some(g), None) => dx.iter_mut().zip(g).for_each(|(d, g)| *d += g),
+                        (None, Some(y)) => {
+                            for (d, y) in dx.iter_mut().zip(y) {
+                                *d = if *y > 0.0 { *d } else { 0.0 };
+                            }
+                        }
+                        (None, None) => {}
+                    }
+                });
         }
         Ok(Some(dx))
     }
@@ -452,6 +479,8 @@ impl CustomOp2 for ResidualTrain {
         for (b, block) in self.blocks.iter().enumerate().rev() {
             let need_dx = b > 0 || xs.track_op();
             let plan = &plans[b];
+            // Through the previous block's output ReLU, whose output is this block's input.
+            let relu_output = (b > 0).then(|| saved[b].inputs[0].as_slice());
             let dx = block.backward(
                 &saved[b],
                 plan,
@@ -459,19 +488,10 @@ impl CustomOp2 for ResidualTrain {
                 &at_sum,
                 &mut grad_params,
                 need_dx,
+                relu_output,
             )?;
-            let Some(mut dx) = dx else { break };
+            let Some(dx) = dx else { break };
             if b > 0 {
-                // Through the previous block's output ReLU: that output is this block's
-                // saved input.
-                let output = &saved[b].inputs[0];
-                dx.par_chunks_mut(1 << 14)
-                    .zip(output.par_chunks(1 << 14))
-                    .for_each(|(dx, y)| {
-                        for (d, &y) in dx.iter_mut().zip(y) {
-                            *d = if y > 0.0 { *d } else { 0.0 };
-                        }
-                    });
                 at_sum = dx;
             } else {
                 let (_, _, height, width) = plan.input();
