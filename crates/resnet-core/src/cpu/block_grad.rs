@@ -324,8 +324,7 @@ impl BlockShape {
     /// ReLU's output: this block's input) is given.
     fn backward(
         &self,
-        saved: &Saved,
-        plan: &BlockPlan,
+        (saved, plan): (&Saved, &BlockPlan),
         params: &[f32],
         at_sum: &[f32],
         grad_params: &mut [f32],
@@ -482,8 +481,7 @@ impl CustomOp2 for ResidualTrain {
             // Through the previous block's output ReLU, whose output is this block's input.
             let relu_output = (b > 0).then(|| saved[b].inputs[0].as_slice());
             let dx = block.backward(
-                &saved[b],
-                plan,
+                (&saved[b], plan),
                 params_data,
                 &at_sum,
                 &mut grad_params,
