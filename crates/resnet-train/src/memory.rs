@@ -8,30 +8,12 @@
 //! threads (`perf record`). Raising both thresholds keeps the memory in the process,
 //! where the next step finds it.
 
-/// Blocks up to this size come from the heap (glibc's largest allowed mmap threshold
-/// on 64-bit systems).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const HEAP_BLOCK_LIMIT: libc::c_int = 32 << 20;
-
 /// Tells the C allocator to keep freed memory for reuse (glibc on Linux: the mmap
 /// threshold to 32 MiB, heap trimming off); elsewhere it does nothing. The process's
 /// peak memory is unchanged (the memory was in use at the peak); it is simply not
 /// returned between steps. [`crate::Trainer::new`] calls it; call it yourself in a loop
-/// written by hand. Returns whether the allocator took the settings.
+/// written by hand. Returns whether the allocator took the settings. The same setting
+/// as [`resnet_core::retain_freed_memory`], which it calls.
 pub fn reuse_freed_memory() -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only sets two of glibc's allocator parameters; it takes the
-        // allocator's lock and is safe to call at any time, from any thread.
-        #[allow(unsafe_code)]
-        let taken = unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) == 1
-        };
-        taken
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        false
-    }
+    resnet_core::retain_freed_memory()
 }
