@@ -109,11 +109,17 @@ fn statistics(xs: &[f32], batch: usize, channels: usize, plane: usize) -> (Vec<f
             let mean = planes(c).map(|p| lane_sum(p, |x| x)).sum::<f64>() / count;
             let m = mean as f32;
             let squares: f64 = planes(c).map(|p| lane_sum(p, |x| (x - m) * (x - m))).sum();
-            // The f32 mean's own rounding, corrected (exactly as a two-pass in f64 would).
-            let shift = mean - m as f64;
-            (mean, (squares / count - shift * shift).max(0.0))
+            (mean, biased_variance(squares, count, mean))
         })
         .unzip()
+}
+
+/// The biased variance from `Σ (x − m)²` over `count` values, `m` the f64 `mean` rounded
+/// to f32 (what the squares were taken around): that rounding corrected, exactly as a
+/// two-pass in f64 would.
+pub(super) fn biased_variance(squares: f64, count: f64, mean: f64) -> f64 {
+    let shift = mean - (mean as f32) as f64;
+    (squares / count - shift * shift).max(0.0)
 }
 
 /// `Σ f(x)` over a slice in 16 f32 lanes (so that it vectorises), the lanes added in

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::batch_norm_grad::biased_variance;
 use super::blocked::{self, LANES};
 use super::conv_grad;
 use super::gemm_conv::ConvShape;
@@ -62,12 +63,8 @@ impl UnitShape {
                 self.c_in
             );
         }
-        Ok((
-            batch,
-            self.c_out,
-            (height + 2 * p - k) / s + 1,
-            (width + 2 * p - k) / s + 1,
-        ))
+        let size = |n| crate::block::output_size(n, k, s, p);
+        Ok((batch, self.c_out, size(height), size(width)))
     }
 }
 
@@ -493,7 +490,7 @@ impl CustomOp2 for ResidualTrain {
                 at_sum = dx;
             } else {
                 let (_, _, height, width) = plan.input();
-                let dx = blocked::to_plain_values(&dx, None, height * width);
+                let dx = blocked::to_plain_values(&dx, height * width);
                 grad_xs = Some(Tensor::from_vec(dx, xs.shape(), xs.device())?);
             }
         }
@@ -600,11 +597,7 @@ fn statistics(z: &[f32], dims: Dims, eps: f64) -> Statistics {
     let biased_var: Vec<f64> = squares
         .iter()
         .zip(&mean)
-        .map(|(sq, &m)| {
-            // The f32 mean's own rounding, corrected (as a two-pass in f64 would).
-            let shift = m - (m as f32) as f64;
-            (sq / count - shift * shift).max(0.0)
-        })
+        .map(|(&squares, &m)| biased_variance(squares, count, m))
         .collect();
     Statistics {
         mean: mean_f32,
@@ -892,7 +885,7 @@ fn input_gradient(
         unit.padding,
         1,
     )?;
-    let dy = blocked::to_plain_values(dz, None, out_h * out_w);
+    let dy = blocked::to_plain_values(dz, out_h * out_w);
     let dx = conv_grad::input_gradient(&shape, &dy, weight);
     Ok(blocked::to_blocked_values(&dx, None, height * width))
 }

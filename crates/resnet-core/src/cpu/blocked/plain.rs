@@ -61,7 +61,7 @@ fn convolve_plain_checked(
         (c_out, kernel),
         (stride, padding),
     )?;
-    Ok(to_plain_values(&output, None, out_h * out_w))
+    Ok(to_plain_values(&output, out_h * out_w))
 }
 
 /// `conv(x, weight)` (no bias, one group) on blocked `(N, C/16, H, W, 16)` values, by the
@@ -113,19 +113,14 @@ pub(crate) fn to_blocked_values(src: &[f32], open: Option<&[f32]>, plane: usize)
     blocked
 }
 
-/// Blocked `(N, C/16, H, W, 16)` values in planes of `plane` pixels back to `(N, C, H, W)`,
-/// plus the blocked values `plus` if given, in one parallel pass.
-pub(crate) fn to_plain_values(blocked: &[f32], plus: Option<&[f32]>, plane: usize) -> Vec<f32> {
+/// Blocked `(N, C/16, H, W, 16)` values in planes of `plane` pixels back to
+/// `(N, C, H, W)`, one parallel pass.
+pub(crate) fn to_plain_values(blocked: &[f32], plane: usize) -> Vec<f32> {
     let mut plain = vec![0f32; blocked.len()];
-    let chunk = LANES * plane;
     plain
-        .par_chunks_mut(chunk)
-        .zip(blocked.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(index, (dst, src))| {
-            let plus = plus.map(|plus| &plus[index * chunk..][..src.len()]);
-            unblock_channels(src, plus, dst, plane);
-        });
+        .par_chunks_mut(LANES * plane)
+        .zip(blocked.par_chunks(LANES * plane))
+        .for_each(|(dst, src)| unblock_channels(src, dst, plane));
     plain
 }
 
@@ -157,24 +152,16 @@ fn block_channels(src: &[f32], open: Option<&[f32]>, dst: &mut [f32], plane: usi
     }
 }
 
-/// `(plane, 16)` back to sixteen channel planes `(16, plane)`, plus `plus` (also
-/// `(plane, 16)`) if given.
-fn unblock_channels(src: &[f32], plus: Option<&[f32]>, dst: &mut [f32], plane: usize) {
+/// `(plane, 16)` back to sixteen channel planes `(16, plane)`.
+fn unblock_channels(src: &[f32], dst: &mut [f32], plane: usize) {
     let lanes = dst.len() / plane.max(1);
     for start in (0..plane).step_by(TILE) {
         let len = TILE.min(plane - start);
         let tile = &src[start * LANES..(start + len) * LANES];
         for lane in 0..lanes {
             let row = &mut dst[lane * plane + start..][..len];
-            let pixels = row.iter_mut().zip(tile.chunks_exact(LANES));
-            match plus {
-                None => pixels.for_each(|(v, pixel)| *v = pixel[lane]),
-                Some(plus) => {
-                    let plus = &plus[start * LANES..(start + len) * LANES];
-                    for ((v, pixel), plus) in pixels.zip(plus.chunks_exact(LANES)) {
-                        *v = pixel[lane] + plus[lane];
-                    }
-                }
+            for (v, pixel) in row.iter_mut().zip(tile.chunks_exact(LANES)) {
+                *v = pixel[lane];
             }
         }
     }
