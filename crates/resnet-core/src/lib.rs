@@ -47,7 +47,7 @@ pub mod prelude {
     pub use candle_nn::{VarBuilder, VarMap};
 }
 
-pub use allocator::retain_freed_memory;
+pub use allocator::{retain_freed_memory, RetainingAllocator};
 pub use batch_norm::{BatchNorm2d, BatchNormRelu};
 pub use block::{ConvBn, NamedTensors, ResidualBlock, Shortcut};
 pub use config::{

@@ -17,6 +17,11 @@ use resnet_train::{
     OptimizerKind, OptimizerSettings, Trainer, TrainerConfig, TrainingSet,
 };
 
+/// Activations and gradients of a megabyte or more reused from step to step instead of
+/// mapped and zeroed afresh by the kernel (see `RetainingAllocator`).
+#[global_allocator]
+static ALLOCATOR: resnet_core::RetainingAllocator = resnet_core::RetainingAllocator::new(4 << 30);
+
 /// Prints one line per epoch.
 struct EpochLines;
 
