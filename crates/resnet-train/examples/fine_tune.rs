@@ -17,7 +17,7 @@ use resnet_train::{
     OptimizerKind, OptimizerSettings, Trainer, TrainerConfig, TrainingSet,
 };
 
-/// Activations and gradients of a megabyte or more reused from step to step instead of
+/// Activations and gradients of 256 KiB or more reused from step to step instead of
 /// mapped and zeroed afresh by the kernel (see `RetainingAllocator`).
 #[global_allocator]
 static ALLOCATOR: resnet_core::RetainingAllocator = resnet_core::RetainingAllocator::new(4 << 30);
