@@ -15,9 +15,10 @@
 /// written by hand. Returns whether the allocator took the settings. The same setting
 /// as [`resnet_core::retain_freed_memory`], which it calls.
 ///
-/// Blocks above 32 MiB (a ResNet-50 batch of 16 at 224x224 has many) are still mapped
-/// afresh each time: install [`resnet_core::RetainingAllocator`] as the program's global
-/// allocator for those, as the `resnet` command does.
+/// Blocks above 32 MiB (a ResNet-50 batch of 16 at 224x224 has many), and heaps of
+/// rayon's threads once they empty, are still mapped afresh each time: install
+/// [`resnet_core::RetainingAllocator`] as the program's global allocator for those, as
+/// the `resnet` command does.
 pub fn reuse_freed_memory() -> bool {
     resnet_core::retain_freed_memory()
 }

@@ -347,7 +347,8 @@ fn weight_gradient(shape: &ConvShape, xs: &[f32], dy: &[f32]) -> Vec<f32> {
         // place: ResNet-50's 1x1 weight gradients at batch 16 took 12-32 ms through the
         // NHWC copy and 11-13 ms this way (256->64 at 56x56: 32 against 12 ms; the two
         // alternated in one process, Zen 3, 2 threads).
-        let scratch = if geometry.is_direct() {
+        let direct = geometry.is_direct();
+        let scratch = if direct {
             0
         } else {
             in_plane * group_in + out_plane * depth
@@ -361,7 +362,7 @@ fn weight_gradient(shape: &ConvShape, xs: &[f32], dy: &[f32]) -> Vec<f32> {
                         [..group_out * out_plane];
                     let dw = &mut dw[group * group_out * depth..][..group_out * depth];
                     let dy = Operand::rows(dy, out_plane);
-                    if geometry.is_direct() {
+                    if direct {
                         let rows = Operand::transposed(x, in_plane);
                         matmul(group_out, depth, out_plane, dw, true, dy, rows);
                         continue;
