@@ -233,7 +233,6 @@ impl ConvBn {
             && config.dilation == 1
             && config.groups == 1
             && kernel == kw
-            && kernel > 1
             && c_in.is_multiple_of(blocked::LANES)
             && c_out.is_multiple_of(blocked::LANES)
             && [xs, conv.weight(), bn.weight(), bn.bias()]
@@ -414,8 +413,9 @@ fn convolve(conv: &Conv2d, xs: &Tensor) -> Result<Tensor> {
 type FusedUnit<'a> = (&'a Conv2d, &'a BatchNorm2d);
 
 /// Training on the CPU in f32: the longest run of blocks from the start of `blocks`
-/// that the fused op takes ([`block_grad`]: basic post-activation blocks with identity
-/// or option-A shortcuts), run as one op on `xs`. The output and how many blocks it
+/// that the fused op takes ([`block_grad`]: post-activation basic and bottleneck blocks
+/// without squeeze-excitation, with identity, option-A or projection shortcuts; not
+/// ResNet-D's pooled projection, grouped or biased convolutions), run as one op on `xs`. The output and how many blocks it
 /// ran; `None` if the first block is not fused.
 pub(crate) fn forward_fused_run(
     blocks: &[&ResidualBlock],
@@ -801,9 +801,10 @@ impl ResidualBlock {
     /// BatchNorm: a post-activation block with an identity or option-A shortcut whose
     /// units the op takes ([`ConvBn::fused_train_unit`]); `None` for any other block.
     fn fused_train_parts(&self, xs: &Tensor) -> Option<(BlockShape, Vec<FusedUnit<'_>>)> {
-        let shortcut = match self.shortcut {
+        let mut projection = None;
+        let shortcut = match &self.shortcut {
             Shortcut::Identity => ShortcutShape::Identity,
-            Shortcut::ZeroPad {
+            &Shortcut::ZeroPad {
                 stride,
                 pad_before,
                 pad_after,
@@ -812,18 +813,29 @@ impl ResidualBlock {
                 before: pad_before,
                 after: pad_after,
             },
-            _ => return None,
+            Shortcut::Projection(unit) => {
+                let parts = unit.fused_train_unit(xs)?;
+                let shape = parts.0;
+                projection = Some(parts);
+                ShortcutShape::Projection(shape)
+            }
+            Shortcut::AvgDownProjection { .. } => return None,
         };
         if self.pre_norm.is_some() || self.squeeze_excite.is_some() || xs.rank() != 4 {
             return None;
         }
+        // The chain's units, then the projection's: the fused op's parameter order.
         let units: Vec<_> = self
             .chain
             .iter()
             .map(|unit| unit.fused_train_unit(xs))
+            .chain(projection.map(Some))
             .collect::<Option<_>>()?;
         let shape = BlockShape {
-            units: units.iter().map(|(shape, ..)| *shape).collect(),
+            units: units[..self.chain.len()]
+                .iter()
+                .map(|(shape, ..)| *shape)
+                .collect(),
             shortcut,
         };
         Some((
@@ -904,18 +916,22 @@ mod tests {
 
     /// The fused training block ([`block_grad`]) against the op-by-op path, from the same
     /// weights: the output, the running statistics after the step, and the gradients of
-    /// the input and of every parameter, within 1e-4 of the largest value. Basic blocks
-    /// with the identity and option A shortcuts, odd and even sizes; a bottleneck (1x1
-    /// units) is not fused.
+    /// the input and of every parameter, within 1e-4 of the largest value. Basic and
+    /// bottleneck blocks (v1.5 and v1, where the stride is on the first 1x1) with the
+    /// identity, option A and projection shortcuts, odd and even sizes; ResNet-D's
+    /// pooled projection is not fused.
     #[test]
     fn fused_training_block_matches_the_op_by_op_one() -> Result<()> {
         let device = Device::Cpu;
         let bottleneck = ResNetConfig::imagenet(BlockKind::Bottleneck, [1, 1, 1, 1]);
+        let resnet_d = bottleneck.clone().resnet_d();
         let vars = VarMap::new();
         let vb = VarBuilder::from_varmap(&vars, DType::F32, &device);
-        let block = ResidualBlock::new(&bottleneck, 64, 16, 1, vb)?;
+        let block = ResidualBlock::new(&resnet_d, 64, 32, 2, vb)?;
         let input = Tensor::randn(0f32, 1.0, (2, 64, 4, 4), &device)?;
         assert!(forward_fused_run(&[&block], &input)?.is_none());
+        let mut v1 = bottleneck.clone();
+        v1.bottleneck_stride = crate::config::BottleneckStride::Reduce1x1;
         let cifar = ResNetConfig::cifar(1);
         // (config, each block's (in channels, planes, stride), input size)
         let cases = [
@@ -930,6 +946,21 @@ mod tests {
             ),
             // A run of three blocks as one op: identity, option A, identity.
             (cifar, vec![(16, 16, 1), (16, 32, 2), (32, 32, 1)], 9),
+            // A basic block with a projection (ResNet-18's second stage).
+            (
+                ResNetConfig::imagenet(BlockKind::Basic, [1, 1, 1, 1]),
+                vec![(64, 128, 2)],
+                7,
+            ),
+            // Bottlenecks: a projection at stride 1, then the identity; a projection at
+            // stride 2 on odd and even sizes; the same with the stride on the 1x1.
+            (bottleneck.clone(), vec![(32, 16, 1), (64, 16, 1)], 5),
+            (bottleneck.clone(), vec![(64, 32, 2)], 7),
+            (bottleneck.clone(), vec![(64, 32, 2)], 6),
+            (v1, vec![(64, 32, 2)], 7),
+            // 24x24: a 1x1 weight gradient in several calls over the batch, its output
+            // blocks in groups.
+            (bottleneck, vec![(64, 32, 1)], 24),
         ];
         for (config, specs, size) in cases {
             let what = format!("{specs:?} at {size}x{size}");

@@ -455,9 +455,9 @@ impl ResNet {
         })
     }
 
-    /// The stages. Training on the CPU in f32, runs of consecutive basic blocks go as
-    /// one fused op each (`block::forward_fused_run`; ResNet-20 at batch 128: its nine
-    /// blocks as one op, 2 threads on Zen 3).
+    /// The stages. Training on the CPU in f32, runs of consecutive blocks that the fused
+    /// op takes go as one op each (`block::forward_fused_run`: ResNet-20's nine blocks,
+    /// ResNet-50's sixteen).
     fn forward_stages_t(&self, mut xs: Tensor, train: bool) -> Result<Tensor> {
         if !train {
             for stage in &self.stages {

@@ -1,6 +1,7 @@
 //! Training's residual blocks on the CPU (f32) as one autograd node: a run of
-//! consecutive blocks, their convolutions, BatchNorms, ReLUs and shortcuts, forward and
-//! backward, on blocked activations.
+//! consecutive blocks, their convolutions, BatchNorms, ReLUs and shortcuts (identity,
+//! option A's padded subsample, a projection's 1x1 convolution and BatchNorm), forward
+//! and backward, on blocked activations.
 //!
 //! Op by op, candle starts every gradient as a zero tensor and adds the op's gradient
 //! to it, and each convolution blocks its input and unblocks its output: per basic block
@@ -78,6 +79,8 @@ pub(crate) enum ShortcutShape {
         before: usize,
         after: usize,
     },
+    /// Options B and C: a 1x1 convolution (of the unit's stride) and BatchNorm, no ReLU.
+    Projection(UnitShape),
 }
 
 /// One unit's batch statistics per channel.
@@ -103,10 +106,24 @@ pub(crate) struct BlockShape {
     pub shortcut: ShortcutShape,
 }
 
-/// A block's unit dims and where each unit's parameters start.
+impl BlockShape {
+    /// The chain's units, then the projection shortcut's: the order of the block's
+    /// parameters, saved values and statistics.
+    fn all_units(&self) -> impl Iterator<Item = &UnitShape> {
+        let projection = match &self.shortcut {
+            ShortcutShape::Projection(unit) => Some(unit),
+            _ => None,
+        };
+        self.units.iter().chain(projection)
+    }
+}
+
+/// A block's unit dims and where each unit's parameters start, in [`BlockShape::all_units`]
+/// order.
 struct BlockPlan {
     dims: UnitDims,
     offsets: Vec<usize>,
+    output: Dims,
 }
 
 impl BlockPlan {
@@ -115,7 +132,7 @@ impl BlockPlan {
     }
 
     fn output(&self) -> Dims {
-        self.dims[self.dims.len() - 1].1
+        self.output
     }
 }
 
@@ -188,8 +205,7 @@ impl ResidualTrain {
             let plan = block.plan(current, offset)?;
             current = plan.output();
             offset += block
-                .units
-                .iter()
+                .all_units()
                 .map(UnitShape::parameter_len)
                 .sum::<usize>();
             plans.push(plan);
@@ -220,6 +236,10 @@ impl BlockShape {
         let Some(&(_, output)) = dims.last() else {
             bail!("{WHAT}: a block without units");
         };
+        if let ShortcutShape::Projection(unit) = &self.shortcut {
+            dims.push((input, unit.output_dims(input)?));
+            offsets.push(offset);
+        }
         if dims
             .iter()
             .any(|&(_, (_, c, _, _))| !c.is_multiple_of(LANES))
@@ -229,6 +249,7 @@ impl BlockShape {
         }
         let residual_dims = match self.shortcut {
             ShortcutShape::Identity => input,
+            ShortcutShape::Projection(_) => dims[dims.len() - 1].1,
             ShortcutShape::ZeroPad {
                 stride,
                 before,
@@ -243,17 +264,20 @@ impl BlockShape {
         if residual_dims != output {
             bail!("{WHAT}: shortcut gives {residual_dims:?} for output {output:?}");
         }
-        Ok(BlockPlan { dims, offsets })
+        Ok(BlockPlan {
+            dims,
+            offsets,
+            output,
+        })
     }
 
-    /// The shortcut's output for the blocked input `x`.
-    fn shortcut_values<'a>(
+    /// Option A's shortcut for the blocked input `x`: its subsample between zero channels.
+    fn zero_padded<'a>(
         &self,
         x: &'a [f32],
         (batch, c_in, height, width): Dims,
     ) -> Result<std::borrow::Cow<'a, [f32]>> {
         Ok(match self.shortcut {
-            ShortcutShape::Identity => x.into(),
             ShortcutShape::ZeroPad {
                 stride,
                 before,
@@ -265,6 +289,7 @@ impl BlockShape {
                 (before, after),
             )?
             .into(),
+            _ => x.into(),
         })
     }
 
@@ -279,35 +304,52 @@ impl BlockShape {
     ) -> Result<(Saved, Vec<f32>)> {
         let mut saved = Saved {
             inputs: Vec::with_capacity(self.units.len()),
-            convs: Vec::with_capacity(self.units.len()),
-            stats: Vec::with_capacity(self.units.len()),
+            convs: Vec::with_capacity(self.units.len() + 1),
+            stats: Vec::with_capacity(self.units.len() + 1),
+        };
+        // The projection shortcut's convolution output, statistics and affine map, added
+        // in the last unit's pass.
+        let projection = match &self.shortcut {
+            ShortcutShape::Projection(unit) => {
+                let at = self.units.len();
+                let (in_dims, out_dims) = plan.dims[at];
+                let (weight, gamma, beta) = unit_parameters(params, plan.offsets[at], unit);
+                let z = unit_convolution(&input, in_dims, weight, unit)?;
+                let stats = statistics(&z, out_dims, unit.eps);
+                let affine = affine(&stats, gamma, beta);
+                Some((z, stats, affine))
+            }
+            _ => None,
         };
         let mut activation = input;
         let last = self.units.len() - 1;
         for (i, (unit, &(in_dims, out_dims))) in self.units.iter().zip(&plan.dims).enumerate() {
             let (weight, gamma, beta) = unit_parameters(params, plan.offsets[i], unit);
-            let (z, _) = blocked::convolve_blocked(
-                &activation,
-                in_dims,
-                weight,
-                (unit.c_out, unit.kernel),
-                (unit.stride, unit.padding),
-            )?;
+            let z = unit_convolution(&activation, in_dims, weight, unit)?;
             saved.inputs.push(activation);
             let stats = statistics(&z, out_dims, unit.eps);
-            let residual = if i == last {
-                Some(self.shortcut_values(&saved.inputs[0], plan.input())?)
-            } else {
-                None
+            let (scale, shift) = affine(&stats, gamma, beta);
+            let padded;
+            let residual = match (&projection, &self.shortcut) {
+                _ if i < last => Residual::None,
+                (Some((z, _, (scale, shift))), _) => Residual::Normalised { z, scale, shift },
+                (None, ShortcutShape::ZeroPad { .. }) => {
+                    padded = self.zero_padded(&saved.inputs[0], plan.input())?;
+                    Residual::Values(&padded)
+                }
+                (None, _) => Residual::Values(&saved.inputs[0]),
             };
             activation = normalise_relu(
                 &z,
                 out_dims,
-                &stats,
-                (gamma, beta),
-                residual.as_deref(),
+                (&scale, &shift),
+                residual,
                 plain_output && i == last,
             );
+            saved.convs.push(z);
+            saved.stats.push(stats);
+        }
+        if let Some((z, stats, _)) = projection {
             saved.convs.push(z);
             saved.stats.push(stats);
         }
@@ -328,62 +370,75 @@ impl BlockShape {
         need_dx: bool,
         relu_output: Option<&[f32]>,
     ) -> Result<Option<Vec<f32>>> {
+        // Unit `at`'s BatchNorm and convolution backward from `g_out`, the gradient at
+        // its output (after its ReLU if `relu`): its parameter gradients written, the
+        // gradient of its input returned if `want_dx`.
+        let mut unit_backward =
+            |at: usize, unit: &UnitShape, g_out: &[f32], relu: bool, want_dx: bool| {
+                let (in_dims, out_dims) = plan.dims[at];
+                let (weight, gamma, beta) = unit_parameters(params, plan.offsets[at], unit);
+                let norm = bn_backward(
+                    g_out,
+                    relu,
+                    &saved.convs[at],
+                    out_dims,
+                    &saved.stats[at],
+                    (gamma, beta),
+                );
+                let grads = &mut grad_params[plan.offsets[at]..][..unit.parameter_len()];
+                let (grad_weight, grad_affine) = grads.split_at_mut(unit.weight_len());
+                grad_weight.copy_from_slice(&weight_gradient(
+                    &saved.inputs[if at < self.units.len() { at } else { 0 }],
+                    in_dims,
+                    &norm.dz,
+                    out_dims,
+                    unit,
+                )?);
+                let (grad_gamma, grad_beta) = grad_affine.split_at_mut(unit.c_out);
+                grad_gamma.copy_from_slice(&norm.grad_gamma);
+                grad_beta.copy_from_slice(&norm.grad_beta);
+                want_dx
+                    .then(|| input_gradient(&norm.dz, out_dims, in_dims, weight, unit))
+                    .transpose()
+            };
+        // The projection's input gradient, added to the chain's below.
+        let projection_dx = match &self.shortcut {
+            ShortcutShape::Projection(unit) => {
+                unit_backward(self.units.len(), unit, at_sum, false, need_dx)?
+            }
+            _ => None,
+        };
         // The gradient at unit i's output (after its ReLU), from unit i + 1.
         let mut upstream: Option<Vec<f32>> = None;
         for (i, unit) in self.units.iter().enumerate().rev() {
-            let (in_dims, out_dims) = plan.dims[i];
-            let (weight, gamma, beta) = unit_parameters(params, plan.offsets[i], unit);
             // The last unit's gradient is past its ReLU already.
             let (g_out, relu) = match &upstream {
                 Some(g) => (g.as_slice(), true),
                 None => (at_sum, false),
             };
-            let norm = bn_backward(
-                g_out,
-                relu,
-                &saved.convs[i],
-                out_dims,
-                &saved.stats[i],
-                (gamma, beta),
-            );
-            let grads = &mut grad_params[plan.offsets[i]..][..unit.parameter_len()];
-            let (grad_weight, grad_affine) = grads.split_at_mut(unit.weight_len());
-            grad_weight.copy_from_slice(&weight_gradient(
-                &saved.inputs[i],
-                in_dims,
-                &norm.dz,
-                out_dims,
-                unit,
-            )?);
-            let (grad_gamma, grad_beta) = grad_affine.split_at_mut(unit.c_out);
-            grad_gamma.copy_from_slice(&norm.grad_gamma);
-            grad_beta.copy_from_slice(&norm.grad_beta);
-            upstream = if i > 0 || need_dx {
-                Some(input_gradient(&norm.dz, out_dims, in_dims, weight, unit)?)
-            } else {
-                None
-            };
+            upstream = unit_backward(i, unit, g_out, relu, i > 0 || need_dx)?;
         }
         let Some(mut dx) = upstream.filter(|_| need_dx) else {
             return Ok(None);
         };
         let (batch, c_in, height, width) = plan.input();
-        // The identity's gradient is added in the same pass as the ReLU's mask.
-        let identity = match self.shortcut {
+        // The shortcut's gradient is added in the same pass as the ReLU's mask.
+        let added = match self.shortcut {
             ShortcutShape::Identity => Some(at_sum),
+            ShortcutShape::Projection(_) => projection_dx.as_deref(),
             ShortcutShape::ZeroPad { stride, before, .. } => {
                 let input = (batch, c_in / LANES, height, width);
                 blocked::zero_pad_adjoint_add(at_sum, &mut dx, input, stride, before);
                 None
             }
         };
-        if identity.is_some() || relu_output.is_some() {
+        if added.is_some() || relu_output.is_some() {
             const CHUNK: usize = 1 << 14;
             dx.par_chunks_mut(CHUNK)
                 .enumerate()
                 .for_each(|(index, dx)| {
                     let range = index * CHUNK..index * CHUNK + dx.len();
-                    let plus = identity.map(|g| &g[range.clone()]);
+                    let plus = added.map(|g| &g[range.clone()]);
                     let open = relu_output.map(|y| &y[range]);
                     // One loop per case, so that each vectorises.
                     match (plus, open) {
@@ -404,6 +459,23 @@ impl BlockShape {
         }
         Ok(Some(dx))
     }
+}
+
+/// A unit's convolution of its blocked input (blocked output).
+fn unit_convolution(
+    x: &[f32],
+    in_dims: Dims,
+    weight: &[f32],
+    unit: &UnitShape,
+) -> Result<Vec<f32>> {
+    let (z, _) = blocked::convolve_blocked(
+        x,
+        in_dims,
+        weight,
+        (unit.c_out, unit.kernel),
+        (unit.stride, unit.padding),
+    )?;
+    Ok(z)
 }
 
 impl CustomOp2 for ResidualTrain {
@@ -634,26 +706,59 @@ fn normalised(z: f32, scale: f32, shift: f32) -> f32 {
 /// they are written out plane by plane.
 const TILE: usize = 16;
 
-/// `relu(bn(z) (+ residual))` from blocked values, with the batch statistics: blocked,
-/// or plain `(N, C, H, W)` if `plain` (the block's output, unblocked in the same pass).
+/// What the last unit of a block adds before its ReLU.
+#[derive(Clone, Copy)]
+enum Residual<'a> {
+    None,
+    /// Blocked values: the identity, option A's padded subsample.
+    Values(&'a [f32]),
+    /// A projection's blocked convolution output, normalised in the same pass with its
+    /// BatchNorm's `scale` and `shift` (one pass over memory fewer than normalising it
+    /// first).
+    Normalised {
+        z: &'a [f32],
+        scale: &'a [f32],
+        shift: &'a [f32],
+    },
+}
+
+impl Residual<'_> {
+    /// The 16 values to add at `at`, in channel block `block`.
+    #[inline(always)]
+    fn at(&self, block: usize, at: usize) -> [f32; LANES] {
+        match *self {
+            Self::None => [0.0; LANES],
+            Self::Values(values) => *lanes(values, at),
+            Self::Normalised { z, scale, shift } => {
+                let (z, scale, shift) = (
+                    lanes(z, at),
+                    lanes(scale, block * LANES),
+                    lanes(shift, block * LANES),
+                );
+                std::array::from_fn(|l| normalised(z[l], scale[l], shift[l]))
+            }
+        }
+    }
+}
+
+/// `relu(z · scale + shift + residual)` from blocked values (BatchNorm as its affine map
+/// with the batch statistics): blocked, or plain `(N, C, H, W)` if `plain` (the block's
+/// output, unblocked in the same pass).
 fn normalise_relu(
     z: &[f32],
     (_, channels, height, width): Dims,
-    stats: &Statistics,
-    (gamma, beta): (&[f32], &[f32]),
-    residual: Option<&[f32]>,
+    (scale, shift): (&[f32], &[f32]),
+    residual: Residual,
     plain: bool,
 ) -> Vec<f32> {
     let (blocks, pixels) = (channels / LANES, height * width);
-    let (scale, shift) = affine(stats, gamma, beta);
-    const NO_RESIDUAL: [f32; LANES] = [0.0; LANES];
     let mut out = vec![0f32; z.len()];
     // One (image, block) per task: the same range of values in either layout.
     out.par_chunks_mut(pixels * LANES)
         .enumerate()
         .for_each(|(index, out)| {
             let block = index % blocks;
-            let (scale, shift) = (lanes(&scale, block * LANES), lanes(&shift, block * LANES));
+            let (scale, shift) = (lanes(scale, block * LANES), lanes(shift, block * LANES));
             let start = index * pixels * LANES;
             // 16 pixels' values: written to `out` in place if blocked, through `tile`
             // (transposed) if plain.
@@ -668,8 +773,7 @@ fn normalise_relu(
                 for (pixel, values) in values.chunks_exact_mut(LANES).enumerate() {
                     let at = start + (first + pixel) * LANES;
                     let z = lanes(z, at);
-                    // A zero residual where there is none: no branch in the lane loop.
-                    let r = residual.map_or(&NO_RESIDUAL, |r| lanes(r, at));
+                    let r = residual.at(block, at);
                     for l in 0..LANES {
                         let sum = normalised(z[l], scale[l], shift[l]) + r[l];
                         values[l] = if sum > 0.0 { sum } else { 0.0 };
@@ -780,6 +884,12 @@ fn bn_backward_with<const RELU: bool>(
     }
 }
 
+/// Pixels a call of a 1x1 stride-1 layer's weight gradient sums over, in whole planes.
+const FLAT_GRAD_PIXELS: usize = 1024;
+
+/// Output gradients a 1x1 stride-1 weight gradient keeps in L2 at once.
+const FLAT_GRAD_BYTES: usize = 256 << 10;
+
 /// The convolution's weight gradient from its blocked input `x` and output gradient
 /// `dz`: per image, output block, input block and tap, the kernel tree's [`GradTile`]
 /// sums `dz · x` over the output pixels whose input at that tap lies inside the image
@@ -810,6 +920,42 @@ fn weight_gradient(
     const TILE: usize = LANES * LANES;
     // Sums in [out block][in block][tap][in channel][out channel] order.
     let total = conv_grad::sum_over_batch(batch, c_out * c_in * taps, |images, sums| {
+        if k == 1 && s == 1 && p == 0 {
+            // Each plane is one run of pixels, and consecutive images' planes of a block
+            // are evenly spaced: one call sums a block pair over several images (as rows),
+            // so that small planes do not read and write all the sums once per image
+            // (ResNet-50's 7x7 layers: 19-23 ms against the GEMM's 12-17).
+            let per_call = (FLAT_GRAD_PIXELS / (out_h * out_w)).max(1);
+            for first in images.clone().step_by(per_call) {
+                let rows = per_call.min(images.end - first);
+                // Output blocks in groups whose gradients stay in L2 while every input
+                // block passes (each read once per group, not once per output block).
+                let group = (FLAT_GRAD_BYTES / (rows * out_plane * 4)).clamp(1, out_blocks);
+                for first_ob in (0..out_blocks).step_by(group) {
+                    for ib in 0..in_blocks {
+                        let x = &x[(first * in_blocks + ib) * in_plane..];
+                        for ob in first_ob..(first_ob + group).min(out_blocks) {
+                            let Ok(sums) = <&mut [f32; TILE]>::try_from(
+                                &mut sums[(ob * in_blocks + ib) * TILE..][..TILE],
+                            ) else {
+                                continue; // a slice of TILE always converts
+                            };
+                            let tile = blocked::GradTile {
+                                dz: &dz[(first * out_blocks + ob) * out_plane..],
+                                x,
+                                rows,
+                                len: out_h * out_w,
+                                dz_row: out_blocks * out_plane,
+                                x_row: in_blocks * in_plane,
+                                x_step: LANES,
+                            };
+                            tile.accumulate(isa, sums);
+                        }
+                    }
+                }
+            }
+            return;
+        }
         for image in images {
             for (ob, sums) in sums.chunks_exact_mut(in_blocks * taps * TILE).enumerate() {
                 let dz = &dz[(image * out_blocks + ob) * out_plane..][..out_plane];
@@ -841,16 +987,22 @@ fn weight_gradient(
             }
         }
     });
-    // -> the weight's (c_out, c_in, ky, kx).
+    // -> the weight's (c_out, c_in, ky, kx), an output block's 16 rows a task (an
+    // index decoded per value took 5 ms at 1M weights).
     let mut grad = vec![0f32; total.len()];
-    for (index, &value) in total.iter().enumerate() {
-        let o = index % LANES;
-        let c = (index / LANES) % LANES;
-        let tap = (index / TILE) % taps;
-        let ib = (index / (TILE * taps)) % in_blocks;
-        let ob = index / (TILE * taps * in_blocks);
-        grad[((ob * LANES + o) * c_in + ib * LANES + c) * taps + tap] = value;
-    }
+    grad.par_chunks_mut(LANES * c_in * taps)
+        .zip(total.par_chunks(LANES * c_in * taps))
+        .for_each(|(grad, total)| {
+            for (ib, total) in total.chunks_exact(taps * TILE).enumerate() {
+                for (tap, tile) in total.chunks_exact(TILE).enumerate() {
+                    for (c, outputs) in tile.chunks_exact(LANES).enumerate() {
+                        for (o, &value) in outputs.iter().enumerate() {
+                            grad[(o * c_in + ib * LANES + c) * taps + tap] = value;
+                        }
+                    }
+                }
+            }
+        });
     Ok(grad)
 }
 

@@ -170,17 +170,42 @@ pub(super) fn flipped_transposed(
     weight: &[f32],
     (c_out, c_in, k): (usize, usize, usize),
 ) -> Vec<f32> {
+    // 16 x 16 channels at a time through a small tile: read as 16 runs of the source,
+    // written as 16 runs of the result. (Channel by channel over the whole weight, the
+    // rows 4 KiB multiples apart fought over the same L1 sets: 3-7 ms at ResNet-50's 1M
+    // weights, repacked at every training step.)
+    const CHANNELS: usize = 16;
     let taps = k * k;
     let mut flipped = vec![0f32; weight.len()];
-    for o in 0..c_out {
-        for i in 0..c_in {
-            let src = &weight[(o * c_in + i) * taps..][..taps];
-            let dst = &mut flipped[(i * c_out + o) * taps..][..taps];
-            for (t, d) in dst.iter_mut().enumerate() {
-                *d = src[taps - 1 - t];
+    flipped
+        .par_chunks_mut(CHANNELS * c_out * taps)
+        .enumerate()
+        .for_each(|(chunk, flipped)| {
+            let first = chunk * CHANNELS;
+            let inputs = flipped.len() / (c_out * taps);
+            let mut tile = vec![0f32; CHANNELS * inputs * taps];
+            for first_out in (0..c_out).step_by(CHANNELS) {
+                let outputs = CHANNELS.min(c_out - first_out);
+                for (o, tile) in tile
+                    .chunks_exact_mut(inputs * taps)
+                    .take(outputs)
+                    .enumerate()
+                {
+                    tile.copy_from_slice(
+                        &weight[((first_out + o) * c_in + first) * taps..][..inputs * taps],
+                    );
+                }
+                for i in 0..inputs {
+                    let dst = &mut flipped[(i * c_out + first_out) * taps..][..outputs * taps];
+                    for (o, dst) in dst.chunks_exact_mut(taps).enumerate() {
+                        let src = &tile[(o * inputs + i) * taps..][..taps];
+                        for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                            *d = *s;
+                        }
+                    }
+                }
             }
-        }
-    }
+        });
     flipped
 }
 

@@ -1,6 +1,7 @@
 //! The blocked activation layout `(N, C/16, H, W, 16)` and the packed weight order.
 
 use candle_core::{Result, Tensor};
+use rayon::prelude::*;
 
 use super::LANES;
 
@@ -47,6 +48,38 @@ pub(crate) fn packed_order(
             })
         })
     })
+}
+
+/// `source`, one block group's `(c_out, c_in, k, k)` weight, each output channel's
+/// weights times its `scale`, into `packed` in [`packed_order`]'s order: loops, a
+/// parallel task per kernel call's output channels. (Through the iterator, 13-22 ms for a
+/// 1M-weight layer: training repacks every layer at every step.)
+pub(crate) fn pack_weights(
+    source: &[f32],
+    scale: &[f32],
+    (c_in, c_out, kernel): (usize, usize, usize),
+    (call_blocks, in_lanes): (usize, usize),
+    packed: &mut [f32],
+) {
+    let (width, taps) = (LANES * call_blocks, kernel * kernel);
+    packed
+        .par_chunks_mut(width * c_in * taps)
+        .enumerate()
+        .for_each(|(g, packed)| {
+            let mut values = packed.iter_mut();
+            for icb in 0..c_in / in_lanes {
+                for tap in 0..taps {
+                    for ci in icb * in_lanes..(icb + 1) * in_lanes {
+                        for oc in g * width..(g + 1) * width {
+                            if let Some(value) = values.next() {
+                                *value = source[(oc * c_in + ci) * taps + tap] * scale[oc];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    debug_assert!(packed.len() == c_out * c_in * taps);
 }
 
 /// Where each packed weight of a grouped layer with groups of `group` channels (fewer

@@ -41,7 +41,7 @@ pub(crate) use excite::{channel_means, scale_add_relu};
 pub(crate) use layout::from_blocked;
 #[cfg(test)]
 pub(crate) use layout::to_blocked;
-use layout::{packed_order, rotated_order};
+use layout::{pack_weights, packed_order, rotated_order};
 pub(crate) use plain::{convolve_blocked, convolve_plain, to_blocked_values, to_plain_values};
 pub(crate) use pool::{avg_pool_2x2_ceil, max_pool};
 pub(crate) use shortcut::{subsample_and_pad_channels, zero_pad_adjoint_add, zero_pad_values};
@@ -235,13 +235,17 @@ impl BlockedConv {
                 .map(|index| source[index] * scale[index / per_channel])
                 .collect()
         } else {
-            (0..block_groups)
-                .flat_map(|bg| {
-                    let at = bg * per_block_group;
-                    packed_order(bg_in, bg_out, kernel, call_blocks, in_lanes)
-                        .map(move |index| source[at + index] * scale[(at + index) / per_channel])
-                })
-                .collect()
+            let mut packed = vec![0f32; block_groups * per_block_group];
+            for (bg, packed) in packed.chunks_mut(per_block_group.max(1)).enumerate() {
+                pack_weights(
+                    &source[bg * per_block_group..][..per_block_group],
+                    &scale[bg * bg_out..][..bg_out],
+                    (bg_in, bg_out, kernel),
+                    (call_blocks, in_lanes),
+                    packed,
+                );
+            }
+            packed
         };
         Ok(Self {
             c_in,
