@@ -6,7 +6,7 @@
 use candle_core::{bail, CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::ukernel::{Blocking, KernelArgs, KernelCall};
+use super::ukernel::{KernelArgs, KernelCall, Tiles};
 use super::{BlockedConv, LANES};
 use crate::cpu::storage::{cpu_data, f32_input};
 use crate::cpu::{for_each_task, Shared};
@@ -176,7 +176,7 @@ impl BlockedOp<'_> {
         } else {
             (out_h, out_w)
         };
-        let most_pixels = Blocking::of(conv.isa).pixels_for(call_blocks);
+        let most_pixels = Tiles::of(conv.isa).pixels_for(call_blocks);
 
         // Written in full by the tasks below before it is read.
         let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);

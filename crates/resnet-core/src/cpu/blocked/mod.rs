@@ -24,7 +24,7 @@ use std::sync::Arc;
 use candle_core::{bail, Result, Tensor};
 
 use crate::cpu::CpuIsa;
-use ukernel::Blocking;
+use ukernel::Tiles;
 
 mod affine;
 mod direct;
@@ -79,7 +79,7 @@ pub(crate) struct BlockedConv {
     /// Groups narrower than a block (ResNeXt 32x4d's 4 and 8 channels): their width, the
     /// weights packed for `conv_tile_rotated` (only the layer's own products); else 0.
     rotations: usize,
-    /// The instruction set its kernels run on; the packing follows its [`Blocking`].
+    /// The instruction set its kernels run on; the packing follows its [`Tiles`].
     isa: CpuIsa,
     /// Per block group, `[its c_out / (16·call_blocks)][its c_in / in_lanes][ky][kx][in_lanes]
     /// [16·call_blocks out]`, or the Winograd-transformed weights.
@@ -211,7 +211,7 @@ impl BlockedConv {
         let call_blocks = if rotations > 0 {
             1
         } else {
-            Blocking::of(isa).call_blocks(bg_out, kernel)
+            Tiles::of(isa).call_blocks(bg_out, kernel)
         };
         if bias.len() != c_out {
             bail!(

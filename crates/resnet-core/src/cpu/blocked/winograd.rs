@@ -17,7 +17,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::ukernel::{input_tile, output_tile, Blocking, KernelArgs, KernelCall};
+use super::ukernel::{input_tile, output_tile, KernelArgs, KernelCall, Tiles};
 use super::LANES;
 use crate::cpu::{for_each_task, CpuIsa, Shared};
 
@@ -130,7 +130,7 @@ impl WinogradShape {
     /// Chunks of tiles, each at most one kernel call's pixels.
     fn chunks(&self) -> usize {
         self.tiles()
-            .div_ceil(Blocking::of(self.isa).pixels_for(self.call_blocks))
+            .div_ceil(Tiles::of(self.isa).pixels_for(self.call_blocks))
     }
 }
 

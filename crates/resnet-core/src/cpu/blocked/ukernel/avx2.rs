@@ -71,4 +71,13 @@ impl F32x16 for Avx2 {
     }
 }
 
-isa_entry_points!(Avx2, "avx2,fma");
+isa_entry_points! {
+    Avx2, "avx2,fma";
+    // 16 registers of 8 lanes: a block is two registers, so one block x 6 pixels
+    // (12 accumulators) beside the block's weights and a broadcast.
+    calls: [1 x [1 2 3 4 5 6]];
+    rotated: [1 => 6, 2 => 3, 4 => 1, 8 => 1];
+    // The weight gradient's 16 input channels in three calls of 6, 6 and 4 accumulator
+    // blocks (the gradient vector and a broadcast beside them).
+    grad: [0 + 6, 6 + 6, 12 + 4];
+}

@@ -57,59 +57,79 @@ pub(super) trait F32x16: Copy {
     }
 }
 
-/// How an instruction set tiles the output: at most `max_group` output blocks by
-/// `max_pixels` pixels per kernel call, so that the accumulators, the weight vectors
-/// and a broadcast fit its vector registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Blocking {
-    pub max_group: usize,
-    pub max_pixels: usize,
+/// How an instruction set tiles its kernels, declared beside them (each ISA file's
+/// `isa_entry_points!` invocation, as `gemm` keeps a kernel table per instruction set):
+/// the shapes of a dense kernel call, widest first. The rotated kernel's tiles and the
+/// weight gradient's channel split live there too, in the dispatch they compile to.
+#[derive(Debug)]
+pub(crate) struct Tiles {
+    pub calls: &'static [CallShape],
 }
 
-/// Largest pixel count of any instruction set's tile (scratch buffers are sized by it).
+/// One shape of a dense kernel call: `blocks` output blocks by up to `pixels` pixels,
+/// for 1x1 layers only if `only_1x1`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallShape {
+    pub blocks: usize,
+    pub pixels: usize,
+    pub only_1x1: bool,
+}
+
+/// Largest pixel count of any instruction set's tile (scratch buffers are sized by it;
+/// each table is checked against it when compiled).
 pub(crate) const MAX_PIXELS: usize = 14;
 
-impl Blocking {
-    /// AVX-512: 2 x 14 accumulators + 2 weights + 1 broadcast of its 32 registers. AVX2
-    /// (16 registers of 8 lanes) and NEON (32 of 4): a block is 2 or 4 registers, so one
-    /// block x 6 pixels (12 or 24 accumulators). Scalar: AVX-512's tiles, so that it
-    /// checks the same shapes.
-    pub fn of(isa: CpuIsa) -> Self {
+impl Tiles {
+    /// The token's instruction set's table.
+    pub fn of(isa: CpuIsa) -> &'static Self {
         match isa.isa() {
-            Isa::Avx512 | Isa::Scalar => Self {
-                max_group: 2,
-                max_pixels: MAX_PIXELS,
-            },
-            _ => Self {
-                max_group: 1,
-                max_pixels: 6,
-            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => &avx512::TILES,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => &avx2::TILES,
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => &neon::TILES,
+            Isa::Scalar => &scalar::TILES,
+            #[allow(unreachable_patterns)] // which arms exist depends on the target
+            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
         }
     }
 
     /// Output blocks per kernel call for `c_out` channels and a `kernel` x `kernel`
-    /// convolution: 1x1 layers on AVX-512 take four blocks by 6 pixels (24 accumulators,
-    /// 4 weight loads and 6 broadcasts per input channel: more multiply-adds per load
-    /// than 2 x 14).
+    /// convolution: the widest shape whose blocks divide the channels' and that takes the
+    /// kernel.
     pub fn call_blocks(&self, c_out: usize, kernel: usize) -> usize {
-        if self.max_group == 2 && kernel == 1 && c_out.is_multiple_of(4 * LANES) {
-            4
-        } else if self.max_group == 2 && c_out.is_multiple_of(2 * LANES) {
-            2
-        } else {
-            1
-        }
+        self.calls
+            .iter()
+            .find(|c| c_out.is_multiple_of(c.blocks * LANES) && (!c.only_1x1 || kernel == 1))
+            .map_or(1, |c| c.blocks)
     }
 
-    /// Most pixels per kernel call at `call_blocks` output blocks (narrow groups take a
-    /// whole row a call: `conv_row_rotated`).
+    /// Most pixels per kernel call at `call_blocks` output blocks; 0 if no shape has
+    /// that many (narrow groups take a whole row a call: `conv_row_rotated`).
     pub fn pixels_for(&self, call_blocks: usize) -> usize {
-        if call_blocks == 4 {
-            6
-        } else {
-            self.max_pixels
-        }
+        self.calls
+            .iter()
+            .find(|c| c.blocks == call_blocks)
+            .map_or(0, |c| c.pixels)
     }
+}
+
+/// `$module::$kernel($args)` in the module of `$isa`'s instruction set.
+macro_rules! on_isa {
+    ($isa:expr, $kernel:ident($($arg:expr),*)) => {
+        match $isa.isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512::$kernel($($arg),*),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => avx2::$kernel($($arg),*),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => neon::$kernel($($arg),*),
+            Isa::Scalar => scalar::$kernel($($arg),*),
+            #[allow(unreachable_patterns)] // which arms exist depends on the target
+            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+        }
+    };
 }
 
 /// What every kernel call of one convolution shares.
@@ -150,16 +170,13 @@ impl KernelCall<'_> {
     /// `args.out_block_stride`.
     pub unsafe fn run(&self, isa: CpuIsa, args: &KernelArgs, out: *mut f32) {
         let k = args.kernel;
-        let blocking = Blocking::of(isa);
         let most_pixels = if args.rotations > 0 {
             usize::MAX
         } else {
-            blocking.pixels_for(self.call_blocks)
+            Tiles::of(isa).pixels_for(self.call_blocks)
         };
         assert!(
-            (1..=most_pixels).contains(&self.pixels)
-                && ((1..=blocking.max_group).contains(&self.call_blocks)
-                    || (self.call_blocks == 4 && blocking.max_group == 2)),
+            (1..=most_pixels).contains(&self.pixels),
             "blocked kernel tile {}x{} for {isa:?}",
             self.call_blocks,
             self.pixels
@@ -196,76 +213,23 @@ impl KernelCall<'_> {
             residual,
             out,
         );
-        // Narrow groups: a whole row of one block, in tiles of as many pixels as the
-        // instruction set holds for that group width.
-        macro_rules! rotated {
-            ($isa:ident, $g:literal, $pixels:literal) => {
-                // SAFETY: as `dispatch` below.
-                unsafe { $isa::conv_row_rotated::<$g, $pixels>(args, pointers, self.pixels) }
-            };
-        }
         if args.rotations > 0 {
-            match (isa.isa(), args.rotations) {
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512, 1) => rotated!(avx512, 1, 14),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512, 2) => rotated!(avx512, 2, 12),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512, 4) => rotated!(avx512, 4, 6),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx512, _) => rotated!(avx512, 8, 2),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, 1) => rotated!(avx2, 1, 6),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, 2) => rotated!(avx2, 2, 3),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, 4) => rotated!(avx2, 4, 1),
-                #[cfg(target_arch = "x86_64")]
-                (Isa::Avx2, _) => rotated!(avx2, 8, 1),
-                #[cfg(target_arch = "aarch64")]
-                (Isa::Neon, 1) => rotated!(neon, 1, 6),
-                #[cfg(target_arch = "aarch64")]
-                (Isa::Neon, 2) => rotated!(neon, 2, 3),
-                #[cfg(target_arch = "aarch64")]
-                (Isa::Neon, 4) => rotated!(neon, 4, 1),
-                #[cfg(target_arch = "aarch64")]
-                (Isa::Neon, _) => rotated!(neon, 8, 1),
-                (Isa::Scalar, 1) => rotated!(scalar, 1, 14),
-                (Isa::Scalar, 2) => rotated!(scalar, 2, 12),
-                (Isa::Scalar, 4) => rotated!(scalar, 4, 6),
-                (Isa::Scalar, _) => rotated!(scalar, 8, 2),
-                #[allow(unreachable_patterns)] // which arms exist depends on the target
-                (isa, _) => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
-            }
-            return;
-        }
-        // One arm per (group, pixels) the instruction set tiles with.
-        macro_rules! dispatch {
-            ($isa:ident, $call_blocks:literal: $($n:literal)*) => {
-                match self.pixels {
-                    // SAFETY: reads checked above, writes the caller's promise; the
-                    // token says this CPU has the instructions.
-                    $($n => unsafe { $isa::conv_tile::<$call_blocks, $n>(args, pointers) },)*
-                    _ => unreachable!("pixels checked above"),
-                }
+            // SAFETY: reads checked above, writes the caller's promise; the token says
+            // this CPU has the instructions; the rotations are one of 1, 2, 4, 8.
+            unsafe {
+                on_isa!(
+                    isa,
+                    conv_row_rotated_of(args.rotations, args, pointers, self.pixels)
+                )
             };
-        }
-        match (isa.isa(), self.call_blocks) {
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, 4) => dispatch!(avx512, 4: 1 2 3 4 5 6),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, 2) => dispatch!(avx512, 2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx512, _) => dispatch!(avx512, 1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Avx2, _) => dispatch!(avx2, 1: 1 2 3 4 5 6),
-            #[cfg(target_arch = "aarch64")]
-            (Isa::Neon, _) => dispatch!(neon, 1: 1 2 3 4 5 6),
-            (Isa::Scalar, 4) => dispatch!(scalar, 4: 1 2 3 4 5 6),
-            (Isa::Scalar, 2) => dispatch!(scalar, 2: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
-            (Isa::Scalar, _) => dispatch!(scalar, 1: 1 2 3 4 5 6 7 8 9 10 11 12 13 14),
-            #[allow(unreachable_patterns)] // which arms exist depends on the target
-            (isa, _) => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
+        } else {
+            // SAFETY: as above; the call shape is one of the table's (its pixels checked).
+            unsafe {
+                on_isa!(
+                    isa,
+                    conv_tile_of(self.call_blocks, self.pixels, args, pointers)
+                )
+            };
         }
     }
 }
@@ -300,28 +264,10 @@ impl GradTile<'_> {
             self.dz.len() >= dz_end && self.x.len() >= x_end,
             "weight gradient tile bounds"
         );
-        let sums = sums.as_mut_ptr();
-        // Input channels per kernel call: one accumulator block each, as many as the
-        // registers hold beside the gradient vector and a broadcast.
-        macro_rules! channels {
-            ($isa:ident: $($first:literal $n:literal),*) => {
-                // SAFETY: reads checked above (every tile reads channels below 16 of a
-                // pixel the bounds cover); `sums` holds 16 x 16; the token says this CPU
-                // has the instructions.
-                { $(unsafe { $isa::grad_tile::<$n>(self, $first, sums) };)* }
-            };
-        }
-        match isa.isa() {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => channels!(avx512: 0 16),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => channels!(avx2: 0 6, 6 6, 12 4),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => channels!(neon: 0 6, 6 6, 12 4),
-            Isa::Scalar => channels!(scalar: 0 16),
-            #[allow(unreachable_patterns)] // which arms exist depends on the target
-            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
-        }
+        // SAFETY: reads checked above (every call reads channels below 16 of a pixel the
+        // bounds cover); `sums` holds 16 x 16; the token says this CPU has the
+        // instructions.
+        unsafe { on_isa!(isa, grad_tile_all(self, sums.as_mut_ptr())) };
     }
 }
 
@@ -629,23 +575,6 @@ pub(super) unsafe fn winograd_output_tile<V: F32x16>(
     }
 }
 
-/// `$module::$kernel($args)` in the module of `$isa`'s instruction set.
-macro_rules! on_isa {
-    ($isa:expr, $kernel:ident($($arg:expr),*)) => {
-        match $isa.isa() {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => avx512::$kernel($($arg),*),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => avx2::$kernel($($arg),*),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => neon::$kernel($($arg),*),
-            Isa::Scalar => scalar::$kernel($($arg),*),
-            #[allow(unreachable_patterns)] // which arms exist depends on the target
-            isa => unreachable!("a CpuIsa for {isa}, which this target cannot have"),
-        }
-    };
-}
-
 /// [`winograd_input_tile`] on the token's instruction set.
 ///
 /// # Safety
@@ -676,11 +605,93 @@ pub(crate) unsafe fn output_tile(
     on_isa!(isa, output_tile(products, bias, residual, relu, at, out))
 }
 
-/// The three kernels of an instruction set, compiled for it: `conv_tile`, `input_tile`
-/// and `output_tile` in the module that invokes it, over its vector type `$vector`,
-/// with `#[target_feature(enable = $feature)]` if given.
+/// An instruction set's kernels, compiled for it, and its tile table: `conv_tile`,
+/// `conv_row_rotated`, `grad_tile`, `input_tile` and `output_tile` in the module that
+/// invokes it, over its vector type `$vector`, with `#[target_feature(enable =
+/// $feature)]` if given; `TILES` (the dense kernel's call shapes, each listing its pixel
+/// counts 1..=n, `only_1x1` where only 1x1 layers take it) and the dispatch over them
+/// (`conv_tile_of`, `conv_row_rotated_of` for 1, 2, 4 and 8 channels per group with
+/// that many pixels per tile, `grad_tile_all` over the weight gradient's channel split).
+/// The tables are checked when compiled: pixel lists 1..=n within [`MAX_PIXELS`], the
+/// split covering the 16 channels once.
 macro_rules! isa_entry_points {
-    ($vector:ty $(, $feature:literal)?) => {
+    (
+        $vector:ty $(, $feature:literal)?;
+        calls: [$($blocks:literal x [$($pixels:literal)+] $($only_1x1:ident)?),+];
+        rotated: [$($rotations:literal => $rotated_pixels:literal),+];
+        grad: [$($first:literal + $channels:literal),+];
+    ) => {
+        /// This instruction set's tiles.
+        pub(super) const TILES: super::Tiles = super::Tiles {
+            calls: &[$(super::CallShape {
+                blocks: $blocks,
+                pixels: [$($pixels),+].len(),
+                only_1x1: super::flag!($($only_1x1)?),
+            }),+],
+        };
+
+        const _: () = {
+            $(
+                let pixels = [$($pixels),+];
+                let mut i = 0;
+                while i < pixels.len() {
+                    assert!(pixels[i] == i + 1, "pixel counts must be 1..=n");
+                    i += 1;
+                }
+                assert!(pixels.len() <= super::MAX_PIXELS);
+            )+
+            let split = [$(($first, $channels)),+];
+            let (mut i, mut next) = (0, 0);
+            while i < split.len() {
+                assert!(split[i].0 == next, "the split must cover the channels in order");
+                next += split[i].1;
+                i += 1;
+            }
+            assert!(next == super::LANES);
+        };
+
+        /// [`conv_tile`] at one of [`TILES`]' call shapes.
+        ///
+        /// # Safety
+        /// As [`conv_tile`]; `(call_blocks, pixels)` one of the table's.
+        pub(super) unsafe fn conv_tile_of(
+            call_blocks: usize,
+            pixels: usize,
+            args: &super::KernelArgs,
+            pointers: super::TilePointers,
+        ) {
+            match (call_blocks, pixels) {
+                $($(($blocks, $pixels) => conv_tile::<$blocks, $pixels>(args, pointers),)+)+
+                _ => unreachable!("a call shape outside the table: its caller checks"),
+            }
+        }
+
+        /// [`conv_row_rotated`] for `rotations` (1, 2, 4 or 8) channels per group.
+        ///
+        /// # Safety
+        /// As [`conv_row_rotated`].
+        pub(super) unsafe fn conv_row_rotated_of(
+            rotations: usize,
+            args: &super::KernelArgs,
+            pointers: super::TilePointers,
+            pixels: usize,
+        ) {
+            match rotations {
+                $($rotations => conv_row_rotated::<$rotations, $rotated_pixels>(
+                    args, pointers, pixels,
+                ),)+
+                _ => unreachable!("rotations outside 1, 2, 4, 8: its caller checks"),
+            }
+        }
+
+        /// [`grad_tile`] over all 16 input channels, in the table's split.
+        ///
+        /// # Safety
+        /// As [`grad_tile`].
+        pub(super) unsafe fn grad_tile_all(tile: &super::GradTile, sums: *mut f32) {
+            $(grad_tile::<$channels>(tile, $first, sums);)+
+        }
+
         /// [`super::conv_tile`] on this instruction set.
         ///
         /// # Safety
@@ -750,4 +761,44 @@ macro_rules! isa_entry_points {
         }
     };
 }
+/// `true` if given a marker, `false` if not.
+macro_rules! flag {
+    () => {
+        false
+    };
+    ($marker:ident) => {
+        true
+    };
+}
+use flag;
 use isa_entry_points;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each table picks its call shapes as its comments say: AVX-512 (and the scalar
+    /// oracle, which checks the same shapes) four blocks for a 1x1 layer whose channels
+    /// allow, else two, else one; AVX2 and NEON one block by 6 pixels.
+    #[test]
+    fn call_shapes_follow_each_table() {
+        let wide = &scalar::TILES;
+        assert_eq!(wide.call_blocks(256, 1), 4);
+        assert_eq!(wide.call_blocks(256, 3), 2);
+        assert_eq!(wide.call_blocks(32, 1), 2);
+        assert_eq!(wide.call_blocks(48, 3), 1);
+        let pixels = (wide.pixels_for(4), wide.pixels_for(2), wide.pixels_for(1));
+        assert_eq!(pixels, (6, 14, 14));
+        assert_eq!(wide.pixels_for(3), 0, "no 3-block shape");
+        #[cfg(target_arch = "x86_64")]
+        let narrow = [(&avx512::TILES, &avx2::TILES)];
+        #[cfg(target_arch = "aarch64")]
+        let narrow = [(&scalar::TILES, &neon::TILES)];
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        for (same_as_scalar, narrow) in narrow {
+            assert_eq!(same_as_scalar.calls, wide.calls);
+            assert_eq!(narrow.call_blocks(256, 1), 1);
+            assert_eq!((narrow.pixels_for(1), narrow.pixels_for(2)), (6, 0));
+        }
+    }
+}

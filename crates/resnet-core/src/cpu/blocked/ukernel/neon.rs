@@ -56,4 +56,13 @@ impl F32x16 for Neon {
     }
 }
 
-isa_entry_points!(Neon, "neon");
+isa_entry_points! {
+    Neon, "neon";
+    // 32 registers of 4 lanes: a block is four registers, so one block x 6 pixels
+    // (24 accumulators) beside the block's weights and a broadcast.
+    calls: [1 x [1 2 3 4 5 6]];
+    rotated: [1 => 6, 2 => 3, 4 => 1, 8 => 1];
+    // The weight gradient's 16 input channels in three calls of 6, 6 and 4 accumulator
+    // blocks (the gradient vector and a broadcast beside them).
+    grad: [0 + 6, 6 + 6, 12 + 4];
+}

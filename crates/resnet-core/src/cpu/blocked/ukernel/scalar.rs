@@ -52,4 +52,16 @@ impl F32x16 for Scalar {
     }
 }
 
-isa_entry_points!(Scalar);
+// AVX-512's tiles, so that the oracle checks the same shapes.
+isa_entry_points! {
+    Scalar;
+    // A 1x1 layer takes four blocks by 6 pixels (24 accumulators, 4 weight loads and 6
+    // broadcasts per input channel: more multiply-adds per load than 2 x 14); others two
+    // blocks by 14 pixels (28 accumulators + 2 weights + 1 broadcast of 32 registers),
+    // or one where the channels are an odd number of blocks.
+    calls: [4 x [1 2 3 4 5 6] only_1x1, 2 x [1 2 3 4 5 6 7 8 9 10 11 12 13 14], 1 x [1 2 3 4 5 6 7 8 9 10 11 12 13 14]];
+    // Narrow groups: `G` accumulator sets of a pixel each, as many pixels as fit.
+    rotated: [1 => 14, 2 => 12, 4 => 6, 8 => 2];
+    // All 16 input channels of the weight gradient in one call (16 accumulators).
+    grad: [0 + 16];
+}
