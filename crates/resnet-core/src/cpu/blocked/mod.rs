@@ -114,8 +114,9 @@ impl BlockedConv {
     /// narrower than a block, as wide in as out and dividing 16 (ResNeXt 32x4d's 4 and
     /// 8 channels): one per output block, run by the rotating kernel
     /// (`conv_tile_rotated`: only the layer's own products, no zero weights between
-    /// groups; ResNeXt-50's 56x56 layer 0.96 -> 0.33 ms, its 28x28 one 0.51 -> 0.25 ms).
-    /// Anything else: `None`, the GEMM path.
+    /// groups; ResNeXt-50's 56x56 layer 0.96 -> 0.33 ms, its 28x28 one 0.51 -> 0.25 ms,
+    /// AVX-512) where the instruction set's table takes the group width, else as a dense
+    /// block with zeros between the groups. Anything else: `None`, the GEMM path.
     pub fn block_groups(
         c_in: usize,
         c_out: usize,
@@ -194,7 +195,13 @@ impl BlockedConv {
             );
         };
         // Groups narrower than a block, as wide in as out: rotated within the block.
-        let rotations = if groups > 1 && group_in < LANES && group_in == c_out / groups {
+        // (Where the instruction set's table takes that group width: else dense blocks
+        // with zeros between the groups.)
+        let rotations = if groups > 1
+            && group_in < LANES
+            && group_in == c_out / groups
+            && Tiles::of(isa).rotated.contains(&group_in)
+        {
             group_in
         } else {
             0

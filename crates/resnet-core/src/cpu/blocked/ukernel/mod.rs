@@ -64,6 +64,9 @@ pub(super) trait F32x16: Copy {
 #[derive(Debug)]
 pub(crate) struct Tiles {
     pub calls: &'static [CallShape],
+    /// The group widths (channels per group, in and out) the rotated kernel takes;
+    /// narrower groups of other widths run as dense blocks with zeros between them.
+    pub rotated: &'static [usize],
 }
 
 /// One shape of a dense kernel call: `blocks` output blocks by up to `pixels` pixels,
@@ -192,7 +195,7 @@ impl KernelCall<'_> {
                 args.in_blocks == 1
                     && self.call_blocks == 1
                     && args.in_lanes == LANES
-                    && matches!(args.rotations, 1 | 2 | 4 | 8),
+                    && Tiles::of(isa).rotated.contains(&args.rotations),
                 "rotated kernel tile"
             );
             k * k * args.rotations * LANES
@@ -628,6 +631,7 @@ macro_rules! isa_entry_points {
                 pixels: [$($pixels),+].len(),
                 only_1x1: super::flag!($($only_1x1)?),
             }),+],
+            rotated: &[$($rotations),+],
         };
 
         const _: () = {
@@ -666,7 +670,7 @@ macro_rules! isa_entry_points {
             }
         }
 
-        /// [`conv_row_rotated`] for `rotations` (1, 2, 4 or 8) channels per group.
+        /// [`conv_row_rotated`] for `rotations` channels per group, one of the table's.
         ///
         /// # Safety
         /// As [`conv_row_rotated`].
@@ -680,7 +684,7 @@ macro_rules! isa_entry_points {
                 $($rotations => conv_row_rotated::<$rotations, $rotated_pixels>(
                     args, pointers, pixels,
                 ),)+
-                _ => unreachable!("rotations outside 1, 2, 4, 8: its caller checks"),
+                _ => unreachable!("rotations outside the table: its caller checks"),
             }
         }
 
@@ -779,7 +783,8 @@ mod tests {
 
     /// Each table picks its call shapes as its comments say: AVX-512 (and the scalar
     /// oracle, which checks the same shapes) four blocks for a 1x1 layer whose channels
-    /// allow, else two, else one; AVX2 and NEON one block by 6 pixels.
+    /// allow, else two, else one; AVX2 and NEON one block by 6 pixels; the rotated
+    /// kernel for every narrow group width but 8 on AVX2.
     #[test]
     fn call_shapes_follow_each_table() {
         let wide = &scalar::TILES;
@@ -790,6 +795,9 @@ mod tests {
         let pixels = (wide.pixels_for(4), wide.pixels_for(2), wide.pixels_for(1));
         assert_eq!(pixels, (6, 14, 14));
         assert_eq!(wide.pixels_for(3), 0, "no 3-block shape");
+        assert_eq!(wide.rotated, [1, 2, 4, 8]);
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(avx2::TILES.rotated, [1, 2, 4], "groups of 8 dense on AVX2");
         #[cfg(target_arch = "x86_64")]
         let narrow = [(&avx512::TILES, &avx2::TILES)];
         #[cfg(target_arch = "aarch64")]
