@@ -990,8 +990,9 @@ fn weight_gradient(
     // -> the weight's (c_out, c_in, ky, kx), an output block's 16 rows a task (an
     // index decoded per value took 5 ms at 1M weights).
     let mut grad = vec![0f32; total.len()];
-    grad.par_chunks_mut(LANES * c_in * taps)
-        .zip(total.par_chunks(LANES * c_in * taps))
+    // (`max(1)`: no zero-length chunks where a layer has no input channels.)
+    grad.par_chunks_mut((LANES * c_in * taps).max(1))
+        .zip(total.par_chunks((LANES * c_in * taps).max(1)))
         .for_each(|(grad, total)| {
             for (ib, total) in total.chunks_exact(taps * TILE).enumerate() {
                 for (tap, tile) in total.chunks_exact(TILE).enumerate() {

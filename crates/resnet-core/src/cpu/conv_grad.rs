@@ -178,7 +178,7 @@ pub(super) fn flipped_transposed(
     let taps = k * k;
     let mut flipped = vec![0f32; weight.len()];
     flipped
-        .par_chunks_mut(CHANNELS * c_out * taps)
+        .par_chunks_mut((CHANNELS * c_out * taps).max(1))
         .enumerate()
         .for_each(|(chunk, flipped)| {
             let first = chunk * CHANNELS;

@@ -63,7 +63,7 @@ pub(crate) fn pack_weights(
 ) {
     let (width, taps) = (LANES * call_blocks, kernel * kernel);
     packed
-        .par_chunks_mut(width * c_in * taps)
+        .par_chunks_mut((width * c_in * taps).max(1))
         .enumerate()
         .for_each(|(g, packed)| {
             let mut values = packed.iter_mut();
