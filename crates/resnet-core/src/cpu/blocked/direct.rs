@@ -11,13 +11,10 @@ use super::{BlockedConv, LANES};
 use crate::cpu::storage::{cpu_data, f32_input};
 use crate::cpu::{for_each_task, Shared};
 
-/// `relu(conv(x) + bias + residual)` on blocked input, one layer's call.
 /// Pixels per task of a 1x1 stride-1 layer (8 tiles of 6 on AVX2 and NEON).
 const FLAT_ROW: usize = 48;
 
-/// Weights per group of calls that stay in L2 while the group runs over the batch.
-const GROUP_WEIGHT_BYTES: usize = 256 << 10;
-
+/// `relu(conv(x) + bias + residual)` on blocked input, one layer's call.
 pub(super) struct BlockedOp<'a> {
     pub conv: &'a BlockedConv,
     pub residual: Option<&'a Tensor>,
@@ -166,8 +163,7 @@ impl BlockedOp<'_> {
         let call_weights = conv.weight.len() / calls;
         // A 1x1 stride-1 layer reads and writes each plane as one run of pixels: its
         // "rows" are runs of about 48 pixels instead of the image's rows, whose tiles at
-        // 7x7 have 4 and 3 pixels (a third of the accumulators idle: ResNet-50's 2048->512
-        // layer at batch 16 took 36 ms against the GEMM's 12).
+        // 7x7 have 4 and 3 pixels (a third of the accumulators idle).
         let flat = k == 1 && s == 1 && p == 0 && conv.rotations == 0;
         let (rows, row_len) = if flat {
             let pixels = out_h * out_w;
@@ -182,25 +178,17 @@ impl BlockedOp<'_> {
         let mut output: Vec<f32> = Vec::with_capacity(batch * image_out);
         let out_ptr = Shared(output.spare_capacity_mut().as_mut_ptr().cast::<f32>());
         // One task per (image, output row, kernel call's output blocks), in groups of
-        // calls whose weights fit in L2 (all of them up to 1 MiB): consecutive tasks take
-        // every call of a group for one row, whose input is then read from L1, and the
-        // group's weights stay in L2 over all rows and images. (Call by call over all
-        // images, the input was streamed from L3 once per call: ResNet-50's 512->2048
-        // layer at 7x7, batch 16, 34 ms against the GEMM's 14.)
+        // calls. Weights that fit in L2 (up to 1 MiB) stay there while consecutive tasks
+        // take every call of one row (one group of all the calls), whose input rows are
+        // then read once, from L1; larger weights go call by call (groups of one), each
+        // call's weights reused over all rows and images.
         let weight_bytes = conv.weight.len() * std::mem::size_of::<f32>();
-        let group_calls = if weight_bytes <= 1 << 20 {
-            calls
-        } else {
-            (GROUP_WEIGHT_BYTES / (weight_bytes / calls).max(1)).clamp(1, calls)
-        };
+        let group_calls = if weight_bytes <= 1 << 20 { calls } else { 1 };
         let task = |index: usize| {
             let group_tasks = group_calls * rows * batch;
             let (group, within) = (index / group_tasks, index % group_tasks);
             let g = group * group_calls + within % group_calls;
             let (b, row) = (within / (group_calls * rows), (within / group_calls) % rows);
-            if g >= calls {
-                return;
-            }
             // The row's first output pixel, its first input pixel (padded) and its length.
             let (out_start, in_start, len) = if flat {
                 let start = row * row_len;
@@ -239,8 +227,7 @@ impl BlockedOp<'_> {
                 ox += pixels;
             }
         };
-        // The last group may be short: its missing calls are empty tasks.
-        let tasks = calls.div_ceil(group_calls) * group_calls * rows * batch;
+        let tasks = calls * rows * batch;
         // Rows run in runs of at least ~64K multiply-adds: a CIFAR stem row (32 pixels
         // x 16 channels x 27) is a microsecond of work, less than handing it to a thread.
         let row_work = row_len * call_blocks * LANES * group_in_blocks * in_lanes * k * k;
