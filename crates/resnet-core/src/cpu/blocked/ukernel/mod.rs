@@ -615,8 +615,8 @@ pub(crate) unsafe fn output_tile(
 /// counts 1..=n, `only_1x1` where only 1x1 layers take it) and the dispatch over them
 /// (`conv_tile_of`, `conv_row_rotated_of` for 1, 2, 4 and 8 channels per group with
 /// that many pixels per tile, `grad_tile_all` over the weight gradient's channel split).
-/// The tables are checked when compiled: pixel lists 1..=n within [`MAX_PIXELS`], the
-/// split covering the 16 channels once.
+/// The tables are checked when compiled: a last shape of one block for any kernel, pixel
+/// lists 1..=n within [`MAX_PIXELS`], the split covering the 16 channels once.
 macro_rules! isa_entry_points {
     (
         $vector:ty $(, $feature:literal)?;
@@ -635,6 +635,10 @@ macro_rules! isa_entry_points {
         };
 
         const _: () = {
+            // The last shape takes any layer: one block, any kernel.
+            let blocks = [$($blocks),+];
+            let any_kernel = [$(!super::flag!($($only_1x1)?)),+];
+            assert!(blocks[blocks.len() - 1] == 1 && any_kernel[any_kernel.len() - 1]);
             $(
                 let pixels = [$($pixels),+];
                 let mut i = 0;
