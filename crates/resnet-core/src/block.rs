@@ -958,8 +958,7 @@ mod tests {
             (bottleneck.clone(), vec![(64, 32, 2)], 7),
             (bottleneck.clone(), vec![(64, 32, 2)], 6),
             (v1, vec![(64, 32, 2)], 7),
-            // 24x24: a 1x1 weight gradient in several calls over the batch, its output
-            // blocks in groups.
+            // 24x24: planes larger than the flat 1x1 kernel tasks of 48 pixels.
             (bottleneck, vec![(64, 32, 1)], 24),
         ];
         for (config, specs, size) in cases {

@@ -884,12 +884,6 @@ fn bn_backward_with<const RELU: bool>(
     }
 }
 
-/// Pixels a call of a 1x1 stride-1 layer's weight gradient sums over, in whole planes.
-const FLAT_GRAD_PIXELS: usize = 1024;
-
-/// Output gradients a 1x1 stride-1 weight gradient keeps in L2 at once.
-const FLAT_GRAD_BYTES: usize = 256 << 10;
-
 /// The convolution's weight gradient from its blocked input `x` and output gradient
 /// `dz`: per image, output block, input block and tap, the kernel tree's [`GradTile`]
 /// sums `dz · x` over the output pixels whose input at that tap lies inside the image
@@ -920,42 +914,6 @@ fn weight_gradient(
     const TILE: usize = LANES * LANES;
     // Sums in [out block][in block][tap][in channel][out channel] order.
     let total = conv_grad::sum_over_batch(batch, c_out * c_in * taps, |images, sums| {
-        if k == 1 && s == 1 && p == 0 {
-            // Each plane is one run of pixels, and consecutive images' planes of a block
-            // are evenly spaced: one call sums a block pair over several images (as rows),
-            // so that small planes do not read and write all the sums once per image
-            // (ResNet-50's 7x7 layers: 19-23 ms against the GEMM's 12-17).
-            let per_call = (FLAT_GRAD_PIXELS / (out_h * out_w)).max(1);
-            for first in images.clone().step_by(per_call) {
-                let rows = per_call.min(images.end - first);
-                // Output blocks in groups whose gradients stay in L2 while every input
-                // block passes (each read once per group, not once per output block).
-                let group = (FLAT_GRAD_BYTES / (rows * out_plane * 4)).clamp(1, out_blocks);
-                for first_ob in (0..out_blocks).step_by(group) {
-                    for ib in 0..in_blocks {
-                        let x = &x[(first * in_blocks + ib) * in_plane..];
-                        for ob in first_ob..(first_ob + group).min(out_blocks) {
-                            let Ok(sums) = <&mut [f32; TILE]>::try_from(
-                                &mut sums[(ob * in_blocks + ib) * TILE..][..TILE],
-                            ) else {
-                                continue; // a slice of TILE always converts
-                            };
-                            let tile = blocked::GradTile {
-                                dz: &dz[(first * out_blocks + ob) * out_plane..],
-                                x,
-                                rows,
-                                len: out_h * out_w,
-                                dz_row: out_blocks * out_plane,
-                                x_row: in_blocks * in_plane,
-                                x_step: LANES,
-                            };
-                            tile.accumulate(isa, sums);
-                        }
-                    }
-                }
-            }
-            return;
-        }
         for image in images {
             for (ob, sums) in sums.chunks_exact_mut(in_blocks * taps * TILE).enumerate() {
                 let dz = &dz[(image * out_blocks + ob) * out_plane..][..out_plane];
